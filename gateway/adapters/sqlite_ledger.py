@@ -1,0 +1,749 @@
+"""The SQLite ledger: WAL, durable commits, group commit on one writer thread.
+
+Every request runs :func:`gateway.core.engine.process` inside a transaction opened with
+``BEGIN IMMEDIATE``, so corrections against one original are serialised, also across processes
+sharing the file. Requests that arrive while a commit is under way are gathered and run in the next
+transaction, each inside its own SAVEPOINT, and committed with one fsync (group commit). A caller's
+future resolves only after that commit returned: nothing is answered before it is durable.
+
+Why not aiosqlite: it hops to its thread once per statement (5-10 statements per request); group
+commit needs the whole batch of decisions to run in one hop on the writer thread, which the standard
+library's ``sqlite3`` on a dedicated thread does directly. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.core.engine import (
+    BatchTxns,
+    Context,
+    CurrentBatch,
+    FindDuplicate,
+    FindOriginal,
+    FindTombstone,
+    GetBatch,
+    GetTxn,
+    NextRrn,
+    Plan,
+    Query,
+    RefundVelocity,
+    process,
+)
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import Batch, BatchState, BatchSummary, Kind, Reference, Request, Txn, TxnStatus
+from gateway.core.policy import Velocity
+from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
+
+T = TypeVar("T")
+
+#: renders a correction fact for the outbox: (event id, topic, payload)
+Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the ledger, batches, the outbox and counters
+    """
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        merchant_id TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        batch_no TEXT NOT NULL,
+        state TEXT NOT NULL,
+        opened_at INTEGER NOT NULL,
+        closed_at INTEGER,
+        result TEXT,
+        terminal_totals TEXT,
+        ledger_totals TEXT
+    );
+    CREATE UNIQUE INDEX batches_one_open ON batches(merchant_id, terminal_id) WHERE state = 'open';
+    CREATE INDEX batches_terminal ON batches(merchant_id, terminal_id, id);
+    CREATE TABLE txns (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        mti TEXT NOT NULL,
+        mti_class TEXT NOT NULL,
+        processing_code TEXT NOT NULL,
+        merchant_id TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        stan TEXT NOT NULL,
+        transmission_time TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        pan_masked TEXT,
+        pan_hmac TEXT,
+        rrn TEXT UNIQUE,
+        approval_code TEXT,
+        response_code TEXT NOT NULL,
+        reason TEXT,
+        status TEXT NOT NULL,
+        effective_amount INTEGER NOT NULL,
+        refunded_amount INTEGER NOT NULL DEFAULT 0,
+        completed INTEGER NOT NULL DEFAULT 0,
+        original_id INTEGER REFERENCES txns(id),
+        batch_id INTEGER REFERENCES batches(id),
+        created_at INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL,
+        ref_rrn TEXT,
+        ref_mti TEXT,
+        ref_stan TEXT,
+        ref_time TEXT,
+        ref_approval TEXT,
+        ref_same_stan INTEGER NOT NULL DEFAULT 0,
+        reversed_after_settlement INTEGER NOT NULL DEFAULT 0,
+        CHECK (amount >= 0 AND effective_amount >= 0 AND refunded_amount >= 0)
+    );
+    CREATE INDEX txns_key ON txns(merchant_id, terminal_id, stan, transmission_time, mti_class);
+    CREATE INDEX txns_rrn ON txns(merchant_id, rrn);
+    CREATE INDEX txns_original_data ON txns(merchant_id, stan, transmission_time, mti_class);
+    CREATE INDEX txns_approval ON txns(merchant_id, approval_code);
+    CREATE INDEX txns_batch ON txns(batch_id);
+    CREATE INDEX txns_refunds_day ON txns(kind, merchant_id, terminal_id, created_at);
+    CREATE INDEX txns_tombstones ON txns(merchant_id, terminal_id, status) WHERE status = 'unmatched';
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        ordering_key TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        sent_at INTEGER
+    );
+    CREATE INDEX outbox_pending ON outbox(id) WHERE sent_at IS NULL;
+    CREATE INDEX outbox_sent ON outbox(sent_at) WHERE sent_at IS NOT NULL;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+    INSERT INTO meta(key, value) VALUES ('rrn_next', '1');
+    """,
+)
+
+_RRN_BLOCK = 1000
+_MAX_GROUP = 256
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value / 1_000_000, UTC)
+
+
+def _txn(row: sqlite3.Row) -> Txn:
+    reference = None
+    if row["ref_rrn"] or row["ref_stan"] or row["ref_approval"] or row["ref_same_stan"]:
+        reference = Reference(
+            rrn=row["ref_rrn"],
+            mti=row["ref_mti"],
+            stan=row["ref_stan"],
+            transmission_time=row["ref_time"],
+            approval_code=row["ref_approval"],
+            same_stan=bool(row["ref_same_stan"]),
+        )
+    created = _dt(row["created_at"])
+    assert created is not None
+    return Txn(
+        id=row["id"],
+        kind=Kind(row["kind"]),
+        mti=row["mti"],
+        processing_code=row["processing_code"],
+        merchant_id=row["merchant_id"],
+        terminal_id=row["terminal_id"],
+        stan=row["stan"],
+        transmission_time=row["transmission_time"],
+        amount=row["amount"],
+        currency=row["currency"],
+        pan_masked=row["pan_masked"],
+        pan_hmac=row["pan_hmac"],
+        rrn=row["rrn"],
+        approval_code=row["approval_code"],
+        response_code=row["response_code"],
+        reason=row["reason"],
+        status=TxnStatus(row["status"]),
+        effective_amount=row["effective_amount"],
+        refunded_amount=row["refunded_amount"],
+        completed=bool(row["completed"]),
+        original_id=row["original_id"],
+        batch_id=row["batch_id"],
+        created_at=created,
+        fingerprint=row["fingerprint"],
+        reference=reference,
+        reversed_after_settlement=bool(row["reversed_after_settlement"]),
+    )
+
+
+def _batch(row: sqlite3.Row) -> Batch:
+    opened = _dt(row["opened_at"])
+    assert opened is not None
+    return Batch(
+        id=row["id"],
+        merchant_id=row["merchant_id"],
+        terminal_id=row["terminal_id"],
+        batch_no=row["batch_no"],
+        state=BatchState(row["state"]),
+        opened_at=opened,
+        closed_at=_dt(row["closed_at"]),
+    )
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class LedgerClosedError(RuntimeError):
+    """The ledger is closed or its writer thread stopped."""
+
+
+class SqliteLedger:
+    """Ledger and outbox on one SQLite file. Use :meth:`open` / :meth:`close` (or ``async with``)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._synchronous = synchronous
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._rrn_next = 0
+        self._rrn_limit = 0
+        self._closed = True
+        #: called on the event loop after a commit that wrote outbox events
+        self.on_events: Callable[[], None] | None = None
+        self.commits = 0
+        self.committed_jobs = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> SqliteLedger:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._writer, args=(ready, asyncio.get_running_loop()), name="ledger-writer", daemon=True
+        )
+        self._thread.start()
+        try:
+            await ready
+        except BaseException:
+            self._closed = True
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    async def __aenter__(self) -> SqliteLedger:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate(conn)
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer(self, ready: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:  # reported to open()
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    break
+                group = [first]
+                stop = False
+                while len(group) < _MAX_GROUP:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    group.append(job)
+                self._run_group(conn, group)
+                if stop:
+                    break
+        finally:
+            conn.close()
+            # anything still queued is failed, never left hanging
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.loop.call_soon_threadsafe(_settle, job.future, None, LedgerClosedError("ledger closed"))
+
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if self._rrn_limit - self._rrn_next < len(group):
+                # reserved outside the per-job savepoints, so a failed job cannot roll it back
+                self._reserve_rrns(conn, len(group))
+            for job in group:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(conn)
+                except Exception as exc:  # one bad request costs only itself
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((value, None))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._rrn_next = self._rrn_limit = 0  # the reserved block was rolled back
+            results = [(None, exc)] * len(group)
+        else:
+            self.commits += 1
+            self.committed_jobs += len(group)
+        loop = group[0].loop
+        settled = [(job.future, value, error) for job, (value, error) in zip(group, results, strict=True)]
+        loop.call_soon_threadsafe(_settle_all, settled)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise LedgerClosedError("ledger closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(fn, future, loop))
+        return await future
+
+    # ------------------------------------------------------------------ requests
+
+    async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
+        """Decide and record one request; returns after the commit is durable."""
+        result = await self._call(lambda conn: self._process(conn, request, ctx, render))
+        if result.events and self.on_events is not None:
+            self.on_events()
+        return result
+
+    def _process(self, conn: sqlite3.Connection, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
+        steps = process(request, ctx)
+        answer: Any = None
+        try:
+            while True:
+                answer = self._answer(conn, steps.send(answer))
+        except StopIteration as stop:
+            plan: Plan = stop.value
+        self._apply(conn, plan, render)
+        return LedgerResult(
+            plan.response_code,
+            plan.reason.value,
+            plan.rrn,
+            plan.approval_code,
+            plan.replayed,
+            len(plan.events),
+        )
+
+    def _answer(self, conn: sqlite3.Connection, query: Query) -> Any:
+        if isinstance(query, FindDuplicate):
+            row = conn.execute(
+                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
+                "AND transmission_time = ? AND mti_class = ? AND created_at >= ? ORDER BY id DESC LIMIT 1",
+                (
+                    query.merchant_id,
+                    query.terminal_id,
+                    query.stan,
+                    query.transmission_time,
+                    query.mti_class,
+                    _us(query.since),
+                ),
+            ).fetchone()
+            return _txn(row) if row else None
+        if isinstance(query, FindOriginal):
+            return self._find_original(conn, query)
+        if isinstance(query, GetTxn):
+            row = conn.execute("SELECT * FROM txns WHERE id = ?", (query.txn_id,)).fetchone()
+            return _txn(row) if row else None
+        if isinstance(query, GetBatch):
+            row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
+            return _batch(row) if row else None
+        if isinstance(query, FindTombstone):
+            row = conn.execute(
+                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
+                "AND created_at >= ? AND ("
+                " (ref_stan = ? AND (ref_time IS NULL OR ref_time = ?) AND substr(ref_mti, 1, 3) = ?)"
+                " OR (ref_same_stan = 1 AND stan = ?)) ORDER BY id DESC LIMIT 1",
+                (
+                    query.merchant_id,
+                    query.terminal_id,
+                    _us(query.since),
+                    query.stan,
+                    query.transmission_time,
+                    query.mti_class,
+                    query.stan,
+                ),
+            ).fetchone()
+            return _txn(row) if row else None
+        if isinstance(query, CurrentBatch):
+            return self._current_batch(conn, query)
+        if isinstance(query, RefundVelocity):
+            return self._velocity(conn, query)
+        if isinstance(query, NextRrn):
+            return self._next_rrn(conn)
+        if isinstance(query, BatchTxns):
+            rows = conn.execute("SELECT * FROM txns WHERE batch_id = ? ORDER BY id", (query.batch_id,)).fetchall()
+            return [_txn(row) for row in rows]
+        raise TypeError(f"unknown query {type(query).__name__}")
+
+    @staticmethod
+    def _find_original(conn: sqlite3.Connection, query: FindOriginal) -> Txn | None:
+        kinds = sorted(kind.value for kind in query.kinds)
+        marks = ",".join("?" * len(kinds))
+        if query.rrn is not None:
+            sql = f"SELECT * FROM txns WHERE merchant_id = ? AND rrn = ? AND kind IN ({marks})"
+            params: list[Any] = [query.merchant_id, query.rrn, *kinds]
+        elif query.stan is not None and query.transmission_time is not None:
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = ? AND stan = ? AND transmission_time = ? "
+                f"AND (? IS NULL OR mti_class = ?) AND kind IN ({marks}) "
+                "ORDER BY (terminal_id = ?) DESC, id DESC LIMIT 1"
+            )
+            params = [query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.mti_class]
+            params += [*kinds, query.terminal_id]
+        elif query.approval_code is not None:
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = ? AND approval_code = ? AND pan_hmac = ? "
+                f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
+            )
+            params = [query.merchant_id, query.approval_code, query.pan_hmac, *kinds]
+        elif query.stan is not None:
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
+                f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
+            )
+            params = [query.merchant_id, query.terminal_id, query.stan, *kinds]
+        else:
+            return None
+        row = conn.execute(sql, params).fetchone()
+        return _txn(row) if row else None
+
+    @staticmethod
+    def _current_batch(conn: sqlite3.Connection, query: CurrentBatch) -> Batch | None:
+        row = conn.execute(
+            "SELECT * FROM batches WHERE merchant_id = ? AND terminal_id = ? AND state = 'open'",
+            (query.merchant_id, query.terminal_id),
+        ).fetchone()
+        if row is not None or not query.create:
+            return _batch(row) if row else None
+        last = conn.execute(
+            "SELECT batch_no FROM batches WHERE merchant_id = ? AND terminal_id = ? ORDER BY id DESC LIMIT 1",
+            (query.merchant_id, query.terminal_id),
+        ).fetchone()
+        number = int(last[0]) % 999_999 + 1 if last else 1
+        row = conn.execute(
+            "INSERT INTO batches(merchant_id, terminal_id, batch_no, state, opened_at) "
+            "VALUES (?, ?, ?, 'open', ?) RETURNING *",
+            (query.merchant_id, query.terminal_id, f"{number:06d}", _us(query.now)),
+        ).fetchone()
+        return _batch(row)
+
+    @staticmethod
+    def _velocity(conn: sqlite3.Connection, query: RefundVelocity) -> Velocity:
+        base = (
+            "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
+            "AND status = 'approved' AND merchant_id = ? AND created_at >= ?"
+        )
+        since = _us(query.since)
+        terminal = conn.execute(base + " AND terminal_id = ?", (query.merchant_id, since, query.terminal_id))
+        t_count, t_amount = terminal.fetchone()
+        c_count = c_amount = 0
+        if query.pan_hmac is not None:
+            card = conn.execute(base + " AND pan_hmac = ?", (query.merchant_id, since, query.pan_hmac))
+            c_count, c_amount = card.fetchone()
+        return Velocity(t_count, t_amount, c_count, c_amount)
+
+    def _reserve_rrns(self, conn: sqlite3.Connection, count: int) -> None:
+        row = conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'rrn_next' RETURNING value",
+            (max(count, _RRN_BLOCK),),
+        ).fetchone()
+        self._rrn_limit = int(row[0])
+        self._rrn_next = self._rrn_limit - max(count, _RRN_BLOCK)
+
+    def _next_rrn(self, conn: sqlite3.Connection) -> str:
+        if self._rrn_next >= self._rrn_limit:
+            raise RuntimeError("no reserved RRN left in this transaction")
+        value = self._rrn_next
+        self._rrn_next += 1
+        return f"{value % 10**12:012d}"
+
+    def _apply(self, conn: sqlite3.Connection, plan: Plan, render: Renderer) -> None:
+        record = plan.record
+        if record is not None:
+            ref = record.reference
+            conn.execute(
+                "INSERT INTO txns(kind, mti, mti_class, processing_code, merchant_id, terminal_id, stan, "
+                "transmission_time, amount, currency, pan_masked, pan_hmac, rrn, approval_code, response_code, "
+                "reason, status, effective_amount, refunded_amount, completed, original_id, batch_id, created_at, "
+                "fingerprint, ref_rrn, ref_mti, ref_stan, ref_time, ref_approval, ref_same_stan) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.kind.value,
+                    record.mti,
+                    record.mti[:3],
+                    record.processing_code,
+                    record.merchant_id,
+                    record.terminal_id,
+                    record.stan,
+                    record.transmission_time,
+                    record.amount,
+                    record.currency,
+                    record.pan_masked,
+                    record.pan_hmac,
+                    record.rrn,
+                    record.approval_code,
+                    record.response_code,
+                    record.reason,
+                    record.status.value,
+                    record.effective_amount,
+                    record.refunded_amount,
+                    int(record.completed),
+                    record.original_id,
+                    record.batch_id,
+                    _us(record.created_at),
+                    record.fingerprint,
+                    ref.rrn if ref else None,
+                    ref.mti if ref else None,
+                    ref.stan if ref else None,
+                    ref.transmission_time if ref else None,
+                    ref.approval_code if ref else None,
+                    int(ref.same_stan) if ref else 0,
+                ),
+            )
+        for change in plan.changes:
+            conn.execute(
+                "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "
+                "effective_amount = COALESCE(?, effective_amount), completed = COALESCE(?, completed), "
+                "reversed_after_settlement = COALESCE(?, reversed_after_settlement) WHERE id = ?",
+                (
+                    change.status.value if change.status is not None else None,
+                    change.refunded_delta,
+                    change.effective_amount,
+                    None if change.completed is None else int(change.completed),
+                    None if change.reversed_after_settlement is None else int(change.reversed_after_settlement),
+                    change.txn_id,
+                ),
+            )
+        close = plan.batch_close
+        if close is not None:
+            conn.execute(
+                "UPDATE batches SET state = 'closed', closed_at = ?, result = ?, terminal_totals = ?, "
+                "ledger_totals = ? WHERE id = ? AND state = 'open'",
+                (
+                    _us(close.closed_at),
+                    close.result,
+                    _totals_text(close.terminal_totals),
+                    _totals_text(close.ledger_totals),
+                    close.batch_id,
+                ),
+            )
+        for event in plan.events:
+            event_id, topic, payload = render(event)
+            conn.execute(
+                "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    event_id,
+                    topic,
+                    payload,
+                    f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}",
+                    _us(record.created_at if record is not None else datetime.now(UTC)),
+                ),
+            )
+
+    # ------------------------------------------------------------------ batches
+
+    async def close_batches(self, opened_before: datetime, now: datetime) -> int:
+        """Close every open batch opened before ``opened_before`` (the settlement cut-off)."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE batches SET state = 'closed', closed_at = ?, result = 'cutoff' "
+                "WHERE state = 'open' AND opened_at < ?",
+                (_us(now), _us(opened_before)),
+            )
+            return cursor.rowcount
+
+        return await self._call(run)
+
+    async def list_batches(
+        self, merchant: str | None = None, terminal: str | None = None, open_only: bool = False
+    ) -> list[BatchSummary]:
+        def run(conn: sqlite3.Connection) -> list[BatchSummary]:
+            sql = (
+                "SELECT b.*, "
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion')"
+                "     THEN t.effective_amount ELSE 0 END),"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN t.effective_amount ELSE 0 END),"
+                " MAX(t.currency)"
+                " FROM batches b LEFT JOIN txns t ON t.batch_id = b.id"
+                " WHERE (? IS NULL OR b.merchant_id = ?) AND (? IS NULL OR b.terminal_id = ?)"
+                " AND (? = 0 OR b.state = 'open') GROUP BY b.id ORDER BY b.id"
+            )
+            rows = conn.execute(sql, (merchant, merchant, terminal, terminal, int(open_only))).fetchall()
+            out = []
+            for row in rows:
+                batch = _batch(row)
+                out.append(
+                    BatchSummary(
+                        merchant_id=batch.merchant_id,
+                        terminal_id=batch.terminal_id,
+                        batch_no=batch.batch_no,
+                        state=batch.state,
+                        opened_at=batch.opened_at,
+                        closed_at=batch.closed_at,
+                        debit_count=row[10] or 0,
+                        debit_amount=row[11] or 0,
+                        credit_count=row[12] or 0,
+                        credit_amount=row[13] or 0,
+                        currency=row[14],
+                        result=row["result"],
+                    )
+                )
+            return out
+
+        return await self._call(run)
+
+    async def find_txn(self, merchant_id: str, rrn: str) -> Txn | None:
+        """A record by its RRN (for tools and tests)."""
+
+        def run(conn: sqlite3.Connection) -> Txn | None:
+            row = conn.execute("SELECT * FROM txns WHERE merchant_id = ? AND rrn = ?", (merchant_id, rrn)).fetchone()
+            return _txn(row) if row else None
+
+        return await self._call(run)
+
+    async def all_txns(self) -> list[Txn]:
+        """Every record in id order (for tools and tests)."""
+        return await self._call(lambda conn: [_txn(r) for r in conn.execute("SELECT * FROM txns ORDER BY id")])
+
+    # ------------------------------------------------------------------ outbox port
+
+    async def pending(self, limit: int) -> Sequence[OutboxRow]:
+        def run(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT id, event_id, topic, payload, ordering_key, created_at FROM outbox "
+                "WHERE sent_at IS NULL ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], _dt(r[5]) or datetime.now(UTC)) for r in rows]
+
+        return await self._call(run)
+
+    async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None:
+        if not ids:
+            return
+        stamp = _us(sent_at)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE outbox SET sent_at = ? WHERE id = ?", [(stamp, i) for i in ids])
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('last_sent_at', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(stamp),),
+            )
+
+        await self._call(run)
+
+    async def record_error(self, message: str, at: datetime) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [("last_error", message[:500]), ("last_error_at", str(_us(at)))],
+            )
+
+        await self._call(run)
+
+    async def prune(self, sent_before: datetime) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (_us(sent_before),))
+            return cursor.rowcount
+
+        return await self._call(run)
+
+    async def status(self) -> OutboxStatus:
+        def run(conn: sqlite3.Connection) -> OutboxStatus:
+            count, oldest = conn.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sent_at IS NULL"
+            ).fetchone()
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            return OutboxStatus(
+                pending=count,
+                oldest_pending_at=_dt(oldest),
+                last_error=meta.get("last_error"),
+                last_error_at=_dt(int(meta["last_error_at"])) if "last_error_at" in meta else None,
+                last_sent_at=_dt(int(meta["last_sent_at"])) if "last_sent_at" in meta else None,
+            )
+
+        return await self._call(run)
+
+    outbox_status = status
+
+
+def _totals_text(totals: Any) -> str:
+    return f"{totals.credit_count},{totals.credit_amount},{totals.debit_count},{totals.debit_amount}"
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _settle_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        _settle(future, value, error)

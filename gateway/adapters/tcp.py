@@ -1,0 +1,234 @@
+"""The asyncio TCP server: connections, framing and concurrency around the service.
+
+Each connection feeds a :class:`~gateway.protocol.framing.FrameBuffer`; every complete frame becomes
+a task, so several requests per connection are in flight at once and their answers go back in the
+order they finish (terminals match them by STAN). A framing error, or a frame that is not a readable
+request, closes that connection only. Idle connections are closed by a sweeper; over the connection
+limit a new connection is closed at once. Shutdown stops accepting, lets in-flight requests finish,
+then closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from gateway.protocol.framing import Frame, FrameBuffer, FramingError, encode_frame, reply_tpdu
+from gateway.protocol.profile import Framing
+from gateway.service import FrameRejectedError
+
+Handler = Callable[[bytes], Awaitable[bytes | None]]
+
+#: stop reading from a connection while this many of its requests are in flight
+_MAX_IN_FLIGHT = 128
+
+
+class ConnectionRecorder(Protocol):
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+    def frame_rejected(self, reason: str) -> None: ...
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: TerminalServer, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.buffer = FrameBuffer(server.framing)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.last_activity = time.monotonic()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.paused = False
+        self.frames = 0
+
+    # asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        server = self.server
+        if len(server.connections) >= server.max_connections or server.stopping:
+            server.log_event("connection.refused", peer=self.peer, reason="connection limit")
+            transport.abort()
+            return
+        server.connections.add(self)
+        if server.recorder is not None:
+            server.recorder.connection_opened()
+        server.log_event("connection.opened", conn=self.id, peer=self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            frames = self.buffer.feed(data)
+        except FramingError as exc:
+            for frame in exc.frames:
+                self._dispatch(frame)
+            self._reject(exc.reason)
+            return
+        for frame in frames:
+            self._dispatch(frame)
+
+    def eof_received(self) -> bool | None:
+        # half-close: finish what is in flight, then close
+        self.closing = True
+        if not self.tasks and self.transport is not None:
+            self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        if self in server.connections:
+            server.connections.discard(self)
+            if server.recorder is not None:
+                server.recorder.connection_closed()
+            server.log_event("connection.closed", conn=self.id, peer=self.peer, frames=self.frames)
+        self.closing = True
+        self.transport = None
+
+    # frames ---------------------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        self.frames += 1
+        task = asyncio.get_running_loop().create_task(self._answer(frame))
+        self.tasks.add(task)
+        self.server.in_flight.add(task)
+        task.add_done_callback(self._done)
+        if len(self.tasks) >= _MAX_IN_FLIGHT and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.server.in_flight.discard(task)
+        if self.paused and len(self.tasks) < _MAX_IN_FLIGHT // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.closing and not self.tasks and self.transport is not None:
+            self.transport.close()
+
+    async def _answer(self, frame: Frame) -> None:
+        try:
+            response = await self.server.handler(frame.payload)
+        except FrameRejectedError as exc:
+            self._reject(f"unreadable message: {exc}")
+            return
+        except Exception as exc:  # the per-request boundary: log, close this connection only
+            self.server.log_event("request.crashed", level="error", conn=self.id, error=type(exc).__name__)
+            self._reject("internal error")
+            return
+        transport = self.transport
+        if response is None or transport is None or transport.is_closing():
+            return
+        tpdu = reply_tpdu(frame.tpdu) if frame.tpdu is not None else None
+        transport.write(encode_frame(self.server.framing, response, tpdu))
+        self.last_activity = time.monotonic()
+
+    def _reject(self, reason: str) -> None:
+        server = self.server
+        server.log_event("connection.rejected", level="warning", conn=self.id, peer=self.peer, reason=reason)
+        if server.recorder is not None:
+            server.recorder.frame_rejected(reason.split(":")[0])
+        self.closing = True
+        if self.transport is not None:
+            # answers already in flight for earlier frames are dropped with the connection
+            self.transport.close()
+
+
+class TerminalServer:
+    """Listens for terminals. ``start()``, then ``stop()`` for a clean shutdown."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        framing: Framing,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8583,
+        idle_timeout_s: float = 300.0,
+        max_connections: int = 1000,
+        ssl_context: ssl.SSLContext | None = None,
+        logger: Any = None,
+        recorder: ConnectionRecorder | None = None,
+    ) -> None:
+        self.handler = handler
+        self.framing = framing
+        self.host = host
+        self.port = port
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.ssl_context = ssl_context
+        self.log = logger
+        self.recorder = recorder
+        self.connections: set[_Connection] = set()
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def log_event(self, event: str, level: str = "info", **fields: Any) -> None:
+        if self.log is not None:
+            getattr(self.log, level)(event, **fields)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self, next(self._ids)),
+            self.host,
+            self.port,
+            ssl=self.ssl_context,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        interval = min(1.0, self.idle_timeout_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self.idle_timeout_s
+            for conn in list(self.connections):
+                if conn.last_activity < deadline and not conn.tasks and conn.transport is not None:
+                    self.log_event("connection.idle_timeout", conn=conn.id, peer=conn.peer)
+                    conn.closing = True
+                    conn.transport.close()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests (up to ``grace_s``), close every connection."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.transport is not None:
+                conn.transport.pause_reading()
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=grace_s)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)

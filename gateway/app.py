@@ -1,0 +1,291 @@
+"""Composition root: builds the gateway from its settings, runs it and shuts it down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port
+from gateway.core.policy import Policy
+from gateway.protocol.profile import Profile, load_profile
+from gateway.service import GatewayService, ServiceConfig, SystemClock
+
+
+class StartupError(Exception):
+    """The gateway cannot start with these settings (the message says why)."""
+
+
+def build_policy(settings: Settings) -> Policy:
+    policy = settings.policy
+    velocity = policy.velocity
+    standin = settings.standin
+    return Policy(
+        refund_window=timedelta(days=policy.refund_window_days),
+        preauth_validity=timedelta(days=policy.preauth_validity_days),
+        completion_tolerance_pct=policy.completion_tolerance_pct,
+        unreferenced_refund_terminals=frozenset(policy.unreferenced_refund_terminals),
+        terminal_daily_refund_count=velocity.terminal_daily_count,
+        terminal_daily_refund_amount=velocity.terminal_daily_amount,
+        card_daily_refund_count=velocity.card_daily_count,
+        card_daily_refund_amount=velocity.card_daily_amount,
+        standin_max_amount=standin.max_amount,
+        check_luhn=standin.check_luhn,
+        check_expiry=standin.check_expiry,
+        duplicate_ttl=timedelta(hours=policy.duplicate_ttl_hours),
+    )
+
+
+def build_ledger(settings: Settings) -> SqliteLedger:
+    path = settings.sqlite_path()
+    if path is None:
+        raise StartupError(
+            "the PostgreSQL ledger is not available in this release; use GATEWAY_LEDGER_URL=sqlite:///PATH"
+        )
+    return SqliteLedger(path)
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls.cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    if tls.client_ca is not None:
+        context.load_verify_locations(str(tls.client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def next_cutoff(now: datetime, cutoff: Any, zone: str) -> datetime:
+    """The next instant (UTC) at which the local ``cutoff`` time of day occurs after ``now``."""
+    tz = ZoneInfo(zone)
+    local = now.astimezone(tz)
+    candidate = local.replace(hour=cutoff.hour, minute=cutoff.minute, second=cutoff.second, microsecond=0)
+    if candidate <= local:
+        candidate = (local + timedelta(days=1)).replace(
+            hour=cutoff.hour, minute=cutoff.minute, second=cutoff.second, microsecond=0
+        )
+    return candidate.astimezone(UTC)
+
+
+class GatewayApp:
+    """Everything the gateway runs: ledger, broker, relay, service, TCP server, background tasks."""
+
+    def __init__(self, settings: Settings, *, logger: Any = None, clock: Any = None) -> None:
+        from gateway.logs import get_logger
+
+        self.settings = settings
+        self.log = logger if logger is not None else get_logger("gateway")
+        self.clock = clock or SystemClock()
+        self.profile: Profile | None = None
+        self.ledger: SqliteLedger | None = None
+        self.broker: Any = None
+        self.relay: Any = None
+        self.server: Any = None
+        self.service: GatewayService | None = None
+        self.metrics: Any = None
+        self.mqtt_url: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def port(self) -> int:
+        return int(self.server.bound_port)
+
+    async def start(self) -> None:
+        from gateway.adapters.mqtt import OutboxRelay
+        from gateway.adapters.tcp import TerminalServer
+        from gateway.metrics import Metrics
+
+        settings = self.settings
+        try:
+            self.profile = load_profile(settings.profile)
+        except Exception as exc:
+            raise StartupError(str(exc)) from exc
+        if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
+            self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
+        self.metrics = Metrics()
+        self.ledger = build_ledger(settings)
+        await self.ledger.open()
+        try:
+            await self._start_events()
+            self.service = GatewayService(
+                self.profile,
+                self.ledger,
+                ServiceConfig(
+                    instance_id=settings.instance_id,
+                    topic_prefix=settings.mqtt_topic_prefix,
+                    pan_key=settings.pan_hmac_key.get_secret_value().encode(),
+                    policy=build_policy(settings),
+                    allowed_terminals=frozenset(settings.allowed_terminals),
+                ),
+                clock=self.clock,
+                logger=self.log,
+                recorder=self.metrics,
+            )
+            host, port = split_host_port(settings.listen, 8583)
+            self.server = TerminalServer(
+                self.service.handle,
+                self.profile.framing,
+                host=host,
+                port=port,
+                idle_timeout_s=settings.idle_timeout_s,
+                max_connections=settings.max_connections,
+                ssl_context=_ssl_context(settings),
+                logger=self.log,
+                recorder=self.metrics,
+            )
+            try:
+                await self.server.start()
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from exc
+            if settings.metrics_listen:
+                m_host, m_port = split_host_port(settings.metrics_listen, 9108)
+                self.metrics.serve(m_host, m_port)
+            if settings.settlement.cutoff is not None:
+                self._tasks.append(asyncio.create_task(self._cutoff_loop(), name="settlement-cutoff"))
+        except BaseException:
+            await self._close_events()
+            await self.ledger.close()
+            raise
+        _ = OutboxRelay  # imported above so a missing MQTT stack fails at start, not later
+        self.log.info(
+            "gateway.started",
+            listen=f"{host}:{self.port}",
+            profile=self.profile.name,
+            ledger=settings.redacted()["ledger_url"],
+            mqtt=_hide(self.mqtt_url or ""),
+            instance=settings.instance_id,
+        )
+
+    async def _start_events(self) -> None:
+        from gateway.adapters.broker import BrokerError, EmbeddedBroker
+        from gateway.adapters.mqtt import OutboxRelay
+
+        settings = self.settings
+        assert self.ledger is not None
+        url = settings.mqtt_url
+        if url == "embedded":
+            host, port = split_host_port(settings.mqtt.embedded_listen, 1883)
+            self.broker = EmbeddedBroker(host, port)
+            try:
+                await self.broker.start()
+            except BrokerError as exc:
+                raise StartupError(str(exc)) from exc
+            url = self.broker.url
+        self.mqtt_url = url
+        mqtt = settings.mqtt
+        self.relay = OutboxRelay(
+            self.ledger,
+            url=url,
+            client_id=f"iso-gateway-{settings.instance_id}",
+            clock=self.clock,
+            batch_size=mqtt.batch_size,
+            retention=timedelta(hours=mqtt.retention_hours),
+            tls_ca=str(mqtt.tls_ca) if mqtt.tls_ca else None,
+            tls_cert=str(mqtt.tls_cert) if mqtt.tls_cert else None,
+            tls_key=str(mqtt.tls_key) if mqtt.tls_key else None,
+            tls_insecure=mqtt.tls_insecure,
+            logger=self.log,
+        )
+        self.ledger.on_events = self.relay.notify
+        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+
+    async def _close_events(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+            self.broker = None
+
+    async def _cutoff_loop(self) -> None:
+        settlement = self.settings.settlement
+        assert settlement.cutoff is not None and self.ledger is not None
+        while True:
+            now = self.clock.now()
+            due = next_cutoff(now, settlement.cutoff, settlement.timezone)
+            await asyncio.sleep(max(0.0, (due - now).total_seconds()))
+            closed = await self.ledger.close_batches(due, self.clock.now())
+            self.log.info("settlement.cutoff", closed_batches=closed, cutoff=due.isoformat())
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, let the relay drain briefly, close the ledger."""
+        if self.server is not None:
+            await self.server.stop()
+        if self.relay is not None and self.ledger is not None:
+            # give the relay a moment to publish what the last requests wrote
+            with contextlib.suppress(Exception):
+                for _ in range(20):
+                    if (await self.ledger.status()).pending == 0:
+                        break
+                    await asyncio.sleep(0.05)
+        await self._close_events()
+        if self.ledger is not None:
+            await self.ledger.close()
+        self.log.info("gateway.stopped")
+
+
+def _hide(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        return f"{scheme}://{creds.split(':', 1)[0]}:********@{host}"
+    return url
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
+    app = GatewayApp(settings)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def serve(settings: Settings) -> int:
+    """Run in the foreground until SIGTERM or SIGINT; returns the process exit code."""
+    from gateway.logs import configure_logging, get_logger
+
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("gateway")
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_gateway(settings, stop)
+        except StartupError as exc:
+            log.error("gateway.start_failed", detail=str(exc))
+            return 2
+        return 0
+
+    try:
+        import uvloop
+
+        return int(uvloop.run(main()))
+    except ImportError:
+        return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(settings: Settings) -> AsyncIterator[SqliteLedger]:
+    """The ledger alone, for command-line tools (outbox status, batches)."""
+    ledger = build_ledger(settings)
+    await ledger.open()
+    try:
+        yield ledger
+    finally:
+        await ledger.close()

@@ -1,0 +1,221 @@
+"""Configuration: the only reader of the environment (pydantic-settings).
+
+Environment variables use the prefix ``GATEWAY_`` and ``__`` for nested keys, e.g.
+``GATEWAY_LISTEN=0.0.0.0:8583`` or ``GATEWAY_POLICY__REFUND_WINDOW_DAYS=60``. A TOML file given with
+``--config`` supplies defaults; the environment overrides it.
+"""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: The development HMAC key: fine for the demo and tests, refused nowhere, warned about at start.
+DEV_PAN_HMAC_KEY = "dev-only-pan-hmac-key-change-me"
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``, or ``host``) -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, int(port) if port else default_port
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    return host or "0.0.0.0", int(port)
+
+
+def _check_listen(value: str) -> str:
+    host, port = split_host_port(value, 0)
+    if not host or not 0 <= port <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+class StandInSettings(BaseModel):
+    """Stand-in approval rules (used when no upstream host is configured)."""
+
+    max_amount: int | None = Field(default=None, ge=0, description="Decline (61) above this, minor units")
+    check_luhn: bool = Field(default=True, description="Decline (14) PANs that fail the Luhn check")
+    check_expiry: bool = Field(default=True, description="Decline (54) cards whose DE14 expiry is past")
+
+
+class VelocitySettings(BaseModel):
+    """Daily refund limits (UTC day); ``None`` switches a limit off."""
+
+    terminal_daily_count: int | None = Field(default=None, ge=0)
+    terminal_daily_amount: int | None = Field(default=None, ge=0)
+    card_daily_count: int | None = Field(default=None, ge=0)
+    card_daily_amount: int | None = Field(default=None, ge=0)
+
+
+class PolicySettings(BaseModel):
+    """Refund-control knobs (design section 5)."""
+
+    refund_window_days: int = Field(default=30, ge=0)
+    preauth_validity_days: int = Field(default=30, ge=0)
+    completion_tolerance_pct: int = Field(default=15, ge=0, le=1000)
+    #: terminals allowed to make unreferenced refunds: "TERMID", "MERCHANT/TERMID" or "*"
+    unreferenced_refund_terminals: list[str] = Field(default_factory=list)
+    velocity: VelocitySettings = Field(default_factory=VelocitySettings)
+    #: duplicate-detection keys are kept at least this long
+    duplicate_ttl_hours: int = Field(default=48, ge=24)
+
+
+class SettlementSettings(BaseModel):
+    """Daily cut-off that closes batches terminals forgot to settle."""
+
+    cutoff: time | None = Field(default=None, description="Local time of day, e.g. 23:30; off when unset")
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
+class MqttSettings(BaseModel):
+    """Broker connection details beyond ``GATEWAY_MQTT_URL``."""
+
+    embedded_listen: str = Field(default="127.0.0.1:1883", description="Address of the embedded broker")
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_insecure: bool = False
+    batch_size: int = Field(default=100, ge=1)
+    retention_hours: int = Field(default=168, ge=0, description="Sent events are pruned after this")
+
+    _v_listen = field_validator("embedded_listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class TlsSettings(BaseModel):
+    """Optional TLS (and mutual TLS) for terminal connections."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = Field(default=None, description="Require client certificates signed by this CA")
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway. See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    listen: str = Field(default="127.0.0.1:8583", description="host:port for terminals")
+    profile: str = Field(default="iso87-binary", description="Wire profile name (specs/NAME.toml) or path")
+    ledger_url: str = Field(default="sqlite:///./gateway.db", description="sqlite:///path or postgresql://...")
+    mqtt_url: str = Field(default="embedded", description="embedded, mqtt://user:pass@host:port or mqtts://...")
+    mqtt_topic_prefix: str = "pos/corrections"
+    instance_id: str = Field(default="gateway-1", description="Names this instance in events and MQTT client ids")
+    pan_hmac_key: SecretStr = Field(default=SecretStr(DEV_PAN_HMAC_KEY), description="Key of the PAN HMAC")
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+    request_timeout_s: float = Field(default=10.0, gt=0, description="Per-request processing deadline")
+    allowed_terminals: list[str] = Field(
+        default_factory=list, description="Allow-list of TERMID or MERCHANT/TERMID; empty allows all"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    metrics_listen: str | None = Field(default=None, description="host:port for Prometheus metrics")
+    standin: StandInSettings = Field(default_factory=StandInSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    settlement: SettlementSettings = Field(default_factory=SettlementSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("ledger_url must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_scheme(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("mqtt_url must be 'embedded', mqtt://... or mqtts://...")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file of ``ledger_url`` (SQLAlchemy style: ``sqlite:///relative``,
+        ``sqlite:////absolute``), or None for PostgreSQL."""
+        if not self.ledger_url.startswith("sqlite:///"):
+            return None
+        return Path(self.ledger_url.removeprefix("sqlite:///") or "gateway.db")
+
+    def unreferenced_refunds_allowed(self, merchant_id: str, terminal_id: str) -> bool:
+        allowed = self.policy.unreferenced_refund_terminals
+        return "*" in allowed or terminal_id in allowed or f"{merchant_id}/{terminal_id}" in allowed
+
+    def terminal_allowed(self, merchant_id: str, terminal_id: str) -> bool:
+        allowed = self.allowed_terminals
+        return not allowed or terminal_id in allowed or f"{merchant_id}/{terminal_id}" in allowed
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets and URL passwords hidden."""
+        data = self.model_dump(mode="json")
+        data["pan_hmac_key"] = "********"
+        for key in ("ledger_url", "mqtt_url"):
+            data[key] = _hide_password(data[key])
+        return data
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:********@{host}" if ":" in creds else url
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from (in priority order) overrides, the environment and a TOML file."""
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"configuration file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    return _FileSettings(**overrides)

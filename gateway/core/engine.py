@@ -1,0 +1,499 @@
+"""One request through the ledger, sans-I/O.
+
+:func:`process` is a generator: it yields the queries it needs (:class:`Query` subclasses) and
+receives their answers, then returns a :class:`Plan` of what to write. Each ledger adapter (SQLite,
+PostgreSQL) drives it inside one serialising transaction, answering queries with its own SQL, then
+applies the plan and commits. The orchestration and the rules are therefore written once and tested
+in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from gateway.core.cards import pan_digest
+from gateway.core.decide import Decision, Snapshot, TxnChange, decide
+from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
+from gateway.core.model import (
+    ORIGINAL_KINDS,
+    REVERSIBLE_KINDS,
+    Batch,
+    Kind,
+    Request,
+    SettlementTotals,
+    Txn,
+    TxnStatus,
+    balance_status,
+)
+from gateway.core.policy import Policy, Velocity
+from gateway.core.reasons import Reason
+
+# --------------------------------------------------------------------------- queries
+
+
+class Query:
+    """Something the engine needs from the ledger."""
+
+
+@dataclass(frozen=True, slots=True)
+class FindDuplicate(Query):
+    """The earlier request with this retransmission key, or None. Answer: ``Txn | None``."""
+
+    merchant_id: str
+    terminal_id: str
+    stan: str
+    transmission_time: str
+    mti_class: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FindOriginal(Query):
+    """The original a correction points at, locked for update. Answer: ``Txn | None``.
+
+    Lookup order: ``rrn`` (same merchant); else DE90 data (same merchant, same STAN, DE7 and MTI
+    class, the request's terminal first); else pre-auth approval code + card; else (reversals without
+    DE90) the latest request from the same merchant and terminal with the same STAN.
+    """
+
+    merchant_id: str
+    terminal_id: str
+    kinds: frozenset[Kind]
+    rrn: str | None = None
+    mti_class: str | None = None
+    stan: str | None = None
+    transmission_time: str | None = None
+    approval_code: str | None = None
+    pan_hmac: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetTxn(Query):
+    """A record by id, locked for update. Answer: ``Txn | None``."""
+
+    txn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetBatch(Query):
+    """Answer: ``Batch | None``."""
+
+    batch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FindTombstone(Query):
+    """An unmatched reversal naming this request (same merchant, terminal, STAN; DE7 when it gave one).
+
+    Answer: ``Txn | None``.
+    """
+
+    merchant_id: str
+    terminal_id: str
+    stan: str
+    transmission_time: str
+    mti_class: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentBatch(Query):
+    """The terminal's open batch; opened now when ``create`` and there is none. Answer: ``Batch | None``."""
+
+    merchant_id: str
+    terminal_id: str
+    now: datetime
+    create: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RefundVelocity(Query):
+    """Approved, unreversed refunds since ``since``. Answer: :class:`Velocity`."""
+
+    merchant_id: str
+    terminal_id: str
+    pan_hmac: str | None
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NextRrn(Query):
+    """A new unique 12-digit retrieval reference number. Answer: ``str``."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTxns(Query):
+    """Every record of a batch, in id order. Answer: ``list[Txn]``."""
+
+    batch_id: int
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True, slots=True)
+class BatchClose:
+    batch_id: int
+    closed_at: datetime
+    result: str  #: settled | mismatch
+    terminal_totals: SettlementTotals
+    ledger_totals: SettlementTotals
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to write, and what to answer. ``record`` is None for replays and conflicts."""
+
+    response_code: str
+    reason: Reason
+    rrn: str | None
+    approval_code: str | None
+    record: Txn | None = None
+    changes: tuple[TxnChange, ...] = ()
+    batch_close: BatchClose | None = None
+    events: list[CorrectionEvent] = field(default_factory=list)
+    replayed: bool = False
+    #: the original the request was checked against, if any
+    original: Txn | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything from outside that a decision may use: time, keys, policy, the code map."""
+
+    now: datetime
+    policy: Policy
+    pan_key: bytes
+    response_code: Callable[[str], str]
+
+
+Step = Generator[Query, Any, Plan]
+
+#: kinds that answer with a gateway RRN (DE37) and, approved, an approval code (DE38)
+_RRN_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
+#: corrections publish events; plain purchases and pre-auths do not
+_EVENT_KINDS = {Kind.VOID: "void", Kind.REFUND: "refund", Kind.COMPLETION: "completion", Kind.REVERSAL: "reversal"}
+
+
+def approval_code_for(rrn: str) -> str:
+    """A 6-character approval code (DE38) derived from the unique RRN."""
+    digest = int.from_bytes(hashlib.blake2b(rrn.encode(), digest_size=8).digest(), "big")
+    alphabet = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+    chars = []
+    for _ in range(6):
+        digest, index = divmod(digest, len(alphabet))
+        chars.append(alphabet[index])
+    return "".join(chars)
+
+
+def fingerprint(key: bytes, request: Request) -> str:
+    """Keyed hash of DE2, 3, 4, 49 and 90: what a retransmission must repeat exactly."""
+    content = "|".join(
+        (
+            request.pan or "",
+            request.processing_code,
+            "" if request.amount is None else str(request.amount),
+            request.currency or "",
+            request.original_data or "",
+        )
+    )
+    return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def process(request: Request, ctx: Context) -> Step:
+    """Decide one financial request against the ledger and plan what to record."""
+    pan_hmac = pan_digest(ctx.pan_key, request.pan) if request.pan else None
+    print_ = fingerprint(ctx.pan_key, request)
+    since = ctx.now - ctx.policy.duplicate_ttl
+    earlier: Txn | None = yield FindDuplicate(
+        request.merchant_id, request.terminal_id, request.stan, request.transmission_time, request.mti_class, since
+    )
+    if earlier is not None:
+        return _duplicate(request, earlier, print_, ctx)
+    if request.kind is Kind.SETTLEMENT:
+        return (yield from _settlement(request, pan_hmac, print_, ctx))
+
+    original: Txn | None = None
+    parent: Txn | None = None
+    original_batch: Batch | None = None
+    tombstone: Txn | None = None
+    velocity = Velocity()
+    if request.kind in (Kind.PURCHASE, Kind.PREAUTH):
+        tombstone = yield FindTombstone(
+            request.merchant_id,
+            request.terminal_id,
+            request.stan,
+            request.transmission_time,
+            request.mti_class,
+            since,
+        )
+    else:
+        original = yield _find_original(request, pan_hmac)
+        if original is not None:
+            original_batch = (yield GetBatch(original.batch_id)) if original.batch_id is not None else None
+            if request.kind is Kind.REVERSAL and original.original_id is not None:
+                parent = yield GetTxn(original.original_id)
+    if request.kind is Kind.REFUND and ctx.policy.velocity_limited:
+        day_start = ctx.now.replace(hour=0, minute=0, second=0, microsecond=0)
+        velocity = yield RefundVelocity(request.merchant_id, request.terminal_id, pan_hmac, day_start)
+
+    snapshot = Snapshot(pan_hmac, original, parent, original_batch, tombstone, velocity)
+    decision = decide(request, snapshot, ctx.policy, ctx.now)
+    batch: Batch | None = yield CurrentBatch(
+        request.merchant_id, request.terminal_id, ctx.now, create=request.kind is not Kind.REVERSAL
+    )
+    rrn: str | None = (yield NextRrn()) if request.kind in _RRN_KINDS else None
+    code = ctx.response_code(decision.reason.value)
+    approval = approval_code_for(rrn) if rrn is not None and decision.approved else None
+    record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
+    plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original)
+    kind_name = _EVENT_KINDS.get(request.kind)
+    if kind_name is not None:
+        if decision.repeat:
+            kind_name = "duplicate"
+        after = _apply_changes(original, decision.changes) if original is not None else None
+        plan.events.append(_event(kind_name, decision.outcome, request, record, after or original))
+    return plan
+
+
+def _find_original(request: Request, pan_hmac: str | None) -> FindOriginal:
+    ref = request.reference
+    kinds = {
+        Kind.VOID: frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.PREAUTH, Kind.REFUND, Kind.VOID}),
+        Kind.REFUND: frozenset(ORIGINAL_KINDS | {Kind.REFUND, Kind.VOID}),
+        Kind.COMPLETION: frozenset(ORIGINAL_KINDS),
+        Kind.REVERSAL: frozenset(REVERSIBLE_KINDS),
+    }[request.kind]
+    base = FindOriginal(request.merchant_id, request.terminal_id, kinds)
+    if ref is None:
+        return base
+    if ref.rrn is not None:
+        return replace(base, rrn=ref.rrn)
+    if ref.stan is not None:
+        return replace(
+            base, mti_class=(ref.mti or "")[:3] or None, stan=ref.stan, transmission_time=ref.transmission_time
+        )
+    if ref.approval_code is not None:
+        return replace(base, approval_code=ref.approval_code, pan_hmac=pan_hmac)
+    # a reversal without DE90: the latest request of this terminal with the same STAN
+    return replace(base, stan=request.stan)
+
+
+def _record(
+    request: Request,
+    decision: Decision,
+    code: str,
+    rrn: str | None,
+    approval: str | None,
+    pan_hmac: str | None,
+    print_: str,
+    original: Txn | None,
+    batch: Batch | None,
+    ctx: Context,
+) -> Txn:
+    if request.kind is Kind.REVERSAL and decision.outcome == "unmatched":
+        status = TxnStatus.UNMATCHED
+    else:
+        status = TxnStatus.APPROVED if decision.approved else TxnStatus.DECLINED
+    amount = request.amount or 0
+    return Txn(
+        id=0,
+        kind=request.kind,
+        mti=request.mti,
+        processing_code=request.processing_code,
+        merchant_id=request.merchant_id,
+        terminal_id=request.terminal_id,
+        stan=request.stan,
+        transmission_time=request.transmission_time,
+        amount=amount,
+        currency=request.currency or "",
+        pan_masked=request.masked_pan,
+        pan_hmac=pan_hmac,
+        rrn=rrn,
+        approval_code=approval,
+        response_code=code,
+        reason=None if decision.approved else decision.reason.value,
+        status=status,
+        effective_amount=amount,
+        refunded_amount=0,
+        completed=False,
+        original_id=original.id if original is not None else None,
+        batch_id=batch.id if batch is not None else None,
+        created_at=ctx.now,
+        fingerprint=print_,
+        reference=request.reference,
+    )
+
+
+def _apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
+    """The original as it stands after the decision's changes (for the event's balance)."""
+    after = replace(original)
+    for change in changes:
+        if change.txn_id != original.id:
+            continue
+        if change.status is not None:
+            after.status = change.status
+        after.refunded_amount += change.refunded_delta
+        if change.effective_amount is not None:
+            after.effective_amount = change.effective_amount
+        if change.completed is not None:
+            after.completed = change.completed
+    return after
+
+
+def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Plan:
+    if earlier.fingerprint != print_:
+        code = ctx.response_code(Reason.DUPLICATE_CONFLICT.value)
+        plan = Plan(code, Reason.DUPLICATE_CONFLICT, None, None, replayed=False)
+        plan.events.append(_event("duplicate", "conflict", request, None, None, earlier=earlier, code=code))
+        return plan
+    reason = Reason(earlier.reason) if earlier.reason else Reason.APPROVED
+    plan = Plan(earlier.response_code, reason, earlier.rrn, earlier.approval_code, replayed=True)
+    plan.events.append(_event("duplicate", "replayed", request, None, None, earlier=earlier))
+    return plan
+
+
+def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Context) -> Step:
+    totals = request.totals or SettlementTotals(0, 0, 0, 0)
+    batch: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create=False)
+    txns: list[Txn] = (yield BatchTxns(batch.id)) if batch is not None else []
+    ledger = ledger_totals(txns)
+    matched = ledger == totals
+    reason = Reason.APPROVED if matched else Reason.SETTLEMENT_MISMATCH
+    code = ctx.response_code(reason.value)
+    decision = Decision(reason, outcome="settled" if matched else "mismatch")
+    record = _record(request, decision, code, None, None, pan_hmac, print_, None, batch, ctx)
+    close = (
+        BatchClose(batch.id, ctx.now, "settled" if matched else "mismatch", totals, ledger)
+        if batch is not None
+        else None
+    )
+    plan = Plan(code, reason, None, None, record, batch_close=close)
+    details: dict[str, object] = {
+        "batch": batch.batch_no if batch is not None else None,
+        "terminal_totals": _totals_dict(totals),
+        "ledger_totals": _totals_dict(ledger),
+    }
+    if not matched:
+        details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
+    plan.events.append(_event("batch", decision.outcome, request, record, None, code=code, details=details))
+    return plan
+
+
+def ledger_totals(txns: list[Txn]) -> SettlementTotals:
+    """Debits: purchases and completions; credits: refunds; voided and reversed ones excluded."""
+    debit_count = debit_amount = credit_count = credit_amount = 0
+    for txn in txns:
+        if txn.status is not TxnStatus.APPROVED:
+            continue
+        if txn.kind in (Kind.PURCHASE, Kind.COMPLETION):
+            debit_count += 1
+            debit_amount += txn.effective_amount
+        elif txn.kind is Kind.REFUND:
+            credit_count += 1
+            credit_amount += txn.effective_amount
+    return SettlementTotals(credit_count, credit_amount, debit_count, debit_amount)
+
+
+def _totals_dict(totals: SettlementTotals) -> dict[str, object]:
+    return {
+        "credit_count": totals.credit_count,
+        "credit_amount": totals.credit_amount,
+        "debit_count": totals.debit_count,
+        "debit_amount": totals.debit_amount,
+    }
+
+
+def _txn_line(txn: Txn) -> dict[str, object]:
+    return {
+        "kind": txn.kind.value,
+        "mti": txn.mti,
+        "stan": txn.stan,
+        "rrn": txn.rrn,
+        "amount": txn.effective_amount,
+        "currency": txn.currency,
+        "status": txn.status.value,
+        "response_code": txn.response_code,
+    }
+
+
+def original_info(txn: Txn) -> OriginalInfo:
+    return OriginalInfo(
+        mti=txn.mti,
+        stan=txn.stan,
+        rrn=txn.rrn or "",
+        approval_code=txn.approval_code,
+        amount=txn.amount,
+        currency=txn.currency,
+        batch=str(txn.batch_id or 0).zfill(6),
+        approved_at=txn.created_at,
+    )
+
+
+def balance_info(txn: Txn) -> BalanceInfo:
+    return BalanceInfo(
+        original_amount=txn.amount,
+        refunded=txn.refunded_amount,
+        reversed=txn.amount - txn.effective_amount if txn.status is not TxnStatus.REVERSED else txn.amount,
+        refundable=txn.refundable,
+        status=balance_status(txn),
+    )
+
+
+def _event(
+    kind: str,
+    outcome: str,
+    request: Request,
+    record: Txn | None,
+    original: Txn | None,
+    *,
+    earlier: Txn | None = None,
+    code: str | None = None,
+    details: dict[str, object] | None = None,
+) -> CorrectionEvent:
+    source = record or earlier
+    rrn = record.rrn if record is not None else (earlier.rrn if earlier is not None else None)
+    info = RequestInfo(request.mti, request.stan, rrn, request.amount, request.currency, request.masked_pan)
+    extra = dict(details or {})
+    if earlier is not None:
+        extra["first_response_code"] = earlier.response_code
+        extra["first_received_at"] = earlier.created_at.isoformat()
+    return CorrectionEvent(
+        kind=kind,
+        outcome=outcome,
+        merchant_id=request.merchant_id,
+        terminal_id=request.terminal_id,
+        response_code=code or (source.response_code if source is not None else "00"),
+        reason=(record.reason if record is not None else (None if code is None else "duplicate_conflict")),
+        subject_rrn=(original.rrn if original is not None and original.rrn else rrn) or request.stan,
+        request=info,
+        original=original_info(original) if original is not None else None,
+        balance=balance_info(original) if original is not None else None,
+        details=extra,
+    )
+
+
+__all__ = [
+    "BatchClose",
+    "BatchTxns",
+    "Context",
+    "CurrentBatch",
+    "FindDuplicate",
+    "FindOriginal",
+    "FindTombstone",
+    "GetBatch",
+    "GetTxn",
+    "NextRrn",
+    "Plan",
+    "Query",
+    "RefundVelocity",
+    "approval_code_for",
+    "fingerprint",
+    "ledger_totals",
+    "process",
+]

@@ -1,0 +1,70 @@
+"""Correction event facts: what happened, as plain data (design section 6).
+
+The core records these; ``gateway.events`` renders them as CloudEvents and the outbox relay
+publishes them. Nothing here knows about JSON, MQTT or clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """The correction request as it may be published (masked PAN only)."""
+
+    mti: str
+    stan: str  #: DE11
+    rrn: str | None  #: DE37 assigned by the gateway to this request
+    amount: int | None  #: DE4, minor units
+    currency: str | None  #: DE49, ISO 4217 numeric
+    pan: str | None  #: masked: first 6 + last 4
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalInfo:
+    """The original authorization a correction points at."""
+
+    mti: str
+    stan: str
+    rrn: str
+    approval_code: str | None
+    amount: int
+    currency: str
+    batch: str
+    approved_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceInfo:
+    """The original's balance after the correction."""
+
+    original_amount: int
+    refunded: int
+    reversed: int
+    refundable: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionEvent:
+    """One correction fact. ``type`` is ``pos.<kind>.<outcome>``."""
+
+    kind: str  #: void, refund, completion, reversal, duplicate, batch, upstream
+    outcome: str  #: approved, declined, applied, unmatched, late, replayed, conflict, settled, mismatch
+    merchant_id: str  #: DE42
+    terminal_id: str  #: DE41
+    response_code: str  #: DE39 answered to the terminal
+    reason: str | None
+    subject_rrn: str  #: the original's RRN when known, else the request's own
+    request: RequestInfo
+    original: OriginalInfo | None = None
+    balance: BalanceInfo | None = None
+    #: kind-specific details (for example batch totals), JSON-compatible values only
+    details: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return f"pos.{self.kind}.{self.outcome}"

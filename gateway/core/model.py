@@ -1,0 +1,218 @@
+"""Typed domain model: classified requests, ledger records, batches and balances.
+
+Stdlib only. Money is an ``int`` of minor units with an ISO 4217 numeric currency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from gateway.core.cards import mask_pan
+
+
+class Kind(StrEnum):
+    """What a request means (design section 4)."""
+
+    NETWORK = "network"
+    PREAUTH = "preauth"
+    PURCHASE = "purchase"
+    COMPLETION = "completion"
+    VOID = "void"
+    REFUND = "refund"
+    REVERSAL = "reversal"
+    SETTLEMENT = "settlement"
+
+
+#: kinds whose approval creates money movement that corrections may point at
+ORIGINAL_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION})
+VOIDABLE_KINDS = frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.PREAUTH})
+REFUNDABLE_KINDS = frozenset({Kind.PURCHASE, Kind.COMPLETION})
+REVERSIBLE_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
+#: kinds that are recorded in the ledger and checked for retransmission
+FINANCIAL_KINDS = frozenset(set(Kind) - {Kind.NETWORK})
+
+
+class TxnStatus(StrEnum):
+    """Where a recorded request stands. VOIDED and REVERSED are final."""
+
+    APPROVED = "approved"
+    DECLINED = "declined"
+    VOIDED = "voided"
+    REVERSED = "reversed"
+    #: a reversal that found no original (its tombstone)
+    UNMATCHED = "unmatched"
+
+
+class BatchState(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """How a correction points at its original (design section 4).
+
+    ``rrn`` is DE37; ``mti``, ``stan`` and ``transmission_time`` come from DE90 (original data
+    elements); ``approval_code`` is DE38 (pre-auth completions without DE90). ``same_stan`` marks a
+    reversal that carries no DE90 and therefore means "my own STAN, my own terminal".
+    """
+
+    rrn: str | None = None
+    mti: str | None = None
+    stan: str | None = None
+    transmission_time: str | None = None
+    approval_code: str | None = None
+    same_stan: bool = False
+
+    @property
+    def by_original_data(self) -> bool:
+        return self.stan is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementTotals:
+    """Batch totals (DE74 credits count, DE86 credits amount, DE76 debits count, DE88 debits amount)."""
+
+    credit_count: int
+    credit_amount: int
+    debit_count: int
+    debit_amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A classified request. ``pan`` is the full card number, kept in memory only (never in repr)."""
+
+    kind: Kind
+    mti: str
+    processing_code: str  #: DE3
+    stan: str  #: DE11
+    transmission_time: str  #: DE7, MMDDhhmmss
+    merchant_id: str  #: DE42
+    terminal_id: str  #: DE41
+    amount: int | None = None  #: DE4, minor units
+    currency: str | None = None  #: DE49
+    pan: str | None = field(default=None, repr=False)  #: DE2, or the PAN part of DE35
+    expiry: str | None = None  #: DE14, YYMM
+    reference: Reference | None = None
+    replacement_amount: int | None = None  #: DE95 first 12 digits (partial reversal)
+    network_code: str | None = None  #: DE70
+    totals: SettlementTotals | None = None  #: DE74/76/86/88 for settlement
+    original_data: str | None = None  #: DE90 as sent (part of the retransmission fingerprint)
+
+    @property
+    def is_repeat(self) -> bool:
+        """xx01 / xx21: a retransmission flagged by the terminal."""
+        return self.mti[3] in "13"
+
+    @property
+    def is_advice(self) -> bool:
+        """xx20 / xx21: an advice (the terminal already acted; accept-only for reversals)."""
+        return self.mti[2] == "2"
+
+    @property
+    def mti_class(self) -> str:
+        """The MTI without its repeat flag: 0200 and 0201 share class ``020``."""
+        return self.mti[:3]
+
+    @property
+    def masked_pan(self) -> str | None:
+        return mask_pan(self.pan)
+
+
+@dataclass(slots=True)
+class Txn:
+    """One recorded request and its answer, and (for originals) its running state."""
+
+    id: int
+    kind: Kind
+    mti: str
+    processing_code: str
+    merchant_id: str
+    terminal_id: str
+    stan: str
+    transmission_time: str
+    amount: int  #: as requested (DE4), 0 when absent
+    currency: str
+    pan_masked: str | None
+    pan_hmac: str | None
+    rrn: str | None
+    approval_code: str | None
+    response_code: str
+    reason: str | None
+    status: TxnStatus
+    #: amount still standing after partial reversals (equals ``amount`` until one arrives)
+    effective_amount: int
+    #: Σ effective amounts of approved, unreversed refunds against this original
+    refunded_amount: int
+    #: a pre-auth with a standing completion
+    completed: bool
+    original_id: int | None
+    batch_id: int | None
+    created_at: datetime
+    fingerprint: str
+    reference: Reference | None = None
+    reversed_after_settlement: bool = False
+
+    @property
+    def approved(self) -> bool:
+        """Approved when it was answered (voided or reversed later does not change that)."""
+        return self.status in (TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED)
+
+    @property
+    def refundable(self) -> int:
+        if self.status is not TxnStatus.APPROVED or self.kind not in REFUNDABLE_KINDS:
+            return 0
+        return max(0, self.effective_amount - self.refunded_amount)
+
+
+@dataclass(slots=True)
+class Batch:
+    """A terminal's batch: opened by its first transaction, closed by settlement or the cut-off."""
+
+    id: int
+    merchant_id: str
+    terminal_id: str
+    batch_no: str  #: 6 digits, counting per terminal
+    state: BatchState
+    opened_at: datetime
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """A batch with its ledger totals, for listings."""
+
+    merchant_id: str
+    terminal_id: str
+    batch_no: str
+    state: BatchState
+    opened_at: datetime
+    closed_at: datetime | None
+    debit_count: int
+    debit_amount: int
+    credit_count: int
+    credit_amount: int
+    currency: str | None
+    result: str | None = None  #: "settled" or "mismatch" once closed by a 0500, "cutoff" by the cut-off
+
+
+def balance_status(txn: Txn) -> str:
+    """A human status for an original's balance, as published in events."""
+    if txn.status is TxnStatus.VOIDED:
+        return "voided"
+    if txn.status is TxnStatus.REVERSED:
+        return "reversed"
+    if txn.status is not TxnStatus.APPROVED:
+        return txn.status.value
+    if txn.kind is Kind.PREAUTH:
+        return "completed" if txn.completed else "authorized"
+    if txn.refunded_amount and txn.refunded_amount >= txn.effective_amount:
+        return "refunded"
+    if txn.refunded_amount:
+        return "partially_refunded"
+    if txn.effective_amount < txn.amount:
+        return "partially_reversed"
+    return "approved"

@@ -1,0 +1,65 @@
+"""Interfaces the service needs from the outside world (typing.Protocol only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware (UTC)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending event in the outbox, already rendered."""
+
+    id: int  #: monotonically increasing within one ledger
+    event_id: str  #: the CloudEvents id
+    topic: str
+    payload: bytes  #: CloudEvents structured-mode JSON
+    ordering_key: str  #: events with the same key are published in id order
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    pending: int
+    oldest_pending_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    last_sent_at: datetime | None
+
+
+class Outbox(Protocol):
+    """The relay's view of the ledger's outbox table."""
+
+    async def pending(self, limit: int) -> Sequence[OutboxRow]:
+        """Unsent rows, oldest first (by id)."""
+        ...
+
+    async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None: ...
+
+    async def record_error(self, message: str, at: datetime) -> None: ...
+
+    async def prune(self, sent_before: datetime) -> int:
+        """Delete rows sent before the given time; returns how many."""
+        ...
+
+    async def status(self) -> OutboxStatus: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerResult:
+    """What the ledger committed for one request, and what to answer."""
+
+    response_code: str  #: DE39
+    reason: str  #: "approved" or why not
+    rrn: str | None  #: DE37
+    approval_code: str | None  #: DE38
+    replayed: bool  #: a retransmission answered from the stored response
+    events: int  #: correction events written to the outbox

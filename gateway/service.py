@@ -1,0 +1,200 @@
+"""The use case: one framed request in, one framed response out.
+
+Decode (codec), understand (dialect), decide and record (ledger driving the pure engine), answer
+(dialect + codec), and write one ``message.processed`` log line. The TCP server calls
+:meth:`GatewayService.handle` once per frame; nothing here touches sockets.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway.core.engine import Context
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import Kind, Request
+from gateway.core.policy import Policy
+from gateway.core.reasons import Reason
+from gateway.events import render_event
+from gateway.ports import Clock, LedgerResult
+from gateway.protocol.codec import Codec, DecodeError, EncodeError
+from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
+from gateway.protocol.message import Message
+from gateway.protocol.profile import Profile
+
+Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
+
+
+class Ledger(Protocol):
+    async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult: ...
+
+
+class Recorder(Protocol):
+    """Where per-request figures go (Prometheus metrics in production)."""
+
+    def request_done(self, mti: str, kind: str, response_code: str, seconds: float) -> None: ...
+
+
+class FrameRejectedError(Exception):
+    """A frame that cannot be answered at all (no readable request MTI): costs the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    instance_id: str
+    topic_prefix: str
+    pan_key: bytes
+    policy: Policy
+    #: "TERMID" / "MERCHANT/TERMID" entries; empty allows every terminal
+    allowed_terminals: frozenset[str] = frozenset()
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        from datetime import UTC
+
+        return datetime.now(UTC)
+
+
+class GatewayService:
+    """Answers requests: the only place that knows the order of codec, dialect, rules and ledger."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        ledger: Ledger,
+        config: ServiceConfig,
+        *,
+        clock: Clock | None = None,
+        logger: Any = None,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.profile = profile
+        self.codec = Codec(profile)
+        self.ledger = ledger
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.log = logger
+        self.recorder = recorder
+        self._codes = profile.response_codes
+
+    def response_code(self, reason: str) -> str:
+        return self.profile.response_code(reason)
+
+    def _render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
+        event_id = uuid.uuid4().hex
+        topic, payload = render_event(
+            event,
+            event_id=event_id,
+            instance_id=self.config.instance_id,
+            time=self.clock.now(),
+            topic_prefix=self.config.topic_prefix,
+        )
+        return event_id, topic, payload
+
+    def _terminal_allowed(self, request: Request) -> bool:
+        allowed = self.config.allowed_terminals
+        return (
+            not allowed
+            or request.terminal_id in allowed
+            or f"{request.merchant_id}/{request.terminal_id}" in allowed
+        )
+
+    async def handle(self, payload: bytes) -> bytes | None:
+        """Answer one frame's payload. Returns None for a message that gets no answer (a response MTI).
+
+        Raises :class:`FrameRejectedError` when the frame is not even a readable request.
+        """
+        started = time.perf_counter()
+        try:
+            message = self.codec.decode(payload)
+        except DecodeError as exc:
+            return self._format_error(exc, started)
+        if response_mti(message.mti) is None:
+            self._warn("message.ignored", mti=message.mti, detail="not a request MTI")
+            return None
+        request: Request | None = None
+        result: LedgerResult | None = None
+        try:
+            request = classify(message)
+        except DialectError as exc:
+            return self._answer(message, None, Reason.FORMAT_ERROR, started, field=exc.field, detail=exc.reason)
+        except UnsupportedMessage:
+            return self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started)
+        if request.kind is Kind.NETWORK:
+            return self._answer(message, request, Reason.APPROVED, started)
+        if not self._terminal_allowed(request):
+            return self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started)
+        ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.response_code)
+        try:
+            result = await self.ledger.process(request, ctx, self._render)
+        except Exception as exc:  # infrastructure failure: nothing was committed, answer 96
+            self._error("ledger.failed", error=type(exc).__name__, detail=str(exc)[:200])
+            return self._answer(message, request, Reason.SYSTEM_ERROR, started)
+        return self._answer(message, request, None, started, result=result)
+
+    def _format_error(self, exc: DecodeError, started: float) -> bytes:
+        if exc.mti is None or response_mti(exc.mti) is None:
+            self._warn("frame.rejected", field=exc.field, position=exc.position, detail=exc.reason)
+            raise FrameRejectedError(str(exc)) from None
+        partial = exc.partial or Message(exc.mti, {})
+        return self._answer(
+            partial, None, Reason.FORMAT_ERROR, started, field=exc.field, position=exc.position, detail=exc.reason
+        )
+
+    def _answer(
+        self,
+        message: Message,
+        request: Request | None,
+        reason: Reason | None,
+        started: float,
+        *,
+        result: LedgerResult | None = None,
+        **extra: Any,
+    ) -> bytes:
+        if result is not None:
+            code, reason_text, rrn, approval = result.response_code, result.reason, result.rrn, result.approval_code
+        else:
+            assert reason is not None
+            code, reason_text, rrn, approval = self.response_code(reason.value), reason.value, None, None
+        response = build_response(message, code, rrn=rrn, approval_code=approval)
+        try:
+            data = self.codec.encode(response)
+        except EncodeError as exc:
+            # an echoed field we cannot re-encode: answer with the bare minimum rather than nothing
+            self._warn("response.encode_failed", detail=str(exc))
+            data = self.codec.encode(Message(response.mti, {k: v for k, v in response.fields.items() if k in (11, 39)}))
+        elapsed = time.perf_counter() - started
+        kind = request.kind.value if request is not None else "unknown"
+        if self.recorder is not None:
+            self.recorder.request_done(message.mti, kind, code, elapsed)
+        if self.log is not None:
+            fields = message.fields
+            self.log.info(
+                "message.processed",
+                mti=message.mti,
+                kind=kind,
+                merchant=fields.get(42),
+                terminal=fields.get(41),
+                stan=fields.get(11),
+                rrn=rrn,
+                response_code=code,
+                reason=None if reason_text == "approved" else reason_text,
+                replayed=bool(result and result.replayed) or None,
+                latency_ms=round(elapsed * 1000, 3),
+                pan=request.masked_pan if request is not None else None,
+                **extra,
+            )
+        return data
+
+    def _warn(self, event: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.warning(event, **fields)
+
+    def _error(self, event: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.error(event, **fields)
