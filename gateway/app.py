@@ -7,7 +7,7 @@ import contextlib
 import signal
 import ssl
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -63,15 +63,12 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def next_cutoff(now: datetime, cutoff: Any, zone: str) -> datetime:
-    """The next instant (UTC) at which the local ``cutoff`` time of day occurs after ``now``."""
-    tz = ZoneInfo(zone)
-    local = now.astimezone(tz)
-    candidate = local.replace(hour=cutoff.hour, minute=cutoff.minute, second=cutoff.second, microsecond=0)
-    if candidate <= local:
-        candidate = (local + timedelta(days=1)).replace(
-            hour=cutoff.hour, minute=cutoff.minute, second=cutoff.second, microsecond=0
-        )
+def last_cutoff(now: datetime, cutoff: time, zone: str) -> datetime:
+    """The latest instant (UTC) at or before ``now`` at which the local ``cutoff`` time of day occurred."""
+    local = now.astimezone(ZoneInfo(zone))
+    candidate = datetime.combine(local.date(), cutoff, tzinfo=local.tzinfo)
+    if candidate > local:
+        candidate = datetime.combine(local.date() - timedelta(days=1), cutoff, tzinfo=local.tzinfo)
     return candidate.astimezone(UTC)
 
 
@@ -209,15 +206,25 @@ class GatewayApp:
                 await self.broker.stop()
             self.broker = None
 
-    async def _cutoff_loop(self) -> None:
+    async def close_forgotten_batches(self) -> int:
+        """Close every open batch opened before the latest settlement cut-off (design section 5)."""
         settlement = self.settings.settlement
-        assert settlement.cutoff is not None and self.ledger is not None
+        if settlement.cutoff is None or self.ledger is None:
+            return 0
+        now = self.clock.now()
+        cutoff = last_cutoff(now, settlement.cutoff, settlement.timezone)
+        closed = await self.ledger.close_batches(cutoff, now)
+        if closed:
+            self.log.info("settlement.cutoff", closed_batches=closed, cutoff=cutoff.isoformat())
+        return closed
+
+    async def _cutoff_loop(self, interval_s: float = 30.0) -> None:
         while True:
-            now = self.clock.now()
-            due = next_cutoff(now, settlement.cutoff, settlement.timezone)
-            await asyncio.sleep(max(0.0, (due - now).total_seconds()))
-            closed = await self.ledger.close_batches(due, self.clock.now())
-            self.log.info("settlement.cutoff", closed_batches=closed, cutoff=due.isoformat())
+            try:
+                await self.close_forgotten_batches()
+            except Exception as exc:  # the ledger may be busy or briefly gone: try again next round
+                self.log.warning("settlement.cutoff_failed", error=type(exc).__name__)
+            await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, let the relay drain briefly, close the ledger."""

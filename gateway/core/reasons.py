@@ -130,3 +130,10 @@ RULES: tuple[Rule, ...] = (
 
 #: The iso87 dialect's reason -> DE39 map.
 ISO87_CODES: dict[str, str] = {"approved": "00", **{rule.reason.value: rule.code for rule in RULES}}
+
+
+def rules_table() -> str:
+    """The rule table as Markdown (docs/rules.md embeds it; a test keeps them equal)."""
+    lines = ["| kind | check, in order | reason | iso87 RC |", "|---|---|---|---|"]
+    lines += [f"| {rule.kind} | {rule.check} | `{rule.reason.value}` | {rule.code} |" for rule in RULES]
+    return "\n".join(lines) + "\n"

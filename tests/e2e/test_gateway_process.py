@@ -1,0 +1,137 @@
+"""The gateway as an operator runs it: a process, signals, kill -9 and restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import CARD, IsoClient
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class GatewayProcess:
+    def __init__(self, tmp_path: Path, mqtt_url: str, profile: str = "iso87-binary") -> None:
+        self.port = _free_port()
+        self.log_path = tmp_path / f"gateway-{profile}.log"
+        self.db = tmp_path / "ledger.db"
+        self.env = {
+            **os.environ,
+            "GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
+            "GATEWAY_PROFILE": profile,
+            "GATEWAY_LEDGER_URL": f"sqlite:///{self.db}",
+            "GATEWAY_MQTT_URL": mqtt_url,
+            "GATEWAY_MQTT_TOPIC_PREFIX": f"e2e/{tmp_path.name}",
+            "GATEWAY_PAN_HMAC_KEY": "e2e-key",
+            "GATEWAY_LOG_FORMAT": "json",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("gateway did not start listening")
+
+    def signal(self, sig: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=20)
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path, mqtt_broker_url: str) -> Iterator[GatewayProcess]:
+    proc = GatewayProcess(tmp_path, mqtt_broker_url)
+    yield proc
+    if proc.process is not None and proc.process.poll() is None:
+        proc.process.kill()
+        proc.process.wait()
+
+
+async def test_a_sale_approved_just_before_kill_9_is_found_after_restart(gateway_process: GatewayProcess) -> None:
+    gateway_process.start()
+    pos = await IsoClient.connect(gateway_process.port)
+    fields = {3: "000000", **pos.base(10_000)}
+    sale = (await pos.send("0200", fields))[1]
+    assert sale[39] == "00"
+    gateway_process.signal(signal.SIGKILL)
+    await pos.close()
+
+    gateway_process.start()
+    pos = await IsoClient.connect(gateway_process.port)
+    again = (await pos.send("0201", fields))[1]
+    assert (again[37], again[38], again[39]) == (sale[37], sale[38], "00")
+    assert (await pos.refund(sale[37], 4_000))[39] == "00"
+    await pos.close()
+    assert gateway_process.signal(signal.SIGTERM) == 0
+
+
+async def test_sigterm_finishes_cleanly_with_exit_code_0(gateway_process: GatewayProcess) -> None:
+    gateway_process.start()
+    pos = await IsoClient.connect(gateway_process.port)
+    assert (await pos.sale(100))[39] == "00"
+    await pos.close()
+    assert gateway_process.signal(signal.SIGTERM) == 0
+    logs = gateway_process.logs()
+    assert "gateway.started" in logs and "gateway.stopped" in logs
+
+
+async def test_no_full_pan_reaches_the_logs_or_the_ledger_files(gateway_process: GatewayProcess) -> None:
+    gateway_process.start()
+    pos = await IsoClient.connect(gateway_process.port)
+    sale = await pos.sale(2_000)
+    await pos.refund(sale[37], 500)
+    await pos.refund(sale[37], 5_000)
+    await pos.void(sale[37], 2_000)
+    fields = {3: "000000", 35: f"{CARD}=28122011758928889", **pos.base(300, pan=None)}
+    assert (await pos.send("0200", fields))[1][39] == "00"
+    await pos.close()
+    assert gateway_process.signal(signal.SIGTERM) == 0
+    assert CARD not in gateway_process.logs()
+    assert "476173******0119" in gateway_process.logs()
+    for path in gateway_process.db.parent.glob("ledger.db*"):
+        data = path.read_bytes()
+        assert CARD.encode() not in data, path.name
+        assert b"28122011758928889" not in data
+
+
+async def test_the_ascii_profile_answers_0810_0110_and_0210(tmp_path: Path, mqtt_broker_url: str) -> None:
+    proc = GatewayProcess(tmp_path, mqtt_broker_url, profile="iso87-ascii")
+    proc.start()
+    try:
+        pos = await IsoClient.connect(proc.port, profile="iso87-ascii")
+        mti, echo = await pos.send("0800", {7: "1122103015", 11: "000001", 70: "301"})
+        assert (mti, echo[39], echo[70]) == ("0810", "00", "301")
+        preauth = await pos.preauth(1_234)
+        assert preauth[39] == "00" and re.fullmatch(r"\d{12}", preauth[37]) and len(preauth[38]) == 6
+        sale = await pos.sale(1_234)
+        assert sale[39] == "00" and sale[37] != preauth[37]
+        await pos.close()
+    finally:
+        assert proc.signal(signal.SIGTERM) == 0
+
