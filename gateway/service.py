@@ -86,7 +86,7 @@ class GatewayService:
         return self.profile.response_code(reason)
 
     def _render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
-        event_id = uuid.uuid4().hex
+        event_id = str(uuid.uuid4())
         topic, payload = render_event(
             event,
             event_id=event_id,

@@ -445,6 +445,18 @@ def balance_info(txn: Txn) -> BalanceInfo:
     )
 
 
+def _event_reason(outcome: str, record: Txn | None, code: str | None) -> str | None:
+    if record is not None and record.reason is not None:
+        return record.reason
+    if outcome == "late":
+        return "reversed_after_settlement"
+    if outcome == "unmatched":
+        return Reason.REVERSAL_UNMATCHED.value
+    if outcome == "conflict":
+        return Reason.DUPLICATE_CONFLICT.value
+    return None
+
+
 def _event(
     kind: str,
     outcome: str,
@@ -469,7 +481,7 @@ def _event(
         merchant_id=request.merchant_id,
         terminal_id=request.terminal_id,
         response_code=code or (source.response_code if source is not None else "00"),
-        reason=(record.reason if record is not None else (None if code is None else "duplicate_conflict")),
+        reason=_event_reason(outcome, record, code),
         subject_rrn=(original.rrn if original is not None and original.rrn else rrn) or request.stan,
         request=info,
         original=original_info(original) if original is not None else None,

@@ -1,0 +1,494 @@
+"""The outbox relay against a real broker (Mosquitto when installed, and the embedded one).
+
+The outbox here is a small in-memory implementation of the ``Outbox`` port (the contract the
+SQLite and PostgreSQL ledgers implement), not a mock: the relay is driven exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from brokers import (
+    MosquittoBroker,
+    Received,
+    Subscriber,
+    async_wait_until,
+    free_port,
+    missing_service,
+    mosquitto_binary,
+)
+
+from gateway.adapters.broker import EmbeddedBroker
+from gateway.adapters.mqtt import OutboxRelay, parse_mqtt_url
+from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
+from gateway.events import event_subject, render_event
+from gateway.ports import OutboxRow, OutboxStatus
+
+FULL_PAN = "4761739001010119"
+
+
+class ManualClock:
+    """A ``Clock`` the test sets and advances."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.current = now or datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, delta: timedelta) -> None:
+        self.current += delta
+
+
+@dataclass
+class _Stored:
+    row: OutboxRow
+    sent_at: datetime | None = None
+
+
+class InMemoryOutbox:
+    """The ``Outbox`` port over a list; records errors with their monotonic time for backoff checks."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, _Stored] = {}
+        self._next_id = 1
+        self.errors: list[tuple[str, datetime, float]] = []
+        self.last_sent_at: datetime | None = None
+
+    def add(self, event_id: str, topic: str, payload: bytes, ordering_key: str, created_at: datetime) -> int:
+        row_id = self._next_id
+        self._next_id += 1
+        self._rows[row_id] = _Stored(OutboxRow(row_id, event_id, topic, payload, ordering_key, created_at))
+        return row_id
+
+    def unsent_ids(self) -> list[int]:
+        return [i for i, s in sorted(self._rows.items()) if s.sent_at is None]
+
+    def sent_at(self, row_id: int) -> datetime | None:
+        return self._rows[row_id].sent_at
+
+    def ids(self) -> list[int]:
+        return sorted(self._rows)
+
+    async def pending(self, limit: int) -> Sequence[OutboxRow]:
+        return [s.row for _, s in sorted(self._rows.items()) if s.sent_at is None][:limit]
+
+    async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None:
+        for row_id in ids:
+            self._rows[row_id].sent_at = sent_at
+        self.last_sent_at = sent_at
+
+    async def record_error(self, message: str, at: datetime) -> None:
+        self.errors.append((message, at, time.monotonic()))
+
+    async def prune(self, sent_before: datetime) -> int:
+        old = [i for i, s in self._rows.items() if s.sent_at is not None and s.sent_at < sent_before]
+        for row_id in old:
+            del self._rows[row_id]
+        return len(old)
+
+    async def status(self) -> OutboxStatus:
+        unsent = [s.row.created_at for s in self._rows.values() if s.sent_at is None]
+        last = self.errors[-1] if self.errors else None
+        return OutboxStatus(
+            pending=len(unsent),
+            oldest_pending_at=min(unsent, default=None),
+            last_error=last[0] if last else None,
+            last_error_at=last[1] if last else None,
+            last_sent_at=self.last_sent_at,
+        )
+
+
+class RecordingLogger:
+    """A structlog-shaped logger that keeps what the relay logs."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **kw: Any) -> None:
+        self.lines.append((event, kw))
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.lines.append((event, kw))
+
+    def events(self) -> list[str]:
+        return [event for event, _ in self.lines]
+
+
+async def max_loop_lag(seconds: float, tick: float = 0.01) -> float:
+    """The worst lateness of a 10 ms timer over ``seconds``: how blocked the event loop was."""
+    worst = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        await asyncio.sleep(tick)
+        worst = max(worst, time.perf_counter() - started - tick)
+    return worst
+
+
+def first_deliveries(
+    received: Sequence[Received], already: Sequence[tuple[str, bytes]] = ()
+) -> list[tuple[str, bytes]]:
+    """What a consumer that de-duplicates on the CloudEvents id keeps, in arrival order."""
+    seen = {orjson.loads(payload)["id"] for _, payload in already}
+    kept = []
+    for message in received:
+        event_id = orjson.loads(message.payload)["id"]
+        if event_id not in seen:
+            seen.add(event_id)
+            kept.append((message.topic, message.payload))
+    return kept
+
+
+def correction(seq: int, *, merchant: str = "MERCHANT0000001", terminal: str = "TERM0001") -> CorrectionEvent:
+    """A refund approval against original ``seq`` (a full PAN on purpose: rendering masks it)."""
+    rrn = f"6330120{seq:05d}"
+    return CorrectionEvent(
+        kind="refund",
+        outcome="approved" if seq % 3 else "declined",
+        merchant_id=merchant,
+        terminal_id=terminal,
+        response_code="00" if seq % 3 else "64",
+        reason=None if seq % 3 else "exceeds_refundable",
+        subject_rrn=rrn,
+        request=RequestInfo("0200", f"{seq:06d}", f"7330120{seq:05d}", 100, "840", FULL_PAN),
+        original=OriginalInfo(
+            "0200", f"{seq:06d}", rrn, "A1B2C3", 1000, "840", "000001", datetime(2026, 11, 22, 9, tzinfo=UTC)
+        ),
+        balance=BalanceInfo(1000, 100, 0, 900, "partially_refunded"),
+    )
+
+
+def enqueue(outbox: InMemoryOutbox, fact: CorrectionEvent, prefix: str, clock: ManualClock) -> tuple[str, bytes]:
+    event_id = f"evt-{len(outbox.ids()) + 1:04d}-{fact.subject_rrn}"
+    topic, payload = render_event(fact, event_id=event_id, instance_id="test", time=clock.now(), topic_prefix=prefix)
+    outbox.add(event_id, topic, payload, event_subject(fact), clock.now())
+    return topic, payload
+
+
+@pytest.fixture(params=["shared", "embedded"])
+async def broker_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The session's broker (Mosquitto when installed), and the gateway's embedded broker."""
+    if request.param == "shared":
+        yield request.getfixturevalue("mqtt_broker_url")
+        return
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    await broker.start()
+    try:
+        yield broker.url
+    finally:
+        await broker.stop()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def outbox() -> InMemoryOutbox:
+    return InMemoryOutbox()
+
+
+@pytest.fixture
+def relay_log() -> RecordingLogger:
+    return RecordingLogger()
+
+
+class RunningRelay:
+    def __init__(self, relay: OutboxRelay) -> None:
+        self.relay = relay
+        self.task = asyncio.create_task(relay.run())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+@pytest.fixture
+async def start_relay(outbox: InMemoryOutbox, clock: ManualClock, relay_log: RecordingLogger) -> AsyncIterator[Any]:
+    running: list[RunningRelay] = []
+
+    def start(url: str, **options: Any) -> OutboxRelay:
+        options.setdefault("client_id", f"relay-{len(running)}-{time.monotonic_ns()}")
+        relay = OutboxRelay(outbox, url=url, clock=clock, logger=relay_log, **options)
+        running.append(RunningRelay(relay))
+        return relay
+
+    yield start
+    for item in running:
+        await item.stop()
+
+
+async def test_pending_events_arrive_in_id_order_with_qos_1_on_their_topics_and_are_marked_sent(
+    broker_url: str, topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    facts = [correction(i, terminal=f"TERM000{i % 3}") for i in range(1, 41)]
+    expected = [enqueue(outbox, fact, topic_prefix, clock) for fact in facts]
+
+    async with Subscriber(broker_url, f"{topic_prefix}/#") as subscriber:
+        relay = start_relay(broker_url, batch_size=16)
+        received = await subscriber.collect(len(expected), timeout=10)
+        extra = await subscriber.extra(within=0.2)
+
+    assert [(r.topic, r.payload) for r in received] == expected
+    assert {r.qos for r in received} == {1}
+    assert extra == []
+    await async_wait_until(lambda: outbox.unsent_ids() == [], 5, "every row marked sent")
+    assert relay.stats.published == len(expected)
+    assert relay.stats.connected
+    assert relay.stats.last_published_at == clock.now()
+
+
+async def test_notify_publishes_at_once_without_waiting_for_the_poll_interval(
+    broker_url: str, topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    async with Subscriber(broker_url, f"{topic_prefix}/#") as subscriber:
+        relay = start_relay(broker_url, poll_interval=30.0)
+        await async_wait_until(lambda: relay.stats.connected, 5, "the relay to connect")
+        await asyncio.sleep(0.05)  # let it go idle: its first outbox query found nothing
+        latencies = []
+        for i in range(1, 6):
+            enqueue(outbox, correction(i), topic_prefix, clock)
+            started = time.perf_counter()
+            relay.notify()
+            await subscriber.collect(i, timeout=2)
+            latencies.append(time.perf_counter() - started)
+
+    assert max(latencies) < 1.0, latencies  # the poll interval is 30 s
+
+
+async def test_a_stopped_broker_leaves_rows_pending_and_recorded_errors_then_everything_is_delivered(
+    mosquitto: MosquittoBroker,
+    topic_prefix: str,
+    outbox: InMemoryOutbox,
+    clock: ManualClock,
+    start_relay: Any,
+    relay_log: RecordingLogger,
+) -> None:
+    consumer = f"backoffice-{topic_prefix.rsplit('/', 1)[-1]}"
+    before = [enqueue(outbox, correction(i), topic_prefix, clock) for i in range(1, 4)]
+    async with Subscriber(mosquitto.url, f"{topic_prefix}/#", client_id=consumer, clean_session=False) as sub:
+        relay = start_relay(mosquitto.url)
+        assert [(r.topic, r.payload) for r in await sub.collect(3, timeout=5)] == before
+        await async_wait_until(lambda: outbox.unsent_ids() == [], 5, "the first rows marked sent")
+    mosquitto.stop()  # the consumer is offline too; its persistent session is saved with the broker
+    await async_wait_until(lambda: not relay.stats.connected, 5, "the relay to see the outage")
+
+    # while the broker is down: the outbox keeps growing, the relay keeps retrying, the loop stays free
+    probe = asyncio.create_task(max_loop_lag(seconds=1.0))
+    during = []
+    for i in range(4, 14):
+        during.append(enqueue(outbox, correction(i), topic_prefix, clock))
+        relay.notify()
+    errors_before = len(outbox.errors)
+    await async_wait_until(lambda: len(outbox.errors) >= errors_before + 3, 10, "three more failed attempts")
+    assert await probe < 0.1
+    assert len(outbox.unsent_ids()) == 10
+    status = await outbox.status()
+    assert status.pending == 10
+    assert status.last_error is not None
+    assert status.last_error.startswith(f"cannot connect to {mosquitto.url}")
+    assert relay.stats.last_error == status.last_error
+    assert "outbox.error" in relay_log.events()
+
+    mosquitto.start()
+    async with Subscriber(mosquitto.url, f"{topic_prefix}/#", client_id=consumer, clean_session=False) as sub:
+        received = await sub.collect(10, timeout=10)
+        while len(first_deliveries(received, already=before)) < 10:  # duplicates came first
+            received = await sub.collect(len(received) + 1, timeout=10)
+    await async_wait_until(lambda: outbox.unsent_ids() == [], 5, "the outage's rows marked sent")
+
+    # at least once: the consumer may see an earlier event again and de-duplicates on its id
+    assert first_deliveries(received, already=before) == during
+    assert relay.stats.connected
+    assert relay.stats.published == 13
+
+
+async def test_an_unreachable_broker_is_retried_with_a_doubling_delay(
+    outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any, relay_log: RecordingLogger
+) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
+    enqueue(outbox, correction(1), "test/unreachable", clock)
+
+    relay = start_relay(url)
+    await async_wait_until(lambda: len(outbox.errors) >= 5, 10, "five failed attempts")
+
+    gaps = [b[2] - a[2] for a, b in zip(outbox.errors, outbox.errors[1:], strict=False)]
+    assert gaps[0] >= 0.1
+    assert all(later > earlier * 1.5 for earlier, later in itertools.pairwise(gaps)), gaps
+    assert [kw["retry_in"] for e, kw in relay_log.lines if e == "outbox.error"][:5] == [0.1, 0.2, 0.4, 0.8, 1.6]
+    assert outbox.unsent_ids() == [1]
+    assert not relay.stats.connected
+    assert relay.stats.errors >= 5
+
+
+async def test_cancelling_the_relay_stops_it_promptly_even_while_the_broker_is_down(
+    outbox: InMemoryOutbox, clock: ManualClock
+) -> None:
+    relay = OutboxRelay(outbox, url=f"mqtt://127.0.0.1:{free_port()}", client_id="c", clock=clock)
+    task = asyncio.create_task(relay.run())
+    await async_wait_until(lambda: len(outbox.errors) >= 2, 5, "two failed attempts")
+
+    task.cancel()
+    async with asyncio.timeout(2):
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+
+
+async def test_sent_rows_older_than_the_retention_are_pruned_and_recent_ones_kept(
+    mqtt_broker_url: str, topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    for i in range(1, 5):
+        enqueue(outbox, correction(i), topic_prefix, clock)
+    await outbox.mark_sent([1, 2], clock.now() - timedelta(days=8))
+    await outbox.mark_sent([3], clock.now() - timedelta(days=6))
+
+    start_relay(mqtt_broker_url, retention=timedelta(days=7), prune_interval=0.05)
+    await async_wait_until(lambda: outbox.ids() == [3, 4] and outbox.unsent_ids() == [], 5, "rows 1-2 pruned")
+
+    clock.advance(timedelta(days=2))  # row 3 now 8 days old, row 4 two days
+    await async_wait_until(lambda: outbox.ids() == [4], 5, "row 3 pruned")
+
+
+async def test_the_relay_logs_what_it_did_but_never_payload_content(
+    mqtt_broker_url: str,
+    topic_prefix: str,
+    outbox: InMemoryOutbox,
+    clock: ManualClock,
+    start_relay: Any,
+    relay_log: RecordingLogger,
+) -> None:
+    for i in range(1, 4):
+        enqueue(outbox, correction(i), topic_prefix, clock)
+
+    relay = start_relay(mqtt_broker_url)
+    await async_wait_until(lambda: relay.stats.published == 3, 5, "three rows published")
+
+    assert "outbox.connected" in relay_log.events()
+    published = [kw for event, kw in relay_log.lines if event == "outbox.published"]
+    assert sum(kw["count"] for kw in published) == 3
+    logged = repr(relay_log.lines)
+    for forbidden in ("476173", FULL_PAN, "evt-", "MERCHANT0000001", "refund"):
+        assert forbidden not in logged
+
+
+def test_broker_urls_are_parsed_with_their_default_ports_and_never_show_the_password() -> None:
+    plain = parse_mqtt_url("mqtt://broker.example")
+    secure = parse_mqtt_url("mqtts://gw%40acme:s3cr%2Ft@broker.example")
+    ipv6 = parse_mqtt_url("mqtt://[::1]:1884")
+
+    assert (plain.host, plain.port, plain.tls) == ("broker.example", 1883, False)
+    assert (secure.port, secure.tls, secure.username, secure.password) == (8883, True, "gw@acme", "s3cr/t")
+    assert str(secure) == "mqtts://gw@acme:***@broker.example:8883"
+    assert "s3cr" not in repr(secure)
+    assert str(ipv6) == "mqtt://[::1]:1884"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://user:hunter2@host", "unsupported MQTT URL scheme 'http'"),
+        ("mqtt://user:hunter2@:1883", "has no host"),
+        ("mqtt://user:hunter2@host:99999", "invalid port"),
+        ("mqtt://user:hunter2@host:1883/topic", "must not have a path"),
+        ("embedded", "unsupported MQTT URL scheme ''"),
+    ],
+)
+def test_a_bad_broker_url_is_refused_without_echoing_the_password(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        parse_mqtt_url(url)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_tls_settings_on_a_plain_mqtt_url_are_refused(outbox: InMemoryOutbox, clock: ManualClock) -> None:
+    with pytest.raises(ValueError, match="use mqtts://"):
+        OutboxRelay(outbox, url="mqtt://host", client_id="c", clock=clock, tls_ca="/etc/ssl/ca.pem")
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    """A private CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        missing_service("the openssl command is not installed")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test CA", cwd=pki)
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=pki)
+    (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+        cwd=pki,
+    )  # fmt: skip
+    return {"ca": pki / "ca.crt", "cert": pki / "server.crt", "key": pki / "server.key"}
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path, tls_files: dict[str, Path]) -> Iterator[tuple[MosquittoBroker, int]]:
+    """Mosquitto with a plain listener (for the test's subscriber) and a TLS one (for the relay)."""
+    binary = mosquitto_binary()
+    if binary is None:
+        missing_service("mosquitto is not installed")
+        raise AssertionError("unreachable")
+    tls_port = free_port()
+    extra = (
+        f"listener {tls_port} 127.0.0.1\n"
+        f"cafile {tls_files['ca']}\ncertfile {tls_files['cert']}\nkeyfile {tls_files['key']}\n"
+    )
+    workdir = tmp_path / "mosquitto-tls"
+    workdir.mkdir()
+    with MosquittoBroker(workdir, binary=binary, persistence=False, extra_config=extra) as broker:
+        yield broker, tls_port
+
+
+async def test_the_relay_publishes_over_mqtts_to_a_broker_signed_by_a_private_ca(
+    tls_mosquitto: tuple[MosquittoBroker, int],
+    tls_files: dict[str, Path],
+    topic_prefix: str,
+    outbox: InMemoryOutbox,
+    clock: ManualClock,
+    start_relay: Any,
+) -> None:
+    broker, tls_port = tls_mosquitto
+    expected = [enqueue(outbox, correction(i), topic_prefix, clock) for i in range(1, 4)]
+
+    async with Subscriber(broker.url, f"{topic_prefix}/#") as subscriber:
+        start_relay(f"mqtts://127.0.0.1:{tls_port}", tls_ca=str(tls_files["ca"]))
+        received: list[Received] = await subscriber.collect(3, timeout=10)
+
+    assert [(r.topic, r.payload) for r in received] == expected
+
+
+async def test_the_relay_refuses_a_broker_certificate_it_cannot_verify(
+    tls_mosquitto: tuple[MosquittoBroker, int], outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    _, tls_port = tls_mosquitto
+    enqueue(outbox, correction(1), "test/tls", clock)
+
+    relay = start_relay(f"mqtts://127.0.0.1:{tls_port}")  # system CAs only: the private CA is unknown
+    await async_wait_until(lambda: len(outbox.errors) >= 2, 10, "two failed attempts")
+
+    assert "certificate verify failed" in outbox.errors[-1][0]
+    assert outbox.unsent_ids() == [1]
+    assert relay.stats.published == 0
