@@ -10,7 +10,12 @@ import asyncio
 import contextlib
 import io
 import itertools
+import os
+import socket
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,3 +180,51 @@ class FakeClock:
         from datetime import timedelta
 
         self.current += timedelta(**delta)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class GatewayProcess:
+    def __init__(self, tmp_path: Path, mqtt_url: str, profile: str = "iso87-binary") -> None:
+        self.port = _free_port()
+        self.log_path = tmp_path / f"gateway-{profile}.log"
+        self.db = tmp_path / "ledger.db"
+        self.env = {
+            **os.environ,
+            "GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
+            "GATEWAY_PROFILE": profile,
+            "GATEWAY_LEDGER_URL": f"sqlite:///{self.db}",
+            "GATEWAY_MQTT_URL": mqtt_url,
+            "GATEWAY_MQTT_TOPIC_PREFIX": f"e2e/{tmp_path.name}",
+            "GATEWAY_PAN_HMAC_KEY": "e2e-key",
+            "GATEWAY_LOG_FORMAT": "json",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("gateway did not start listening")
+
+    def signal(self, sig: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=20)
+
+    def logs(self) -> str:
+        return self.log_path.read_text()

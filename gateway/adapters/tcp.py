@@ -16,7 +16,7 @@ import itertools
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from gateway.protocol.framing import Frame, FrameBuffer, FramingError, encode_frame, reply_tpdu
 from gateway.protocol.profile import Framing
@@ -52,14 +52,14 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         server = self.server
         if len(server.connections) >= server.max_connections or server.stopping:
             server.log_event("connection.refused", peer=self.peer, reason="connection limit")
-            transport.abort()
+            self.transport.abort()
             return
         server.connections.add(self)
         if server.recorder is not None:
