@@ -105,6 +105,11 @@ class GatewayApp:
             self.profile = load_profile(settings.profile)
         except Exception as exc:
             raise StartupError(str(exc)) from exc
+        if self.profile.dialect != "iso87":
+            raise StartupError(
+                f"profile {self.profile.name!r} uses dialect {self.profile.dialect!r}; "
+                "this release implements the iso87 dialect only"
+            )
         if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
             self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
         self.metrics = Metrics()

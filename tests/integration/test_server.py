@@ -14,7 +14,7 @@ from harness import CARD, IsoClient, LogCapture, gateway_settings, running_gatew
 
 from gateway.app import GatewayApp
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 
 @pytest.fixture
