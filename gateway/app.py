@@ -11,6 +11,9 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
+
+from gateway.adapters.postgres_ledger import PostgresLedger
 from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port
 from gateway.core.policy import Policy
@@ -42,12 +45,13 @@ def build_policy(settings: Settings) -> Policy:
     )
 
 
-def build_ledger(settings: Settings) -> SqliteLedger:
+Ledger = SqliteLedger | PostgresLedger
+
+
+def build_ledger(settings: Settings) -> Ledger:
     path = settings.sqlite_path()
     if path is None:
-        raise StartupError(
-            "the PostgreSQL ledger is not available in this release; use GATEWAY_LEDGER_URL=sqlite:///PATH"
-        )
+        return PostgresLedger(settings.ledger_url)
     return SqliteLedger(path)
 
 
@@ -82,7 +86,7 @@ class GatewayApp:
         self.log = logger if logger is not None else get_logger("gateway")
         self.clock = clock or SystemClock()
         self.profile: Profile | None = None
-        self.ledger: SqliteLedger | None = None
+        self.ledger: Ledger | None = None
         self.broker: Any = None
         self.relay: Any = None
         self.server: Any = None
@@ -114,7 +118,10 @@ class GatewayApp:
             self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
         self.metrics = Metrics()
         self.ledger = build_ledger(settings)
-        await self.ledger.open()
+        try:
+            await self.ledger.open()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StartupError(f"cannot open the ledger {settings.redacted()['ledger_url']}: {exc}") from exc
         try:
             await self._start_events()
             self.service = GatewayService(
@@ -293,7 +300,7 @@ def serve(settings: Settings) -> int:
 
 
 @contextlib.asynccontextmanager
-async def open_ledger(settings: Settings) -> AsyncIterator[SqliteLedger]:
+async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
     """The ledger alone, for command-line tools (outbox status, batches)."""
     ledger = build_ledger(settings)
     await ledger.open()

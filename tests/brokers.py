@@ -70,7 +70,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 
 async def async_wait_until(
     predicate: Callable[[], bool],
-    timeout: float,  # noqa: ASYNC109 - the timeout is part of the error message
+    timeout: float,
     what: str,
     interval: float = 0.01,
 ) -> None:
@@ -341,7 +341,7 @@ class Subscriber:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
 
-    async def collect(self, count: int, timeout: float) -> list[Received]:  # noqa: ASYNC109
+    async def collect(self, count: int, timeout: float) -> list[Received]:
         """Wait until ``count`` messages in total have been received; returns them all."""
         assert self._client is not None, "use 'async with Subscriber(...)'"
         try:
@@ -382,7 +382,7 @@ async def collect_messages(
     url: str,
     topic_filter: str,
     count: int,
-    timeout: float,  # noqa: ASYNC109 - the timeout is part of the error message
+    timeout: float,
     *,
     ready: asyncio.Event | None = None,
 ) -> list[tuple[str, bytes]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 
@@ -32,7 +31,7 @@ def mask_pan(pan: str | None) -> str | None:
 
 def pan_digest(key: bytes, pan: str) -> str:
     """HMAC-SHA256 of the PAN under ``key``, hex: compares cards without storing them."""
-    return hmac.new(key, pan.encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.digest(key, pan.encode("ascii"), "sha256").hex()
 
 
 def pan_from_track2(track2: str) -> str | None:

@@ -180,15 +180,14 @@ _RRN_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID,
 _EVENT_KINDS = {Kind.VOID: "void", Kind.REFUND: "refund", Kind.COMPLETION: "completion", Kind.REVERSAL: "reversal"}
 
 
+#: 32 characters without I and O (easily misread on receipts)
+_APPROVAL_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWX"
+
+
 def approval_code_for(rrn: str) -> str:
     """A 6-character approval code (DE38) derived from the unique RRN."""
-    digest = int.from_bytes(hashlib.blake2b(rrn.encode(), digest_size=8).digest(), "big")
-    alphabet = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
-    chars = []
-    for _ in range(6):
-        digest, index = divmod(digest, len(alphabet))
-        chars.append(alphabet[index])
-    return "".join(chars)
+    digest = hashlib.blake2b(rrn.encode(), digest_size=6).digest()
+    return "".join(_APPROVAL_ALPHABET[byte % 32] for byte in digest)
 
 
 def fingerprint(key: bytes, request: Request) -> str:
@@ -202,7 +201,7 @@ def fingerprint(key: bytes, request: Request) -> str:
             request.original_data or "",
         )
     )
-    return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(key, content.encode(), "sha256")[:16].hex()
 
 
 def process(request: Request, ctx: Context) -> Step:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from harness import CARD, OTHER_CARD, IsoClient, gateway_settings, running_gateway
+from harness import OTHER_CARD, IsoClient, gateway_settings, running_gateway
 
 from gateway.app import GatewayApp
 

@@ -1,0 +1,245 @@
+"""``make bench``: the gateway against the bare codec server, measured in the same run.
+
+Each round starts the bare codec server (decode + re-encode with pyiso8583, nothing else: the limit),
+drives it with the emulator's load mode, stops it, then does the same with the full gateway: SQLite
+ledger with durable commits (``synchronous=FULL``), the rules, events published to a private
+Mosquitto when installed (else the embedded broker) and JSON logs written to a file. Rounds
+alternate so that drift in the machine's load hits both alike. A last run drives the gateway at half
+its measured maximum to report latency under normal load.
+
+Prints throughput, p50/p99 latency, peak memory and the ratio gateway / limit, and writes the
+figures with a description of the machine to ``benchmarks/results/latest.json``.
+
+    python -m benchmarks.run --duration 10 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+    def stop(self) -> float:
+        peak = peak_rss_mib(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return peak
+
+
+@contextlib.contextmanager
+def mosquitto(workdir: Path) -> Iterator[str]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        yield "embedded"
+        return
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, process)  # type: ignore[arg-type]
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def start_bare(profile: str) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bare_server", "--port", str(port), "--profile", profile],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_listening(port, process)
+    return Server("bare", process, port)
+
+
+def start_gateway(profile: str, workdir: Path, mqtt_url: str, round_no: int) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "GATEWAY_PROFILE": profile,
+        "GATEWAY_LEDGER_URL": f"sqlite:///{workdir / f'ledger-{round_no}.db'}",
+        "GATEWAY_MQTT_URL": mqtt_url,
+        "GATEWAY_MQTT__EMBEDDED_LISTEN": f"127.0.0.1:{free_port()}",
+        "GATEWAY_MQTT_TOPIC_PREFIX": "bench/corrections",
+        "GATEWAY_PAN_HMAC_KEY": "bench-key",
+        "GATEWAY_LOG_FORMAT": "json",
+        "GATEWAY_MAX_CONNECTIONS": "5000",
+    }
+    log = (workdir / f"gateway-{round_no}.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    wait_listening(port, process)
+    return Server("gateway", process, port)
+
+
+def load(port: int, args: argparse.Namespace, rate: float | None = None) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "terminal_emulator", "--port", str(port), "--profile", args.profile,
+        "--json", "--timeout", "30", "load", "--duration", str(args.duration), "-c", str(args.connections),
+        "--pipeline", str(args.pipeline), "--mix", args.mix, "--quiet", "--seed", "7",
+    ]
+    if rate is not None:
+        command += ["--rate", f"{rate:.0f}"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.duration * 4 + 60,
+                         check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"load produced no summary: {out.stderr[-2000:]}")
+    summary: dict[str, Any] = json.loads(lines[-1])
+    return summary
+
+
+def outbox_pending(db: Path) -> int:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mosquitto": shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists()
+                                                   else None),
+    }
+
+
+def row(name: str, s: dict[str, Any], peak: float) -> str:
+    return (f"{name:<22} {s['tps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {peak:>9.1f} "
+            f"{s['errors']:>6} {s['timeouts']:>8}  {s['response_codes']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="gateway vs bare codec server")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--pipeline", type=int, default=16)
+    parser.add_argument("--mix", default="purchase=80,refund=20")
+    parser.add_argument("--profile", default="iso87-binary")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+
+    header = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'peak MiB':>9} {'errors':>6} "
+              f"{'timeouts':>8}  codes")
+    results: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"output": str(args.output)},
+                               "rounds": []}
+    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+          f"Python {results['machine']['python']}")
+    print(f"load: {args.connections} connections x {args.pipeline} in flight, mix {args.mix}, "
+          f"{args.duration:.0f} s per run\n")
+    print(header)
+    with tempfile.TemporaryDirectory(prefix="iso-bench-") as tmp:
+        workdir = Path(tmp)
+        with mosquitto(workdir) as mqtt_url:
+            for round_no in range(1, args.rounds + 1):
+                bare = start_bare(args.profile)
+                bare_summary = load(bare.port, args)
+                bare_peak = bare.stop()
+                print(row(f"round {round_no} bare", bare_summary, bare_peak))
+                gateway = start_gateway(args.profile, workdir, mqtt_url, round_no)
+                gw_summary = load(gateway.port, args)
+                time.sleep(1.0)  # let the relay drain before the gateway stops
+                gw_peak = gateway.stop()
+                pending = outbox_pending(workdir / f"ledger-{round_no}.db")
+                print(row(f"round {round_no} gateway", gw_summary, gw_peak) + f"  outbox pending {pending}")
+                results["rounds"].append({"bare": bare_summary | {"peak_rss_mib": bare_peak},
+                                          "gateway": gw_summary | {"peak_rss_mib": gw_peak,
+                                                                   "outbox_pending_after": pending}})
+            bare_tps = statistics.median(r["bare"]["tps"] for r in results["rounds"])
+            gw_tps = statistics.median(r["gateway"]["tps"] for r in results["rounds"])
+            half = gw_tps / 2
+            gateway = start_gateway(args.profile, workdir, mqtt_url, 0)
+            half_summary = load(gateway.port, args, rate=half)
+            half_peak = gateway.stop()
+            print(row("gateway at half max", half_summary, half_peak))
+    ratio = gw_tps / bare_tps if bare_tps else 0.0
+    results["summary"] = {
+        "bare_tps_median": bare_tps,
+        "gateway_tps_median": gw_tps,
+        "ratio_gateway_to_bare": ratio,
+        "half_load_rate": half,
+        "half_load_p99_ms": half_summary["p99_ms"],
+        "half_load_p50_ms": half_summary["p50_ms"],
+    }
+    print(f"\nbare codec server (median) {bare_tps:9.0f} msg/s")
+    print(f"gateway (median)           {gw_tps:9.0f} msg/s")
+    print(f"ratio gateway / bare       {ratio:9.1%}   (target >= 40%, aim 60%)")
+    print(f"p99 at half load ({half:.0f} msg/s): {half_summary['p99_ms']:.2f} ms   (target < 20 ms)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
