@@ -1,0 +1,396 @@
+"""The ``iso-gateway`` command line (typer + rich).
+
+Commands: ``serve``, ``check-config``, ``outbox status``, ``batches``. ``--config FILE.toml`` works
+before the command (for all of them) or after it (for that one). Bad settings, a broken profile or
+a missing file end with a clear message on stderr and exit code 2, never a traceback.
+
+Heavy parts (the composition root, the ledger, the wire profiles) are imported inside the
+commands, so ``iso-gateway --help`` and ``check-config`` stay quick and importing this module
+starts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import orjson
+import typer
+from pydantic import ValidationError
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings
+
+if TYPE_CHECKING:
+    from gateway.core.model import BatchSummary
+    from gateway.ports import OutboxStatus
+
+__all__ = ["app", "main"]
+
+#: Dialects the gateway can serve (``gateway.app`` refuses the others at start the same way).
+IMPLEMENTED_DIALECTS = ("iso87",)
+#: Exit code for unusable settings, profile or files (as click uses for usage errors).
+EXIT_CONFIG = 2
+
+app = typer.Typer(
+    name="iso-gateway",
+    help="ISO 8583 gateway with refund controls.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # rich tracebacks show locals: settings, card data
+)
+outbox_app = typer.Typer(help="The correction-event outbox.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML file with settings (the environment overrides it).",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")]
+
+
+@dataclass
+class _Root:
+    config: Path | None = None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"iso-gateway {version('iso-gateway')}")
+        except PackageNotFoundError:
+            typer.echo("iso-gateway (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """ISO 8583 gateway with refund controls. Settings come from GATEWAY_* variables and --config."""
+    ctx.obj = _Root(config)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str) -> NoReturn:
+    _err().print(f"[bold red]error:[/] {escape(message)}", markup=True)
+    raise typer.Exit(EXIT_CONFIG)
+
+
+def env_name(loc: tuple[str | int, ...]) -> str:
+    """The environment variable of a settings location: ``("policy", "x")`` -> ``GATEWAY_POLICY__X``."""
+    return "GATEWAY_" + "__".join(str(part).upper() for part in loc)
+
+
+def _hide_secrets(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:********@{host}" if ":" in creds else text
+    return text
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the setting, its environment variable, what is wrong and the value
+    given (secrets and URL passwords hidden)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        dotted = ".".join(str(part) for part in loc) or "(settings)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {dotted}: unknown setting (see docs/configuration.md)")
+            continue
+        given = error.get("input")
+        shown = ""
+        if loc and loc[0] != "pan_hmac_key" and isinstance(given, str | int | float | bool):
+            shown = f" (got {_hide_secrets(str(given))!r})"
+        lines.append(f"  {dotted} ({env_name(loc)}): {message}{shown}")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def _load(ctx: typer.Context, config: Path | None) -> Settings:
+    if config is None:
+        root = ctx.find_root().obj
+        config = root.config if isinstance(root, _Root) else None
+    try:
+        return load_settings(config)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except tomllib.TOMLDecodeError as exc:
+        _fail(f"{config}: not valid TOML: {exc}")
+    except ValidationError as exc:
+        _fail(describe_validation_error(exc))
+
+
+def _check_files(settings: Settings) -> list[str]:
+    """Certificate and key files named in the settings that do not exist."""
+    problems = []
+    for group_name in ("tls", "mqtt"):
+        group = getattr(settings, group_name)
+        for field in type(group).model_fields:
+            value = getattr(group, field)
+            if isinstance(value, Path) and not value.is_file():
+                problems.append(f"{group_name}.{field} ({env_name((group_name, field))}): no such file: {value}")
+    return problems
+
+
+def flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``{"a": {"b": 1}}`` -> ``(("a", "b"), 1)``, depth first, in field order."""
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            yield from flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) if value else "(empty)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _json(data: Any) -> None:
+    typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+def _age(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "-"
+    seconds = max(0, int((now - then).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    span = f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    return f"{then.isoformat(timespec='seconds')} ({span} ago)"
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Run the gateway in the foreground until SIGTERM or SIGINT (then: stop accepting, finish
+    in-flight requests, close the ledger, exit 0)."""
+    settings = _load(ctx, config)
+    from gateway.app import serve as run
+
+    raise typer.Exit(run(settings))
+
+
+@app.command("check-config")
+def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Print the effective settings (secrets hidden) and check the wire profile and files they name."""
+    settings = _load(ctx, config)
+    from gateway.protocol.profile import ProfileError, load_profile
+
+    try:
+        profile = load_profile(settings.profile)
+    except ProfileError as exc:
+        _fail(f"wire profile (GATEWAY_PROFILE={settings.profile}): {exc}")
+    if profile.dialect not in IMPLEMENTED_DIALECTS:
+        _fail(
+            f"wire profile {profile.name!r} (GATEWAY_PROFILE) uses dialect {profile.dialect!r}; "
+            f"this release implements {', '.join(IMPLEMENTED_DIALECTS)} only"
+        )
+    problems = _check_files(settings)
+    if problems:
+        _fail("missing files:\n  " + "\n  ".join(problems))
+
+    data = settings.redacted()
+    profile_info = {
+        "name": profile.name,
+        "source": str(profile.source),
+        "framing": profile.framing.header,
+        "tpdu": profile.framing.tpdu,
+        "dialect": profile.dialect,
+        "fields": len(profile.fields),
+    }
+    if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
+        _err().print(
+            "[yellow]warning:[/] GATEWAY_PAN_HMAC_KEY is the development key; set your own in production",
+            markup=True,
+        )
+    if as_json:
+        _json({"settings": data, "profile": profile_info})
+        return
+    rows = [(env_name(loc), _show(value)) for loc, value in flatten(data)]
+    width = max(len(name) for name, _ in rows)
+    out = _out()
+    out.print("[bold]effective settings[/] (secrets hidden; environment variable, value)", markup=True)
+    for name, value in rows:
+        out.print(f"{name:<{width}}  {value}", markup=False)
+    out.print(
+        f"profile [bold]{escape(profile.name)}[/]: ok ({profile.framing.header} framing"
+        f"{', TPDU' if profile.framing.tpdu else ''}, dialect {profile.dialect}, "
+        f"{len(profile.fields)} fields) from {escape(str(profile.source))}",
+        markup=True,
+    )
+
+
+def _require_ledger_file(settings: Settings) -> None:
+    path = settings.sqlite_path()
+    if path is not None and not path.exists():
+        _fail(f"no ledger at {path}: the gateway has not run with these settings (GATEWAY_LEDGER_URL)")
+
+
+async def _read_outbox(settings: Settings) -> OutboxStatus:
+    from gateway.app import open_ledger
+
+    async with open_ledger(settings) as ledger:
+        return await ledger.status()
+
+
+@outbox_app.command("status")
+def outbox_status(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Pending correction events, the oldest one's age and the last publish error."""
+    settings = _load(ctx, config)
+    _require_ledger_file(settings)
+    from gateway.app import StartupError
+
+    try:
+        status = asyncio.run(_read_outbox(settings))
+    except StartupError as exc:
+        _fail(str(exc))
+    if as_json:
+        _json(
+            {
+                "pending": status.pending,
+                "oldest_pending_at": status.oldest_pending_at,
+                "last_error": status.last_error,
+                "last_error_at": status.last_error_at,
+                "last_sent_at": status.last_sent_at,
+            }
+        )
+        return
+    now = datetime.now(UTC)
+    table = Table(show_header=False, title="Outbox", title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("pending", str(status.pending))
+    table.add_row("oldest pending", _age(status.oldest_pending_at, now))
+    table.add_row("last sent", _age(status.last_sent_at, now))
+    table.add_row("last error", status.last_error or "-")
+    table.add_row("last error at", _age(status.last_error_at, now))
+    _out().print(table)
+
+
+async def _read_batches(
+    settings: Settings, merchant: str | None, terminal: str | None, open_only: bool
+) -> list[BatchSummary]:
+    from gateway.app import open_ledger
+
+    async with open_ledger(settings) as ledger:
+        return await ledger.list_batches(merchant, terminal, open_only)
+
+
+def _batch_dict(batch: BatchSummary) -> dict[str, Any]:
+    return {
+        "merchant_id": batch.merchant_id,
+        "terminal_id": batch.terminal_id,
+        "batch_no": batch.batch_no,
+        "state": str(batch.state),
+        "opened_at": batch.opened_at,
+        "closed_at": batch.closed_at,
+        "debit_count": batch.debit_count,
+        "debit_amount": batch.debit_amount,
+        "credit_count": batch.credit_count,
+        "credit_amount": batch.credit_amount,
+        "currency": batch.currency,
+        "result": getattr(batch, "result", None),
+    }
+
+
+@app.command()
+def batches(
+    ctx: typer.Context,
+    merchant: Annotated[str | None, typer.Option(help="Only this merchant (DE42).")] = None,
+    terminal: Annotated[str | None, typer.Option(help="Only this terminal (DE41).")] = None,
+    open_only: Annotated[bool, typer.Option("--open", help="Only open batches.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Batches with their ledger totals (amounts in minor units) and state."""
+    settings = _load(ctx, config)
+    _require_ledger_file(settings)
+    from gateway.app import StartupError
+
+    try:
+        found = asyncio.run(_read_batches(settings, merchant, terminal, open_only))
+    except StartupError as exc:
+        _fail(str(exc))
+    rows = [_batch_dict(b) for b in found]
+    if as_json:
+        _json(rows)
+        return
+    if not rows:
+        _out().print("no batches")
+        return
+    table = Table(
+        title="Batches (amounts in minor units)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    # identifiers never wrap; on a narrow terminal dates wrap at the space
+    for name, min_width in (("merchant\nterminal", None), ("batch", None), ("state", 6), ("opened", 10),
+                            ("closed", 10), ("debits", 8), ("credits", 8), ("cur", None)):  # fmt: skip
+        table.add_column(name, no_wrap=min_width is None, min_width=min_width)
+    for row in rows:
+        state = f"{row['state']} ({row['result']})" if row["result"] else row["state"]
+        table.add_row(
+            f"{row['merchant_id']}\n{row['terminal_id']}",
+            row["batch_no"],
+            state,
+            _when(row["opened_at"]),
+            _when(row["closed_at"]),
+            f"{row['debit_count']} / {row['debit_amount']}",
+            f"{row['credit_count']} / {row['credit_amount']}",
+            row["currency"] or "-",
+        )
+    _out().print(table)
+
+
+def main() -> None:
+    """Console-script entry point (``iso-gateway``)."""
+    app()
