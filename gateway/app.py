@@ -15,8 +15,9 @@ import asyncpg
 
 from gateway.adapters.postgres_ledger import PostgresLedger
 from gateway.adapters.sqlite_ledger import SqliteLedger
-from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port, unknown_environment
 from gateway.core.policy import Policy
+from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 from gateway.protocol.profile import Profile, load_profile
 from gateway.service import GatewayService, ServiceConfig, SystemClock
 
@@ -92,6 +93,7 @@ class GatewayApp:
         self.server: Any = None
         self.service: GatewayService | None = None
         self.metrics: Any = None
+        self.metrics_server: Any = None
         self.mqtt_url: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -109,10 +111,10 @@ class GatewayApp:
             self.profile = load_profile(settings.profile)
         except Exception as exc:
             raise StartupError(str(exc)) from exc
-        if self.profile.dialect != "iso87":
+        if self.profile.dialect not in IMPLEMENTED_DIALECTS:
             raise StartupError(
                 f"profile {self.profile.name!r} uses dialect {self.profile.dialect!r}; "
-                "this release implements the iso87 dialect only"
+                f"this release implements {', '.join(IMPLEMENTED_DIALECTS)} only"
             )
         if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
             self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
@@ -154,9 +156,15 @@ class GatewayApp:
                 await self.server.start()
             except OSError as exc:
                 raise StartupError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from exc
+            m_host = "127.0.0.1"
+            self.ledger.on_commit = self.metrics.ledger_committed
+            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
             if settings.metrics_listen:
                 m_host, m_port = split_host_port(settings.metrics_listen, 9108)
-                self.metrics.serve(m_host, m_port)
+                try:
+                    self.metrics_server = self.metrics.serve(m_host, m_port)
+                except OSError as exc:
+                    raise StartupError(f"cannot serve metrics on {settings.metrics_listen}: {exc}") from exc
             if settings.settlement.cutoff is not None:
                 self._tasks.append(asyncio.create_task(self._cutoff_loop(), name="settlement-cutoff"))
         except BaseException:
@@ -171,7 +179,11 @@ class GatewayApp:
             ledger=settings.redacted()["ledger_url"],
             mqtt=_hide(self.mqtt_url or ""),
             instance=settings.instance_id,
+            metrics=f"{m_host}:{self.metrics_server.port}" if self.metrics_server is not None else None,
         )
+        unknown = unknown_environment()
+        if unknown:
+            self.log.warning("config.unknown_variables", names=unknown, detail="ignored; check their spelling")
 
     async def _start_events(self) -> None:
         from gateway.adapters.broker import BrokerError, EmbeddedBroker
@@ -230,6 +242,22 @@ class GatewayApp:
             self.log.info("settlement.cutoff", closed_batches=closed, cutoff=cutoff.isoformat())
         return closed
 
+    async def _metrics_loop(self, interval_s: float = 2.0) -> None:
+        """Keep the outbox gauges and the published-events counter current."""
+        published = 0
+        while True:
+            try:
+                if self.ledger is not None:
+                    self.metrics.set_outbox_pending((await self.ledger.status()).pending)
+                if self.relay is not None:
+                    now_published = self.relay.stats.published
+                    if now_published > published:
+                        self.metrics.events_published(now_published - published)
+                    published = now_published
+            except Exception as exc:  # metrics must never take the gateway down
+                self.log.warning("metrics.update_failed", error=type(exc).__name__)
+            await asyncio.sleep(interval_s)
+
     async def _cutoff_loop(self, interval_s: float = 30.0) -> None:
         while True:
             try:
@@ -250,6 +278,9 @@ class GatewayApp:
                         break
                     await asyncio.sleep(0.05)
         await self._close_events()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self.ledger is not None:
             await self.ledger.close()
         self.log.info("gateway.stopped")

@@ -27,7 +27,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, unknown_environment
+from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 
 if TYPE_CHECKING:
     from gateway.core.model import BatchSummary
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 #: Dialects the gateway can serve (``gateway.app`` refuses the others at start the same way).
-IMPLEMENTED_DIALECTS = ("iso87",)
 #: Exit code for unusable settings, profile or files (as click uses for usage errors).
 EXIT_CONFIG = 2
 
@@ -244,6 +244,8 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
         "dialect": profile.dialect,
         "fields": len(profile.fields),
     }
+    for name in unknown_environment():
+        _err().print(f"[yellow]warning:[/] {escape(name)} names no setting and is ignored", markup=True)
     if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
         _err().print(
             "[yellow]warning:[/] GATEWAY_PAN_HMAC_KEY is the development key; set your own in production",

@@ -7,6 +7,8 @@ Environment variables use the prefix ``GATEWAY_`` and ``__`` for nested keys, e.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
@@ -131,7 +133,6 @@ class Settings(BaseSettings):
     pan_hmac_key: SecretStr = Field(default=SecretStr(DEV_PAN_HMAC_KEY), description="Key of the PAN HMAC")
     idle_timeout_s: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=1000, ge=1)
-    request_timeout_s: float = Field(default=10.0, gt=0, description="Per-request processing deadline")
     allowed_terminals: list[str] = Field(
         default_factory=list, description="Allow-list of TERMID or MERCHANT/TERMID; empty allows all"
     )
@@ -206,6 +207,24 @@ def _hide_password(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:********@{host}" if ":" in creds else url
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``GATEWAY_*`` variables that name no setting (likely misspelt); they are ignored."""
+    env = os.environ if environ is None else environ
+    unknown = []
+    for name in sorted(env):
+        if not name.startswith("GATEWAY_"):
+            continue
+        parts = name.removeprefix("GATEWAY_").lower().split("__")
+        model: Any = Settings
+        for part in parts:
+            fields = getattr(model, "model_fields", None)
+            if fields is None or part not in fields:
+                unknown.append(name)
+                break
+            model = fields[part].annotation
+    return unknown
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

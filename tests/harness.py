@@ -33,6 +33,9 @@ MERCHANT = "MERCHANT0000001"
 TERMINAL = "TERM0001"
 
 
+_STANS = itertools.count(1)
+
+
 class IsoClient:
     """One terminal connection. ``send`` one request and read its answer; STANs count up."""
 
@@ -41,7 +44,7 @@ class IsoClient:
         self.writer = writer
         self.profile = profile
         self.spec = iso8583.specs.default if profile == "iso87-binary" else iso8583.specs.default_ascii
-        self._stan = itertools.count(1)
+        self._stan = _STANS  # shared by every client of the test run: no two requests reuse a STAN
 
     @classmethod
     async def connect(cls, port: int, profile: str = "iso87-binary", host: str = "127.0.0.1") -> IsoClient:

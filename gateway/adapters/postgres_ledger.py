@@ -364,6 +364,8 @@ class PostgresLedger:
         self._lease_lock = asyncio.Lock()
         #: called on the event loop after a commit that wrote outbox events
         self.on_events: Callable[[], None] | None = None
+        #: called after every commit with the number of requests it made durable
+        self.on_commit: Callable[[int], None] | None = None
         self.commits = 0
         #: transactions run again after a deadlock or serialization failure
         self.retries = 0
@@ -461,6 +463,8 @@ class PostgresLedger:
                     continue
                 break
         self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(1)
         if result.events and self.on_events is not None:
             self.on_events()
         return result

@@ -229,6 +229,8 @@ class SqliteLedger:
         self._closed = True
         #: called on the event loop after a commit that wrote outbox events
         self.on_events: Callable[[], None] | None = None
+        #: called after every commit with the number of requests it made durable
+        self.on_commit: Callable[[int], None] | None = None
         self.commits = 0
         self.committed_jobs = 0
 
@@ -348,6 +350,8 @@ class SqliteLedger:
             return
         self.commits += 1
         self.committed_jobs += len(group)
+        if self.on_commit is not None:
+            self.on_commit(len(group))
         for job, (value, error) in zip(group, results, strict=True):
             _settle(job.future, value, error)
 

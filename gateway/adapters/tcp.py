@@ -75,7 +75,7 @@ class _Connection(asyncio.Protocol):
         except FramingError as exc:
             for frame in exc.frames:
                 self._dispatch(frame)
-            self._reject(exc.reason)
+            self._reject(exc.reason, label="framing")
             return
         for frame in frames:
             self._dispatch(frame)
@@ -122,11 +122,11 @@ class _Connection(asyncio.Protocol):
         try:
             response = await self.server.handler(frame.payload)
         except FrameRejectedError as exc:
-            self._reject(f"unreadable message: {exc}")
+            self._reject(f"unreadable message: {exc}", label="unreadable")
             return
         except Exception as exc:  # the per-request boundary: log, close this connection only
             self.server.log_event("request.crashed", level="error", conn=self.id, error=type(exc).__name__)
-            self._reject("internal error")
+            self._reject("internal error", label="internal_error")
             return
         transport = self.transport
         if response is None or transport is None or transport.is_closing():
@@ -135,11 +135,11 @@ class _Connection(asyncio.Protocol):
         transport.write(encode_frame(self.server.framing, response, tpdu))
         self.last_activity = time.monotonic()
 
-    def _reject(self, reason: str) -> None:
+    def _reject(self, reason: str, *, label: str) -> None:
         server = self.server
         server.log_event("connection.rejected", level="warning", conn=self.id, peer=self.peer, reason=reason)
         if server.recorder is not None:
-            server.recorder.frame_rejected(reason.split(":")[0])
+            server.recorder.frame_rejected(label)
         self.closing = True
         if self.transport is not None:
             # answers already in flight for earlier frames are dropped with the connection

@@ -13,6 +13,9 @@ from gateway.core.cards import pan_from_track2
 from gateway.core.model import Kind, Reference, Request, SettlementTotals
 from gateway.protocol.message import Message
 
+#: dialects this release implements (a profile naming another is refused at start)
+IMPLEMENTED_DIALECTS: tuple[str, ...] = ("iso87",)
+
 #: fields a response copies from its request when present
 ECHO_FIELDS: tuple[int, ...] = (3, 4, 7, 11, 12, 13, 41, 42, 49, 70, 90)
 

@@ -207,3 +207,16 @@ def _default_matches(cell: str, value: Any) -> bool:
     if value == "development key":
         return cell == "development key"
     return cell == f"`{value}`"
+
+
+def test_misspelt_gateway_variables_are_reported_and_real_ones_are_not() -> None:
+    from gateway.config import unknown_environment
+
+    env = {
+        "GATEWAY_LISTN": "0.0.0.0:1",
+        "GATEWAY_LISTEN": "0.0.0.0:1",
+        "GATEWAY_POLICY__VELOCITY__CARD_DAILY_COUNT": "3",
+        "GATEWAY_POLICY__REFUND_WINDOWDAYS": "3",
+        "OTHER": "x",
+    }
+    assert unknown_environment(env) == ["GATEWAY_LISTN", "GATEWAY_POLICY__REFUND_WINDOWDAYS"]
