@@ -226,6 +226,17 @@ class SqliteLedger:
         #: open batches by (merchant, terminal); valid while no other connection committed
         self._open_batches: dict[tuple[str, str], Batch] = {}
         self._data_version = -1
+        self._handlers: dict[type[Query], Callable[[sqlite3.Connection, Any], Any]] = {
+            FindDuplicate: self._find_duplicate,
+            FindOriginal: self._find_original,
+            GetTxn: self._get_txn,
+            GetBatch: self._get_batch,
+            FindTombstone: self._find_tombstone,
+            CurrentBatch: self._current_batch,
+            RefundVelocity: self._velocity,
+            NextRrn: self._next_rrn,
+            BatchTxns: self._batch_txns,
+        }
         self._closed = True
         #: called on the event loop after a commit that wrote outbox events
         self.on_events: Callable[[], None] | None = None
@@ -431,55 +442,60 @@ class SqliteLedger:
         )
 
     def _answer(self, conn: sqlite3.Connection, query: Query) -> Any:
-        if isinstance(query, FindDuplicate):
-            row = conn.execute(
-                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
-                "AND transmission_time = ? AND mti_class = ? AND created_at >= ? ORDER BY id DESC LIMIT 1",
-                (
-                    query.merchant_id,
-                    query.terminal_id,
-                    query.stan,
-                    query.transmission_time,
-                    query.mti_class,
-                    _us(query.since),
-                ),
-            ).fetchone()
-            return _txn(row) if row else None
-        if isinstance(query, FindOriginal):
-            return self._find_original(conn, query)
-        if isinstance(query, GetTxn):
-            row = conn.execute("SELECT * FROM txns WHERE id = ?", (query.txn_id,)).fetchone()
-            return _txn(row) if row else None
-        if isinstance(query, GetBatch):
-            row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
-            return _batch(row) if row else None
-        if isinstance(query, FindTombstone):
-            row = conn.execute(
-                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
-                "AND created_at >= ? AND ("
-                " (ref_stan = ? AND (ref_time IS NULL OR ref_time = ?) AND substr(ref_mti, 1, 3) = ?)"
-                " OR (ref_same_stan = 1 AND stan = ?)) ORDER BY id DESC LIMIT 1",
-                (
-                    query.merchant_id,
-                    query.terminal_id,
-                    _us(query.since),
-                    query.stan,
-                    query.transmission_time,
-                    query.mti_class,
-                    query.stan,
-                ),
-            ).fetchone()
-            return _txn(row) if row else None
-        if isinstance(query, CurrentBatch):
-            return self._current_batch(conn, query)
-        if isinstance(query, RefundVelocity):
-            return self._velocity(conn, query)
-        if isinstance(query, NextRrn):
-            return self._next_rrn(conn)
-        if isinstance(query, BatchTxns):
-            rows = conn.execute("SELECT * FROM txns WHERE batch_id = ? ORDER BY id", (query.batch_id,)).fetchall()
-            return [_txn(row) for row in rows]
-        raise TypeError(f"unknown query {type(query).__name__}")
+        handler = self._handlers.get(type(query))
+        if handler is None:
+            raise TypeError(f"unknown query {type(query).__name__}")
+        return handler(conn, query)
+
+    @staticmethod
+    def _find_duplicate(conn: sqlite3.Connection, query: FindDuplicate) -> Txn | None:
+        row = conn.execute(
+            "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
+            "AND transmission_time = ? AND mti_class = ? AND created_at >= ? ORDER BY id DESC LIMIT 1",
+            (
+                query.merchant_id,
+                query.terminal_id,
+                query.stan,
+                query.transmission_time,
+                query.mti_class,
+                _us(query.since),
+            ),
+        ).fetchone()
+        return _txn(row) if row else None
+
+    @staticmethod
+    def _get_txn(conn: sqlite3.Connection, query: GetTxn) -> Txn | None:
+        row = conn.execute("SELECT * FROM txns WHERE id = ?", (query.txn_id,)).fetchone()
+        return _txn(row) if row else None
+
+    @staticmethod
+    def _get_batch(conn: sqlite3.Connection, query: GetBatch) -> Batch | None:
+        row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
+        return _batch(row) if row else None
+
+    @staticmethod
+    def _find_tombstone(conn: sqlite3.Connection, query: FindTombstone) -> Txn | None:
+        row = conn.execute(
+            "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
+            "AND created_at >= ? AND ("
+            " (ref_stan = ? AND (ref_time IS NULL OR ref_time = ?) AND substr(ref_mti, 1, 3) = ?)"
+            " OR (ref_same_stan = 1 AND stan = ?)) ORDER BY id DESC LIMIT 1",
+            (
+                query.merchant_id,
+                query.terminal_id,
+                _us(query.since),
+                query.stan,
+                query.transmission_time,
+                query.mti_class,
+                query.stan,
+            ),
+        ).fetchone()
+        return _txn(row) if row else None
+
+    @staticmethod
+    def _batch_txns(conn: sqlite3.Connection, query: BatchTxns) -> list[Txn]:
+        rows = conn.execute("SELECT * FROM txns WHERE batch_id = ? ORDER BY id", (query.batch_id,)).fetchall()
+        return [_txn(row) for row in rows]
 
     @staticmethod
     def _find_original(conn: sqlite3.Connection, query: FindOriginal) -> Txn | None:
@@ -563,7 +579,7 @@ class SqliteLedger:
         self._rrn_limit = int(row[0])
         self._rrn_next = self._rrn_limit - max(count, _RRN_BLOCK)
 
-    def _next_rrn(self, conn: sqlite3.Connection) -> str:
+    def _next_rrn(self, conn: sqlite3.Connection, query: NextRrn | None = None) -> str:
         if self._rrn_next >= self._rrn_limit:
             raise RuntimeError("no reserved RRN left in this transaction")
         value = self._rrn_next

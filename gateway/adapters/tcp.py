@@ -48,6 +48,8 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.paused = False
         self.frames = 0
+        #: answers finished in this loop iteration, written together by one flush
+        self.outgoing: list[bytes] = []
 
     # asyncio callbacks ---------------------------------------------------------
 
@@ -132,7 +134,17 @@ class _Connection(asyncio.Protocol):
         if response is None or transport is None or transport.is_closing():
             return
         tpdu = reply_tpdu(frame.tpdu) if frame.tpdu is not None else None
-        transport.write(encode_frame(self.server.framing, response, tpdu))
+        if not self.outgoing:
+            # answers completed by the same group commit leave in one write (one syscall)
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outgoing.append(encode_frame(self.server.framing, response, tpdu))
+
+    def _flush(self) -> None:
+        transport = self.transport
+        data, self.outgoing = self.outgoing, []
+        if transport is None or transport.is_closing() or not data:
+            return
+        transport.write(b"".join(data) if len(data) > 1 else data[0])
         self.last_activity = time.monotonic()
 
     def _reject(self, reason: str, *, label: str) -> None:
