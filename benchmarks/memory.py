@@ -242,7 +242,16 @@ class Recorder:
     def connections_open(self) -> int:
         return int(metric(self.metrics_port, "gateway_connections_open"))
 
+    def check_alive(self) -> None:
+        """Raise, with the end of the gateway's log, when the gateway process has exited."""
+        code = self.server.process.poll()
+        if code is not None:
+            log = self.db.with_name("gateway-1.log")
+            tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
+            raise RuntimeError(f"the gateway exited with {code}; its log ends:\n" + "\n".join(tail))
+
     def take(self, label: str, messages: int) -> Sample:
+        self.check_alive()
         status = read_status(self.server.process.pid)
         sample = Sample(
             label=label,
@@ -346,7 +355,11 @@ async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dic
         per_slice = -(-args.messages // args.slices)
         while done < args.messages:
             count = min(per_slice, args.messages - done)
-            summary = await drive(server.port, count, args)
+            try:
+                summary = await drive(server.port, count, args)
+            except RuntimeError:
+                rec.check_alive()  # the better message when the gateway died under load
+                raise
             done += summary["received"]
             loads.append(summary)
             sample = rec.take(f"load {len(loads)}", done)
@@ -403,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to connect and get each echo answer")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds for the outbox to drain")
     parser.add_argument("--output", type=Path, default=RESULTS / "memory.json")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the ledger, the gateway's log and the broker config here "
+        "(default: a temporary directory, removed at the end)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.connections < GATEWAY_MAX_CONNECTIONS - args.load_connections:
         most = GATEWAY_MAX_CONNECTIONS - args.load_connections - 1
@@ -422,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.connections} idle connections x {args.cycles} cycles, then {args.messages:,} messages "
         f"({args.mix}) in {args.slices} slices, {args.load_connections} connections x {args.pipeline} in flight\n"
     )
-    with tempfile.TemporaryDirectory(prefix="iso-memory-") as tmp:
-        workdir = Path(tmp)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    place = tempfile.TemporaryDirectory(prefix="iso-memory-") if args.workdir is None else None
+    with place if place is not None else contextlib.nullcontext():
+        workdir = args.workdir if place is None else Path(place.name)
         with mosquitto(workdir) as mqtt_url:
             figures = asyncio.run(measure(args, workdir, mqtt_url))
             figures["mqtt"] = "mosquitto" if mqtt_url != "embedded" else "embedded"

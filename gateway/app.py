@@ -142,7 +142,7 @@ class GatewayApp:
             )
             host, port = split_host_port(settings.listen, 8583)
             self.server = TerminalServer(
-                self.service.handle,
+                self.service,
                 self.profile.framing,
                 host=host,
                 port=port,

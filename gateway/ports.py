@@ -53,7 +53,7 @@ class Outbox(Protocol):
     async def status(self) -> OutboxStatus: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LedgerResult:
     """What the ledger committed for one request, and what to answer."""
 

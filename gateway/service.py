@@ -7,6 +7,7 @@ Decode (codec), understand (dialect), decide and record (ledger driving the pure
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +31,9 @@ Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
 
 
 class Ledger(Protocol):
-    async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult: ...
+    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
+        """Decide and record ``request``; the future resolves once that is durable."""
+        ...
 
 
 class Recorder(Protocol):
@@ -109,33 +112,58 @@ class GatewayService:
 
         Raises :class:`FrameRejectedError` when the frame is not even a readable request.
         """
+        answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self.handle_nowait(payload, answer.set_result, answer.set_exception)
+        return await answer
+
+    def handle_nowait(
+        self, payload: bytes, reply: Callable[[bytes | None], None], fail: Callable[[BaseException], None]
+    ) -> None:
+        """Answer one frame without a task of its own: ``reply`` gets the answer (None: no answer), now or
+        when the ledger has committed; ``fail`` gets an exception that must cost the connection.
+
+        Raises :class:`FrameRejectedError` at once when the frame is not even a readable request.
+        """
         started = time.perf_counter()
         try:
             message = self.codec.decode(payload)
         except DecodeError as exc:
-            return self._format_error(exc, started)
+            reply(self._format_error(exc, started))
+            return
         if response_mti(message.mti) is None:
             self._warn("message.ignored", mti=message.mti, detail="not a request MTI")
-            return None
-        request: Request | None = None
-        result: LedgerResult | None = None
+            reply(None)
+            return
         try:
             request = classify(message)
         except DialectError as exc:
-            return self._answer(message, None, Reason.FORMAT_ERROR, started, field=exc.field, detail=exc.reason)
+            reply(self._answer(message, None, Reason.FORMAT_ERROR, started, field=exc.field, detail=exc.reason))
+            return
         except UnsupportedMessage:
-            return self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started)
+            reply(self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started))
+            return
         if request.kind is Kind.NETWORK:
-            return self._answer(message, request, Reason.APPROVED, started)
+            reply(self._answer(message, request, Reason.APPROVED, started))
+            return
         if not self._terminal_allowed(request):
-            return self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started)
+            reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
+            return
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.response_code)
-        try:
-            result = await self.ledger.process(request, ctx, self._render)
-        except Exception as exc:  # infrastructure failure: nothing was committed, answer 96
-            self._error("ledger.failed", error=type(exc).__name__, detail=str(exc)[:200])
-            return self._answer(message, request, Reason.SYSTEM_ERROR, started)
-        return self._answer(message, request, None, started, result=result)
+        pending = self.ledger.submit(request, ctx, self._render)
+
+        def committed(future: asyncio.Future[LedgerResult]) -> None:
+            try:
+                try:
+                    result = future.result()
+                except Exception as exc:  # infrastructure failure: nothing was committed, answer 96
+                    self._error("ledger.failed", error=type(exc).__name__, detail=str(exc)[:200])
+                    reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
+                    return
+                reply(self._answer(message, request, None, started, result=result))
+            except Exception as exc:  # a bug past the ledger: the connection pays, never the server
+                fail(exc)
+
+        pending.add_done_callback(committed)
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
         if exc.mti is None or response_mti(exc.mti) is None:

@@ -443,6 +443,10 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------ requests
 
+    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
+        """:meth:`process` as a future (the service's interface); resolves after the commit."""
+        return asyncio.ensure_future(self.process(request, ctx, render))
+
     async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         """Decide and record one request in one transaction; returns after the commit."""
         # one message opens the transaction and takes the locks (integers only: nothing to escape)

@@ -363,6 +363,10 @@ class SqliteLedger:
         self.committed_jobs += len(group)
         if self.on_commit is not None:
             self.on_commit(len(group))
+        if self.on_events is not None and any(
+            isinstance(value, LedgerResult) and value.events for value, _ in results
+        ):
+            self.on_events()
         for job, (value, error) in zip(group, results, strict=True):
             _settle(job.future, value, error)
 
@@ -418,10 +422,17 @@ class SqliteLedger:
 
     async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         """Decide and record one request; returns after the commit is durable."""
-        result = await self._call(lambda conn: self._process(conn, request, ctx, render))
-        if result.events and self.on_events is not None:
-            self.on_events()
-        return result
+        return await self.submit(request, ctx, render)
+
+    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
+        """Queue one request for the next group commit; the future resolves once it is durable."""
+        if self._closed:
+            raise LedgerClosedError("ledger closed")
+        future: asyncio.Future[LedgerResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), future))
+        assert self._wake is not None
+        self._wake.set()
+        return future
 
     def _process(self, conn: sqlite3.Connection, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         steps = process(request, ctx)

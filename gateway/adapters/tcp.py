@@ -1,11 +1,12 @@
 """The asyncio TCP server: connections, framing and concurrency around the service.
 
-Each connection feeds a :class:`~gateway.protocol.framing.FrameBuffer`; every complete frame becomes
-a task, so several requests per connection are in flight at once and their answers go back in the
-order they finish (terminals match them by STAN). A framing error, or a frame that is not a readable
-request, closes that connection only. Idle connections are closed by a sweeper; over the connection
-limit a new connection is closed at once. Shutdown stops accepting, lets in-flight requests finish,
-then closes the connections.
+Each connection feeds a :class:`~gateway.protocol.framing.FrameBuffer`; every complete frame goes to
+the service at once (no task per frame: the service calls back when the ledger has committed), so
+several requests per connection are in flight and their answers go back in the order they finish
+(terminals match them by STAN). Answers finished together leave in one write. A framing error, or a
+frame that is not a readable request, closes that connection only. Idle connections are closed by a
+sweeper; over the connection limit a new connection is closed at once. Shutdown stops accepting,
+lets in-flight requests finish, then closes the connections.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ import contextlib
 import itertools
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from gateway.protocol.framing import Frame, FrameBuffer, FramingError, encode_frame, reply_tpdu
 from gateway.protocol.profile import Framing
 from gateway.service import FrameRejectedError
 
-Handler = Callable[[bytes], Awaitable[bytes | None]]
+
+class Service(Protocol):
+    def handle_nowait(
+        self, payload: bytes, reply: Callable[[bytes | None], None], fail: Callable[[BaseException], None]
+    ) -> None: ...
 
 #: stop reading from a connection while this many of its requests are in flight
 _MAX_IN_FLIGHT = 128
@@ -44,7 +49,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.last_activity = time.monotonic()
-        self.tasks: set[asyncio.Task[None]] = set()
+        #: requests of this connection not answered yet
+        self.pending = 0
         self.closing = False
         self.paused = False
         self.frames = 0
@@ -85,7 +91,7 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # half-close: finish what is in flight, then close
         self.closing = True
-        if not self.tasks and self.transport is not None:
+        if not self.pending and not self.outgoing and self.transport is not None:
             self.transport.close()
         return True
 
@@ -103,41 +109,46 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, frame: Frame) -> None:
         self.frames += 1
-        task = asyncio.get_running_loop().create_task(self._answer(frame))
-        self.tasks.add(task)
-        self.server.in_flight.add(task)
-        task.add_done_callback(self._done)
-        if len(self.tasks) >= _MAX_IN_FLIGHT and not self.paused and self.transport is not None:
+        self.pending += 1
+        self.server.request_started()
+        if self.pending >= _MAX_IN_FLIGHT and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
+        try:
+            self.server.service.handle_nowait(frame.payload, lambda data: self._reply(frame, data), self._fail)
+        except FrameRejectedError as exc:
+            self._finished()
+            self._reject(f"unreadable message: {exc}", label="unreadable")
+        except Exception as exc:  # the per-request boundary: log, close this connection only
+            self._finished()
+            self._crashed(exc)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.server.in_flight.discard(task)
-        if self.paused and len(self.tasks) < _MAX_IN_FLIGHT // 2 and self.transport is not None:
+    def _fail(self, exc: BaseException) -> None:
+        self._finished()
+        self._crashed(exc)
+
+    def _crashed(self, exc: BaseException) -> None:
+        self.server.log_event("request.crashed", level="error", conn=self.id, error=type(exc).__name__)
+        self._reject("internal error", label="internal_error")
+
+    def _finished(self) -> None:
+        self.pending -= 1
+        self.server.request_finished()
+        if self.paused and self.pending < _MAX_IN_FLIGHT // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if self.closing and not self.tasks and self.transport is not None:
+        if self.closing and not self.pending and self.transport is not None and not self.outgoing:
             self.transport.close()
 
-    async def _answer(self, frame: Frame) -> None:
-        try:
-            response = await self.server.handler(frame.payload)
-        except FrameRejectedError as exc:
-            self._reject(f"unreadable message: {exc}", label="unreadable")
-            return
-        except Exception as exc:  # the per-request boundary: log, close this connection only
-            self.server.log_event("request.crashed", level="error", conn=self.id, error=type(exc).__name__)
-            self._reject("internal error", label="internal_error")
-            return
+    def _reply(self, frame: Frame, response: bytes | None) -> None:
         transport = self.transport
-        if response is None or transport is None or transport.is_closing():
-            return
-        tpdu = reply_tpdu(frame.tpdu) if frame.tpdu is not None else None
-        if not self.outgoing:
-            # answers completed by the same group commit leave in one write (one syscall)
-            asyncio.get_running_loop().call_soon(self._flush)
-        self.outgoing.append(encode_frame(self.server.framing, response, tpdu))
+        if response is not None and transport is not None and not transport.is_closing():
+            tpdu = reply_tpdu(frame.tpdu) if frame.tpdu is not None else None
+            if not self.outgoing:
+                # answers completed by the same group commit leave in one write (one syscall)
+                asyncio.get_running_loop().call_soon(self._flush)
+            self.outgoing.append(encode_frame(self.server.framing, response, tpdu))
+        self._finished()
 
     def _flush(self) -> None:
         transport = self.transport
@@ -146,6 +157,8 @@ class _Connection(asyncio.Protocol):
             return
         transport.write(b"".join(data) if len(data) > 1 else data[0])
         self.last_activity = time.monotonic()
+        if self.closing and not self.pending:
+            transport.close()
 
     def _reject(self, reason: str, *, label: str) -> None:
         server = self.server
@@ -163,7 +176,7 @@ class TerminalServer:
 
     def __init__(
         self,
-        handler: Handler,
+        service: Service,
         framing: Framing,
         *,
         host: str = "127.0.0.1",
@@ -174,7 +187,7 @@ class TerminalServer:
         logger: Any = None,
         recorder: ConnectionRecorder | None = None,
     ) -> None:
-        self.handler = handler
+        self.service = service
         self.framing = framing
         self.host = host
         self.port = port
@@ -184,7 +197,9 @@ class TerminalServer:
         self.log = logger
         self.recorder = recorder
         self.connections: set[_Connection] = set()
-        self.in_flight: set[asyncio.Task[None]] = set()
+        #: requests received and not answered yet, over all connections
+        self.in_flight = 0
+        self._all_answered: asyncio.Event | None = None
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -195,6 +210,14 @@ class TerminalServer:
         """The port actually listened on (useful with port 0)."""
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._all_answered is not None:
+            self._all_answered.set()
 
     def log_event(self, event: str, level: str = "info", **fields: Any) -> None:
         if self.log is not None:
@@ -218,7 +241,7 @@ class TerminalServer:
             await asyncio.sleep(interval)
             deadline = time.monotonic() - self.idle_timeout_s
             for conn in list(self.connections):
-                if conn.last_activity < deadline and not conn.tasks and conn.transport is not None:
+                if conn.last_activity < deadline and not conn.pending and conn.transport is not None:
                     self.log_event("connection.idle_timeout", conn=conn.id, peer=conn.peer)
                     conn.closing = True
                     conn.transport.close()
@@ -237,7 +260,10 @@ class TerminalServer:
             if conn.transport is not None:
                 conn.transport.pause_reading()
         if self.in_flight:
-            await asyncio.wait(set(self.in_flight), timeout=grace_s)
+            self._all_answered = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_answered.wait(), timeout=grace_s)
+            await asyncio.sleep(0)  # let the last answers' flush run
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

@@ -37,10 +37,16 @@ from gateway.core.reasons import Reason
 
 
 class Query:
-    """Something the engine needs from the ledger."""
+    """Something the engine needs from the ledger.
+
+    Queries are transient values: plain slots (not frozen, which costs a setattr per field) but
+    hashable by value, so an adapter may answer one ahead of time and look it up when it comes.
+    """
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FindDuplicate(Query):
     """The earlier request with this retransmission key, or None. Answer: ``Txn | None``."""
 
@@ -52,7 +58,7 @@ class FindDuplicate(Query):
     since: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FindOriginal(Query):
     """The original a correction points at, locked for update. Answer: ``Txn | None``.
 
@@ -72,21 +78,21 @@ class FindOriginal(Query):
     pan_hmac: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class GetTxn(Query):
     """A record by id, locked for update. Answer: ``Txn | None``."""
 
     txn_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class GetBatch(Query):
     """Answer: ``Batch | None``."""
 
     batch_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FindTombstone(Query):
     """An unmatched reversal naming this request (same merchant, terminal, STAN; DE7 when it gave one).
 
@@ -101,7 +107,7 @@ class FindTombstone(Query):
     since: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CurrentBatch(Query):
     """The terminal's open batch; opened now when ``create`` and there is none. Answer: ``Batch | None``."""
 
@@ -111,7 +117,7 @@ class CurrentBatch(Query):
     create: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RefundVelocity(Query):
     """Approved, unreversed refunds since ``since``. Answer: :class:`Velocity`."""
 
@@ -121,12 +127,12 @@ class RefundVelocity(Query):
     since: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class NextRrn(Query):
     """A new unique 12-digit retrieval reference number. Answer: ``str``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class BatchTxns(Query):
     """Every record of a batch, in id order. Answer: ``list[Txn]``."""
 
@@ -162,7 +168,7 @@ class Plan:
     original: Txn | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Context:
     """Everything from outside that a decision may use: time, keys, policy, the code map."""
 
@@ -173,6 +179,7 @@ class Context:
 
 
 Step = Generator[Query, Any, Plan]
+_NEXT_RRN = NextRrn()
 
 #: kinds that answer with a gateway RRN (DE37) and, approved, an approval code (DE38)
 _RRN_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
@@ -246,7 +253,7 @@ def process(request: Request, ctx: Context) -> Step:
     batch: Batch | None = yield CurrentBatch(
         request.merchant_id, request.terminal_id, ctx.now, create=request.kind is not Kind.REVERSAL
     )
-    rrn: str | None = (yield NextRrn()) if request.kind in _RRN_KINDS else None
+    rrn: str | None = (yield _NEXT_RRN) if request.kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason.value)
     approval = approval_code_for(rrn) if rrn is not None and decision.approved else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
