@@ -56,6 +56,21 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float =
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(server: Server, args: argparse.Namespace, rate: float | None = None) -> dict[str, Any]:
+    """Drive ``server`` and add the CPU time it spent per answered message."""
+    before = cpu_seconds(server.process.pid)
+    summary = load(server.port, args, rate)
+    spent = cpu_seconds(server.process.pid) - before
+    summary["server_cpu_us_per_msg"] = spent / max(1, summary["received"]) * 1e6
+    return summary
+
+
 def peak_rss_mib(pid: int) -> float:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -174,8 +189,9 @@ def machine() -> dict[str, Any]:
 
 
 def row(name: str, s: dict[str, Any], peak: float) -> str:
-    return (f"{name:<22} {s['tps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {peak:>9.1f} "
-            f"{s['errors']:>6} {s['timeouts']:>8}  {s['response_codes']}")
+    return (f"{name:<22} {s['tps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+            f"{s['server_cpu_us_per_msg']:>8.0f} {peak:>9.1f} {s['errors']:>6} {s['timeouts']:>8}  "
+            f"{s['response_codes']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
 
-    header = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'peak MiB':>9} {'errors':>6} "
-              f"{'timeouts':>8}  codes")
+    header = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'peak MiB':>9} "
+              f"{'errors':>6} {'timeouts':>8}  codes")
     results: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"output": str(args.output)},
                                "rounds": []}
     print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
@@ -203,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         with mosquitto(workdir) as mqtt_url:
             for round_no in range(1, args.rounds + 1):
                 bare = start_bare(args.profile)
-                bare_summary = load(bare.port, args)
+                bare_summary = measured(bare, args)
                 bare_peak = bare.stop()
                 print(row(f"round {round_no} bare", bare_summary, bare_peak))
                 gateway = start_gateway(args.profile, workdir, mqtt_url, round_no)
-                gw_summary = load(gateway.port, args)
+                gw_summary = measured(gateway, args)
                 time.sleep(1.0)  # let the relay drain before the gateway stops
                 gw_peak = gateway.stop()
                 pending = outbox_pending(workdir / f"ledger-{round_no}.db")
@@ -219,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             gw_tps = statistics.median(r["gateway"]["tps"] for r in results["rounds"])
             half = gw_tps / 2
             gateway = start_gateway(args.profile, workdir, mqtt_url, 0)
-            half_summary = load(gateway.port, args, rate=half)
+            half_summary = measured(gateway, args, rate=half)
             half_peak = gateway.stop()
             print(row("gateway at half max", half_summary, half_peak))
     ratio = gw_tps / bare_tps if bare_tps else 0.0
+    bare_cpu = statistics.median(r["bare"]["server_cpu_us_per_msg"] for r in results["rounds"])
+    gw_cpu = statistics.median(r["gateway"]["server_cpu_us_per_msg"] for r in results["rounds"])
     results["summary"] = {
         "bare_tps_median": bare_tps,
         "gateway_tps_median": gw_tps,
@@ -230,10 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         "half_load_rate": half,
         "half_load_p99_ms": half_summary["p99_ms"],
         "half_load_p50_ms": half_summary["p50_ms"],
+        "bare_cpu_us_per_msg": bare_cpu,
+        "gateway_cpu_us_per_msg": gw_cpu,
+        "cpu_ratio_bare_to_gateway": bare_cpu / gw_cpu if gw_cpu else 0.0,
     }
     print(f"\nbare codec server (median) {bare_tps:9.0f} msg/s")
     print(f"gateway (median)           {gw_tps:9.0f} msg/s")
     print(f"ratio gateway / bare       {ratio:9.1%}   (target >= 40%, aim 60%)")
+    print(f"server CPU per message     bare {bare_cpu:.0f} µs, gateway {gw_cpu:.0f} µs "
+          f"(efficiency ratio {bare_cpu / gw_cpu if gw_cpu else 0:.1%})")
     print(f"p99 at half load ({half:.0f} msg/s): {half_summary['p99_ms']:.2f} ms   (target < 20 ms)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
