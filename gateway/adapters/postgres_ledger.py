@@ -38,6 +38,14 @@ from typing import Any
 
 import asyncpg
 
+from gateway.adapters.ledger_rows import (
+    TXN_COLUMNS,
+    LedgerClosedError,
+    batch_from_row,
+    record_values,
+    totals_text,
+    txn_from_row,
+)
 from gateway.core.cards import pan_digest
 from gateway.core.decide import TxnChange
 from gateway.core.engine import (
@@ -58,14 +66,10 @@ from gateway.core.engine import (
 from gateway.core.events import CorrectionEvent
 from gateway.core.model import (
     Batch,
-    BatchState,
     BatchSummary,
     Kind,
-    Reference,
     Request,
-    SettlementTotals,
     Txn,
-    TxnStatus,
 )
 from gateway.core.policy import Velocity
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
@@ -163,12 +167,7 @@ RRN_BLOCK = 1000
 #: attempts of one request when PostgreSQL reports a deadlock or a serialization failure
 MAX_ATTEMPTS = 4
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
-_TXN_COLUMNS = (
-    "kind, mti, mti_class, processing_code, merchant_id, terminal_id, stan, transmission_time, amount, currency, "
-    "pan_masked, pan_hmac, rrn, approval_code, response_code, reason, status, effective_amount, refunded_amount, "
-    "completed, original_id, batch_id, created_at, fingerprint, ref_rrn, ref_mti, ref_stan, ref_time, ref_approval, "
-    "ref_same_stan"
-)
+_TXN_COLUMNS = ", ".join(TXN_COLUMNS)
 _EVENTS_SELECT = (
     "SELECT e.event_id, e.topic, e.payload, e.ordering_key, {created} FROM unnest({first}::text[], {second}::text[],"
     " {third}::bytea[], {fourth}::text[]) WITH ORDINALITY AS e(event_id, topic, payload, ordering_key, n) ORDER BY e.n"
@@ -217,10 +216,6 @@ def _key_fields(query: FindDuplicate | FindTombstone) -> tuple[str, str, str, st
     return (query.merchant_id, query.terminal_id, query.stan, query.transmission_time, query.mti_class, query.since)
 
 
-class LedgerClosedError(RuntimeError):
-    """The ledger is closed (or was never opened)."""
-
-
 def lock_key(*parts: str) -> int:
     """A signed 64-bit advisory lock key for ``parts`` (stable across instances and restarts).
 
@@ -232,57 +227,12 @@ def lock_key(*parts: str) -> int:
 
 
 def _txn(row: Any) -> Txn:
-    reference = None
-    if row["ref_rrn"] or row["ref_stan"] or row["ref_approval"] or row["ref_same_stan"]:
-        reference = Reference(
-            rrn=row["ref_rrn"],
-            mti=row["ref_mti"],
-            stan=row["ref_stan"],
-            transmission_time=row["ref_time"],
-            approval_code=row["ref_approval"],
-            same_stan=bool(row["ref_same_stan"]),
-        )
-    return Txn(
-        id=int(row["id"]),
-        kind=Kind(row["kind"]),
-        mti=row["mti"],
-        processing_code=row["processing_code"],
-        merchant_id=row["merchant_id"],
-        terminal_id=row["terminal_id"],
-        stan=row["stan"],
-        transmission_time=row["transmission_time"],
-        amount=int(row["amount"]),
-        currency=row["currency"],
-        pan_masked=row["pan_masked"],
-        pan_hmac=row["pan_hmac"],
-        rrn=row["rrn"],
-        approval_code=row["approval_code"],
-        response_code=row["response_code"],
-        reason=row["reason"],
-        status=TxnStatus(row["status"]),
-        effective_amount=int(row["effective_amount"]),
-        refunded_amount=int(row["refunded_amount"]),
-        completed=bool(row["completed"]),
-        original_id=row["original_id"],
-        batch_id=row["batch_id"],
-        created_at=_utc(row["created_at"]),
-        fingerprint=row["fingerprint"],
-        reference=reference,
-        reversed_after_settlement=bool(row["reversed_after_settlement"]),
-    )
+    return txn_from_row(row, _utc(row["created_at"]))
 
 
 def _batch(row: Any) -> Batch:
     closed = row["closed_at"]
-    return Batch(
-        id=int(row["id"]),
-        merchant_id=row["merchant_id"],
-        terminal_id=row["terminal_id"],
-        batch_no=row["batch_no"],
-        state=BatchState(row["state"]),
-        opened_at=_utc(row["opened_at"]),
-        closed_at=None if closed is None else _utc(closed),
-    )
+    return batch_from_row(row, _utc(row["opened_at"]), None if closed is None else _utc(closed))
 
 
 def _utc(value: datetime) -> datetime:
@@ -312,10 +262,6 @@ def _merge_changes(changes: tuple[TxnChange, ...]) -> list[TxnChange]:
             ),
         )
     return list(merged.values())
-
-
-def _totals_text(totals: SettlementTotals) -> str:
-    return f"{totals.credit_count},{totals.credit_amount},{totals.debit_count},{totals.debit_amount}"
 
 
 def _rowcount(status: str) -> int:
@@ -681,48 +627,18 @@ class PostgresLedger:
                 "ledger_totals = $4 WHERE id = $5 AND state = 'open'",
                 close.closed_at,
                 close.result,
-                _totals_text(close.terminal_totals),
-                _totals_text(close.ledger_totals),
+                totals_text(close.terminal_totals),
+                totals_text(close.ledger_totals),
                 close.batch_id,
             )
         if record is None:  # a replay or a conflict: its event only
             if plan.events:
                 await conn.execute(_INSERT_EVENTS, *events, created)
             return
-        ref = record.reference
         changes = _merge_changes(plan.changes)
         await conn.execute(
             _WRITE,
-            record.kind.value,
-            record.mti,
-            record.mti[:3],
-            record.processing_code,
-            record.merchant_id,
-            record.terminal_id,
-            record.stan,
-            record.transmission_time,
-            record.amount,
-            record.currency,
-            record.pan_masked,
-            record.pan_hmac,
-            record.rrn,
-            record.approval_code,
-            record.response_code,
-            record.reason,
-            record.status.value,
-            record.effective_amount,
-            record.refunded_amount,
-            record.completed,
-            record.original_id,
-            record.batch_id,
-            record.created_at,
-            record.fingerprint,
-            ref.rrn if ref else None,
-            ref.mti if ref else None,
-            ref.stan if ref else None,
-            ref.transmission_time if ref else None,
-            ref.approval_code if ref else None,
-            ref.same_stan if ref else False,
+            *record_values(record, record.created_at),
             [change.txn_id for change in changes],
             [change.status.value if change.status is not None else None for change in changes],
             [change.refunded_delta for change in changes],

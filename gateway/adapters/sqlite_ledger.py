@@ -25,6 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.adapters.ledger_rows import (
+    TXN_COLUMNS,
+    LedgerClosedError,
+    batch_from_row,
+    record_values,
+    totals_text,
+    txn_from_row,
+)
 from gateway.core.engine import (
     BatchTxns,
     Context,
@@ -41,7 +49,7 @@ from gateway.core.engine import (
     process,
 )
 from gateway.core.events import CorrectionEvent
-from gateway.core.model import Batch, BatchState, BatchSummary, Kind, Reference, Request, Txn, TxnStatus
+from gateway.core.model import Batch, BatchSummary, Request, Txn
 from gateway.core.policy import Velocity
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
 
@@ -123,6 +131,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+_INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
 _RRN_BLOCK = 1000
 _MAX_GROUP = 256
 
@@ -136,70 +145,21 @@ def _dt(value: int | None) -> datetime | None:
 
 
 def _txn(row: sqlite3.Row) -> Txn:
-    reference = None
-    if row["ref_rrn"] or row["ref_stan"] or row["ref_approval"] or row["ref_same_stan"]:
-        reference = Reference(
-            rrn=row["ref_rrn"],
-            mti=row["ref_mti"],
-            stan=row["ref_stan"],
-            transmission_time=row["ref_time"],
-            approval_code=row["ref_approval"],
-            same_stan=bool(row["ref_same_stan"]),
-        )
     created = _dt(row["created_at"])
     assert created is not None
-    return Txn(
-        id=row["id"],
-        kind=Kind(row["kind"]),
-        mti=row["mti"],
-        processing_code=row["processing_code"],
-        merchant_id=row["merchant_id"],
-        terminal_id=row["terminal_id"],
-        stan=row["stan"],
-        transmission_time=row["transmission_time"],
-        amount=row["amount"],
-        currency=row["currency"],
-        pan_masked=row["pan_masked"],
-        pan_hmac=row["pan_hmac"],
-        rrn=row["rrn"],
-        approval_code=row["approval_code"],
-        response_code=row["response_code"],
-        reason=row["reason"],
-        status=TxnStatus(row["status"]),
-        effective_amount=row["effective_amount"],
-        refunded_amount=row["refunded_amount"],
-        completed=bool(row["completed"]),
-        original_id=row["original_id"],
-        batch_id=row["batch_id"],
-        created_at=created,
-        fingerprint=row["fingerprint"],
-        reference=reference,
-        reversed_after_settlement=bool(row["reversed_after_settlement"]),
-    )
+    return txn_from_row(row, created)
 
 
 def _batch(row: sqlite3.Row) -> Batch:
     opened = _dt(row["opened_at"])
     assert opened is not None
-    return Batch(
-        id=row["id"],
-        merchant_id=row["merchant_id"],
-        terminal_id=row["terminal_id"],
-        batch_no=row["batch_no"],
-        state=BatchState(row["state"]),
-        opened_at=opened,
-        closed_at=_dt(row["closed_at"]),
-    )
+    return batch_from_row(row, opened, _dt(row["closed_at"]))
 
 
 @dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
-
-
-class LedgerClosedError(RuntimeError):
-    """The ledger is closed or its writer stopped."""
 
 
 class SqliteLedger:
@@ -600,46 +560,7 @@ class SqliteLedger:
     def _apply(self, conn: sqlite3.Connection, plan: Plan, render: Renderer) -> None:
         record = plan.record
         if record is not None:
-            ref = record.reference
-            conn.execute(
-                "INSERT INTO txns(kind, mti, mti_class, processing_code, merchant_id, terminal_id, stan, "
-                "transmission_time, amount, currency, pan_masked, pan_hmac, rrn, approval_code, response_code, "
-                "reason, status, effective_amount, refunded_amount, completed, original_id, batch_id, created_at, "
-                "fingerprint, ref_rrn, ref_mti, ref_stan, ref_time, ref_approval, ref_same_stan) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    record.kind.value,
-                    record.mti,
-                    record.mti[:3],
-                    record.processing_code,
-                    record.merchant_id,
-                    record.terminal_id,
-                    record.stan,
-                    record.transmission_time,
-                    record.amount,
-                    record.currency,
-                    record.pan_masked,
-                    record.pan_hmac,
-                    record.rrn,
-                    record.approval_code,
-                    record.response_code,
-                    record.reason,
-                    record.status.value,
-                    record.effective_amount,
-                    record.refunded_amount,
-                    int(record.completed),
-                    record.original_id,
-                    record.batch_id,
-                    _us(record.created_at),
-                    record.fingerprint,
-                    ref.rrn if ref else None,
-                    ref.mti if ref else None,
-                    ref.stan if ref else None,
-                    ref.transmission_time if ref else None,
-                    ref.approval_code if ref else None,
-                    int(ref.same_stan) if ref else 0,
-                ),
-            )
+            conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
         for change in plan.changes:
             conn.execute(
                 "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "
@@ -663,8 +584,8 @@ class SqliteLedger:
                 (
                     _us(close.closed_at),
                     close.result,
-                    _totals_text(close.terminal_totals),
-                    _totals_text(close.ledger_totals),
+                    totals_text(close.terminal_totals),
+                    totals_text(close.ledger_totals),
                     close.batch_id,
                 ),
             )
@@ -811,10 +732,6 @@ class SqliteLedger:
         return await self._call(run)
 
     outbox_status = status
-
-
-def _totals_text(totals: Any) -> str:
-    return f"{totals.credit_count},{totals.credit_amount},{totals.debit_count},{totals.debit_amount}"
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -1,0 +1,120 @@
+"""What the SQLite and PostgreSQL ledgers share: the record columns and the row <-> model mapping.
+
+Rows are anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); each adapter
+converts its own time representation and passes the result in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from gateway.core.model import Batch, BatchState, Kind, Reference, SettlementTotals, Txn, TxnStatus
+
+#: the txns columns a new record fills, in the order of :func:`record_values`
+TXN_COLUMNS: tuple[str, ...] = (
+    "kind", "mti", "mti_class", "processing_code", "merchant_id", "terminal_id", "stan", "transmission_time",
+    "amount", "currency", "pan_masked", "pan_hmac", "rrn", "approval_code", "response_code", "reason", "status",
+    "effective_amount", "refunded_amount", "completed", "original_id", "batch_id", "created_at", "fingerprint",
+    "ref_rrn", "ref_mti", "ref_stan", "ref_time", "ref_approval", "ref_same_stan",
+)  # fmt: skip
+
+
+class LedgerClosedError(RuntimeError):
+    """The ledger is closed (or was never opened)."""
+
+
+def record_values(record: Txn, created_at: Any) -> tuple[Any, ...]:
+    """The values of :data:`TXN_COLUMNS` for a new record (``created_at`` in the adapter's form)."""
+    ref = record.reference
+    return (
+        record.kind.value,
+        record.mti,
+        record.mti[:3],
+        record.processing_code,
+        record.merchant_id,
+        record.terminal_id,
+        record.stan,
+        record.transmission_time,
+        record.amount,
+        record.currency,
+        record.pan_masked,
+        record.pan_hmac,
+        record.rrn,
+        record.approval_code,
+        record.response_code,
+        record.reason,
+        record.status.value,
+        record.effective_amount,
+        record.refunded_amount,
+        record.completed,
+        record.original_id,
+        record.batch_id,
+        created_at,
+        record.fingerprint,
+        ref.rrn if ref else None,
+        ref.mti if ref else None,
+        ref.stan if ref else None,
+        ref.transmission_time if ref else None,
+        ref.approval_code if ref else None,
+        ref.same_stan if ref else False,
+    )
+
+
+def txn_from_row(row: Any, created_at: datetime) -> Txn:
+    """A ledger record from its row (``created_at`` already converted by the adapter)."""
+    reference = None
+    if row["ref_rrn"] or row["ref_stan"] or row["ref_approval"] or row["ref_same_stan"]:
+        reference = Reference(
+            rrn=row["ref_rrn"],
+            mti=row["ref_mti"],
+            stan=row["ref_stan"],
+            transmission_time=row["ref_time"],
+            approval_code=row["ref_approval"],
+            same_stan=bool(row["ref_same_stan"]),
+        )
+    return Txn(
+        id=int(row["id"]),
+        kind=Kind(row["kind"]),
+        mti=row["mti"],
+        processing_code=row["processing_code"],
+        merchant_id=row["merchant_id"],
+        terminal_id=row["terminal_id"],
+        stan=row["stan"],
+        transmission_time=row["transmission_time"],
+        amount=int(row["amount"]),
+        currency=row["currency"],
+        pan_masked=row["pan_masked"],
+        pan_hmac=row["pan_hmac"],
+        rrn=row["rrn"],
+        approval_code=row["approval_code"],
+        response_code=row["response_code"],
+        reason=row["reason"],
+        status=TxnStatus(row["status"]),
+        effective_amount=int(row["effective_amount"]),
+        refunded_amount=int(row["refunded_amount"]),
+        completed=bool(row["completed"]),
+        original_id=row["original_id"],
+        batch_id=row["batch_id"],
+        created_at=created_at,
+        fingerprint=row["fingerprint"],
+        reference=reference,
+        reversed_after_settlement=bool(row["reversed_after_settlement"]),
+    )
+
+
+def batch_from_row(row: Any, opened_at: datetime, closed_at: datetime | None) -> Batch:
+    return Batch(
+        id=int(row["id"]),
+        merchant_id=row["merchant_id"],
+        terminal_id=row["terminal_id"],
+        batch_no=row["batch_no"],
+        state=BatchState(row["state"]),
+        opened_at=opened_at,
+        closed_at=closed_at,
+    )
+
+
+def totals_text(totals: SettlementTotals) -> str:
+    """Batch totals as stored: credits count, credits amount, debits count, debits amount."""
+    return f"{totals.credit_count},{totals.credit_amount},{totals.debit_count},{totals.debit_amount}"
