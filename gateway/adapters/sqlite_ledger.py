@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
 _RRN_BLOCK = 1000
+#: how long a relay lease outlives its holder's last poll
+RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
 
 
@@ -186,6 +189,8 @@ class SqliteLedger:
         #: open batches by (merchant, terminal); valid while no other connection committed
         self._open_batches: dict[tuple[str, str], Batch] = {}
         self._data_version = -1
+        #: names this ledger object in the relay lease
+        self._token = uuid.uuid4().hex
         self._handlers: dict[type[Query], Callable[[sqlite3.Connection, Any], Any]] = {
             FindDuplicate: self._find_duplicate,
             FindOriginal: self._find_original,
@@ -225,6 +230,8 @@ class SqliteLedger:
     async def close(self) -> None:
         if self._closed:
             return
+        with contextlib.suppress(Exception):
+            await self._call(self._release_relay_lease)
         self._closed = True
         assert self._wake is not None
         self._wake.set()
@@ -674,7 +681,17 @@ class SqliteLedger:
     # ------------------------------------------------------------------ outbox port
 
     async def pending(self, limit: int) -> Sequence[OutboxRow]:
+        """Unsent rows in id order, to the instance holding the relay lease only.
+
+        Several gateway processes may share one SQLite file; if each relay published the outbox,
+        events would go out once per process and out of order. The lease is a ``meta`` row naming
+        its holder until an expiry that every call renews; a stopped holder's lease lapses after
+        :data:`RELAY_LEASE_S` and the next caller takes it.
+        """
+
         def run(conn: sqlite3.Connection) -> list[OutboxRow]:
+            if not self._hold_relay_lease(conn):
+                return []
             rows = conn.execute(
                 "SELECT id, event_id, topic, payload, ordering_key, created_at FROM outbox "
                 "WHERE sent_at IS NULL ORDER BY id LIMIT ?",
@@ -683,6 +700,23 @@ class SqliteLedger:
             return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], _dt(r[5]) or datetime.now(UTC)) for r in rows]
 
         return await self._call(run)
+
+    def _hold_relay_lease(self, conn: sqlite3.Connection) -> bool:
+        now = _us(datetime.now(UTC))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'relay_lease'").fetchone()
+        if row is not None:
+            holder, _, expires = str(row[0]).partition(" ")
+            if holder != self._token and int(expires or 0) > now:
+                return False
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('relay_lease', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (f"{self._token} {now + int(RELAY_LEASE_S * 1_000_000)}",),
+        )
+        return True
+
+    def _release_relay_lease(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM meta WHERE key = 'relay_lease' AND value LIKE ?", (f"{self._token} %",))
 
     async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None:
         if not ids:

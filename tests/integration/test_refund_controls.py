@@ -268,3 +268,24 @@ async def test_refunds_are_capped_across_two_gateway_instances_sharing_one_ledge
         await b.close()
     assert codes.count("00") == 5
     assert codes.count("64") == 5
+
+
+async def test_only_one_of_two_ledgers_on_one_sqlite_file_relays_the_outbox(tmp_path: Path) -> None:
+    from gateway.adapters.sqlite_ledger import SqliteLedger
+
+    first = await SqliteLedger(tmp_path / "shared.db").open()
+    second = await SqliteLedger(tmp_path / "shared.db").open()
+    try:
+        await first._call(
+            lambda conn: conn.execute(
+                "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) "
+                "VALUES ('e1', 't', x'7b7d', 'k', 0)"
+            )
+        )
+        assert [row.event_id for row in await first.pending(10)] == ["e1"]
+        assert await second.pending(10) == []  # the first holds the lease
+        await first.close()  # releases it
+        assert [row.event_id for row in await second.pending(10)] == ["e1"]
+    finally:
+        await first.close()
+        await second.close()
