@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -248,7 +249,8 @@ class Recorder:
         if code is not None:
             log = self.db.with_name("gateway-1.log")
             tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
-            raise RuntimeError(f"the gateway exited with {code}; its log ends:\n" + "\n".join(tail))
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise RuntimeError(f"the gateway ended ({how}); its log ends:\n" + "\n".join(tail))
 
     def take(self, label: str, messages: int) -> Sample:
         self.check_alive()
@@ -358,7 +360,10 @@ async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dic
             try:
                 summary = await drive(server.port, count, args)
             except RuntimeError:
-                rec.check_alive()  # the better message when the gateway died under load
+                # the better message when the gateway died under load (it may still be shutting down)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.process.wait(timeout=25)
+                rec.check_alive()
                 raise
             done += summary["received"]
             loads.append(summary)

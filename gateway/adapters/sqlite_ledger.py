@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,7 +51,7 @@ from gateway.core.engine import (
     process,
 )
 from gateway.core.events import CorrectionEvent
-from gateway.core.model import Batch, BatchSummary, Request, Txn
+from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn
 from gateway.core.policy import Velocity
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
 
@@ -137,6 +138,11 @@ _RRN_BLOCK = 1000
 #: how long a relay lease outlives its holder's last poll
 RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
+
+
+@functools.lru_cache(maxsize=16)
+def _kind_values(kinds: frozenset[Kind]) -> tuple[str, ...]:
+    return tuple(sorted(kind.value for kind in kinds))
 
 
 def _us(moment: datetime) -> int:
@@ -477,7 +483,7 @@ class SqliteLedger:
 
     @staticmethod
     def _find_original(conn: sqlite3.Connection, query: FindOriginal) -> Txn | None:
-        kinds = sorted(kind.value for kind in query.kinds)
+        kinds = _kind_values(query.kinds)
         marks = ",".join("?" * len(kinds))
         if query.rrn is not None:
             sql = f"SELECT * FROM txns WHERE merchant_id = ? AND rrn = ? AND kind IN ({marks})"

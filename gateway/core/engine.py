@@ -9,10 +9,11 @@ in memory.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -267,27 +268,35 @@ def process(request: Request, ctx: Context) -> Step:
     return plan
 
 
+#: what each correction may point at (a void or refund finds refunds and voids too, to refuse them clearly)
+_ORIGINAL_KINDS_FOR = {
+    Kind.VOID: frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.PREAUTH, Kind.REFUND, Kind.VOID}),
+    Kind.REFUND: frozenset(ORIGINAL_KINDS | {Kind.REFUND, Kind.VOID}),
+    Kind.COMPLETION: frozenset(ORIGINAL_KINDS),
+    Kind.REVERSAL: frozenset(REVERSIBLE_KINDS),
+}
+
+
 def _find_original(request: Request, pan_hmac: str | None) -> FindOriginal:
     ref = request.reference
-    kinds = {
-        Kind.VOID: frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.PREAUTH, Kind.REFUND, Kind.VOID}),
-        Kind.REFUND: frozenset(ORIGINAL_KINDS | {Kind.REFUND, Kind.VOID}),
-        Kind.COMPLETION: frozenset(ORIGINAL_KINDS),
-        Kind.REVERSAL: frozenset(REVERSIBLE_KINDS),
-    }[request.kind]
-    base = FindOriginal(request.merchant_id, request.terminal_id, kinds)
+    merchant, terminal, kinds = request.merchant_id, request.terminal_id, _ORIGINAL_KINDS_FOR[request.kind]
     if ref is None:
-        return base
+        return FindOriginal(merchant, terminal, kinds)
     if ref.rrn is not None:
-        return replace(base, rrn=ref.rrn)
+        return FindOriginal(merchant, terminal, kinds, rrn=ref.rrn)
     if ref.stan is not None:
-        return replace(
-            base, mti_class=(ref.mti or "")[:3] or None, stan=ref.stan, transmission_time=ref.transmission_time
+        return FindOriginal(
+            merchant,
+            terminal,
+            kinds,
+            mti_class=(ref.mti or "")[:3] or None,
+            stan=ref.stan,
+            transmission_time=ref.transmission_time,
         )
     if ref.approval_code is not None:
-        return replace(base, approval_code=ref.approval_code, pan_hmac=pan_hmac)
+        return FindOriginal(merchant, terminal, kinds, approval_code=ref.approval_code, pan_hmac=pan_hmac)
     # a reversal without DE90: the latest request of this terminal with the same STAN
-    return replace(base, stan=request.stan)
+    return FindOriginal(merchant, terminal, kinds, stan=request.stan)
 
 
 def _record(
@@ -338,7 +347,7 @@ def _record(
 
 def _apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     """The original as it stands after the decision's changes (for the event's balance)."""
-    after = replace(original)
+    after = copy.copy(original)
     for change in changes:
         if change.txn_id != original.id:
             continue

@@ -342,3 +342,14 @@ def test_docs_show_one_example_per_type_and_each_validates_against_its_schema() 
         _, kind, outcome = event_type.split(".")
         assert topic == f"pos/corrections/{document['subject'].rsplit('/', 1)[0]}/{kind}/{outcome}"
         assert PAN_RUN.search(text.encode()) is None
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_the_fast_rendering_equals_the_validated_model_for_every_type(event_type: str) -> None:
+    from gateway.events import build_event
+
+    fact = fact_for(event_type)
+    moment = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
+    _, payload = render_event(fact, event_id="e-1", instance_id="gw", time=moment, topic_prefix=PREFIX)
+    validated = build_event(fact, event_id="e-1", instance_id="gw", time=moment)
+    assert orjson.loads(payload) == validated.model_dump(mode="json")
