@@ -224,12 +224,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(row(f"round {round_no} bare", bare_summary, bare_peak))
                 gateway = start_gateway(args.profile, workdir, mqtt_url, round_no)
                 gw_summary = measured(gateway, args)
+                db = workdir / f"ledger-{round_no}.db"
+                lag = outbox_pending(db)  # events not yet published when the load stopped
                 time.sleep(1.0)  # let the relay drain before the gateway stops
                 gw_peak = gateway.stop()
-                pending = outbox_pending(workdir / f"ledger-{round_no}.db")
-                print(row(f"round {round_no} gateway", gw_summary, gw_peak) + f"  outbox pending {pending}")
+                pending = outbox_pending(db)
+                print(row(f"round {round_no} gateway", gw_summary, gw_peak)
+                      + f"  outbox at end {lag}, 1 s later {pending}")
                 results["rounds"].append({"bare": bare_summary | {"peak_rss_mib": bare_peak},
                                           "gateway": gw_summary | {"peak_rss_mib": gw_peak,
+                                                                   "outbox_pending_at_end": lag,
                                                                    "outbox_pending_after": pending}})
             bare_tps = statistics.median(r["bare"]["tps"] for r in results["rounds"])
             gw_tps = statistics.median(r["gateway"]["tps"] for r in results["rounds"])
