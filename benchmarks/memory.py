@@ -102,6 +102,17 @@ def ledger_bytes(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured and whether ``gateway/`` had uncommitted changes (None without git)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        return {"commit": None, "gateway_modified": None}
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--", "gateway"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return {"commit": head.stdout.strip(), "gateway_modified": bool(status.stdout.strip())}
+
+
 def raise_nofile_limit(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to ``needed`` (at most the hard limit); returns the soft limit now.
 
@@ -307,7 +318,7 @@ def conclusions(samples: list[Sample], connections: int, cycles: int) -> dict[st
             "rss_closed_kib": closed.rss_kib,
             "kib_per_idle_connection": round((opened.rss_kib - before.rss_kib) / connections, 2),
             "kib_kept_after_close": closed.rss_kib - before.rss_kib,
-            "share_returned": round((opened.rss_kib - closed.rss_kib) / max(1, opened.rss_kib - before.rss_kib), 3),
+            "rss_closed_vs_start_kib": closed.rss_kib - start.rss_kib,
         }
     slices = [s for s in samples if s.label.startswith("load ")]
     if slices:
@@ -399,10 +410,10 @@ def report(conclusions_: dict[str, Any], connections: int) -> None:
     for key, cycle in conclusions_.items():
         if not key.startswith("cycle_"):
             continue
-        print(f"{key.replace('_', ' ')}: {connections} idle connections cost "
-              f"{cycle['kib_per_idle_connection']:.1f} KiB each; after they closed "
-              f"{cycle['share_returned']:.0%} of it was returned "
-              f"({cycle['kib_kept_after_close'] / 1024:+.1f} MiB against before)")  # fmt: skip
+        print(f"{key.replace('_', ' ')}: opening {connections} idle connections added "
+              f"{cycle['kib_per_idle_connection']:.2f} KiB RSS each; after they closed RSS was "
+              f"{cycle['kib_kept_after_close'] / 1024:+.1f} MiB against before this cycle, "
+              f"{cycle['rss_closed_vs_start_kib'] / 1024:+.1f} MiB against start")  # fmt: skip
     m = conclusions_.get("messages")
     if m is not None:
         print(f"messages: RSS {m['rss_after_first_slice_kib'] / 1024:.1f} MiB after the first slice, "
@@ -448,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if nofile != resource.RLIM_INFINITY and nofile < args.connections + _SPARE_FDS:
         parser.error(f"RLIMIT_NOFILE is {nofile}; {args.connections} connections need {args.connections + _SPARE_FDS}")
     info = machine()
+    code = code_version()
     print(f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
     print(
         f"{args.connections} idle connections x {args.cycles} cycles, then {args.messages:,} messages "
@@ -467,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code": code,
         **figures,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

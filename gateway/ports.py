@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+
+from gateway.core.events import CorrectionEvent
+
+#: renders a correction fact for the outbox: (event id, topic, payload)
+Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
 
 
 class Clock(Protocol):

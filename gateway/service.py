@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gateway.core.engine import Context
@@ -21,13 +21,11 @@ from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import render_event
-from gateway.ports import Clock, LedgerResult
+from gateway.ports import Clock, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
 from gateway.protocol.message import Message
 from gateway.protocol.profile import Profile
-
-Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
 
 
 class Ledger(Protocol):
@@ -57,9 +55,9 @@ class ServiceConfig:
 
 
 class SystemClock:
-    def now(self) -> datetime:
-        from datetime import UTC
+    """The wall clock, in UTC (the composition root passes it in; tests pass their own)."""
 
+    def now(self) -> datetime:
         return datetime.now(UTC)
 
 
@@ -83,7 +81,6 @@ class GatewayService:
         self.clock: Clock = clock or SystemClock()
         self.log = logger
         self.recorder = recorder
-        self._codes = profile.response_codes
 
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)

@@ -63,7 +63,6 @@ from gateway.core.engine import (
     RefundVelocity,
     process,
 )
-from gateway.core.events import CorrectionEvent
 from gateway.core.model import (
     Batch,
     BatchSummary,
@@ -72,10 +71,7 @@ from gateway.core.model import (
     Txn,
 )
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
-
-#: renders a correction fact for the outbox: (event id, topic, payload)
-Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
+from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 #: versioned migrations; version N is MIGRATIONS[N - 1]: (description, SQL script)
 MIGRATIONS: tuple[tuple[str, str], ...] = (

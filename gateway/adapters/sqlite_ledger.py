@@ -50,15 +50,12 @@ from gateway.core.engine import (
     RefundVelocity,
     process,
 )
-from gateway.core.events import CorrectionEvent
 from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerResult, OutboxRow, OutboxStatus
+from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 T = TypeVar("T")
 
-#: renders a correction fact for the outbox: (event id, topic, payload)
-Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the ledger, batches, the outbox and counters
