@@ -229,5 +229,11 @@ class GatewayProcess:
         self.process.send_signal(sig)
         return self.process.wait(timeout=20)
 
+    def kill(self) -> None:
+        """Stop the process at once if it still runs (test clean-up)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
     def logs(self) -> str:
         return self.log_path.read_text()

@@ -15,9 +15,7 @@ from harness import CARD, GatewayProcess, IsoClient
 def gateway_process(tmp_path: Path, mqtt_broker_url: str) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(tmp_path, mqtt_broker_url)
     yield proc
-    if proc.process is not None and proc.process.poll() is None:
-        proc.process.kill()
-        proc.process.wait()
+    proc.kill()
 
 
 async def test_a_sale_approved_just_before_kill_9_is_found_after_restart(gateway_process: GatewayProcess) -> None:
@@ -69,8 +67,8 @@ async def test_no_full_pan_reaches_the_logs_or_the_ledger_files(gateway_process:
 
 async def test_the_ascii_profile_answers_0810_0110_and_0210(tmp_path: Path, mqtt_broker_url: str) -> None:
     proc = GatewayProcess(tmp_path, mqtt_broker_url, profile="iso87-ascii")
-    proc.start()
     try:
+        proc.start()
         pos = await IsoClient.connect(proc.port, profile="iso87-ascii")
         mti, echo = await pos.send("0800", {7: "1122103015", 11: "000001", 70: "301"})
         assert (mti, echo[39], echo[70]) == ("0810", "00", "301")
@@ -79,6 +77,7 @@ async def test_the_ascii_profile_answers_0810_0110_and_0210(tmp_path: Path, mqtt
         sale = await pos.sale(1_234)
         assert sale[39] == "00" and sale[37] != preauth[37]
         await pos.close()
-    finally:
         assert proc.signal(signal.SIGTERM) == 0
+    finally:
+        proc.kill()
 

@@ -107,20 +107,21 @@ async def test_events_still_pending_when_the_gateway_is_killed_are_delivered_aft
     consumer = f"crash-{tmp_path.name}"[:23]
     async with Subscriber(mosquitto.url, f"{topic_prefix}/#", client_id=consumer, clean_session=False):
         pass
-    proc.start()
-    pos = await IsoClient.connect(proc.port)
-    sale = await pos.sale(5_000)
-    mosquitto.stop()  # events can only pile up in the outbox now
-    for _ in range(3):
-        assert (await pos.refund(sale[37], 500))[39] == "00"
-    proc.signal(signal.SIGKILL)
-    await pos.close()
-    mosquitto.start()
-    proc.start()
     try:
+        proc.start()
+        pos = await IsoClient.connect(proc.port)
+        sale = await pos.sale(5_000)
+        mosquitto.stop()  # events can only pile up in the outbox now
+        for _ in range(3):
+            assert (await pos.refund(sale[37], 500))[39] == "00"
+        proc.signal(signal.SIGKILL)
+        await pos.close()
+        mosquitto.start()
+        proc.start()
         async with Subscriber(mosquitto.url, f"{topic_prefix}/#", client_id=consumer, clean_session=False) as sub:
             received = await sub.collect(3, timeout=15)
         assert {json.loads(m.payload)["type"] for m in received} == {"pos.refund.approved"}
         assert len({json.loads(m.payload)["id"] for m in received}) == 3
-    finally:
         assert proc.signal(signal.SIGTERM) == 0
+    finally:
+        proc.kill()  # never leave a gateway behind, whatever failed
