@@ -28,14 +28,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,21 +122,6 @@ def raise_nofile_limit(needed: int) -> int:
         soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
-
-
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """Extra variables for the processes started inside (``start_gateway`` copies ``os.environ``)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def metric(port: int, name: str) -> float:
@@ -344,8 +328,17 @@ def conclusions(samples: list[Sample], connections: int, cycles: int) -> dict[st
 async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dict[str, Any]:
     profile = load_profile(args.profile)
     metrics_port = free_port()
-    with environment(GATEWAY_IDLE_TIMEOUT_S=str(args.idle_timeout), GATEWAY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}"):
-        server = start_gateway(args.profile, workdir, mqtt_url, 1)
+    server = start_gateway(
+        args.profile,
+        workdir,
+        mqtt_url,
+        1,
+        env={
+            "GATEWAY_IDLE_TIMEOUT_S": str(args.idle_timeout),
+            "GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+            "GATEWAY_MAX_CONNECTIONS": str(max(GATEWAY_MAX_CONNECTIONS, args.connections + 100)),
+        },
+    )
     rec = Recorder(server, workdir / "ledger-1.db", metrics_port)
     loads: list[dict[str, Any]] = []
     try:

@@ -107,7 +107,7 @@ def mosquitto(workdir: Path) -> Iterator[str]:
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_listening(port, process)  # type: ignore[arg-type]
+        wait_listening(port, process)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         process.terminate()
@@ -126,7 +126,9 @@ def start_bare(profile: str) -> Server:
     return Server("bare", process, port)
 
 
-def start_gateway(profile: str, workdir: Path, mqtt_url: str, round_no: int) -> Server:
+def start_gateway(
+    profile: str, workdir: Path, mqtt_url: str, round_no: int, env: dict[str, str] | None = None
+) -> Server:
     port = free_port()
     env = {
         **os.environ,
@@ -139,6 +141,7 @@ def start_gateway(profile: str, workdir: Path, mqtt_url: str, round_no: int) -> 
         "GATEWAY_PAN_HMAC_KEY": "bench-key",
         "GATEWAY_LOG_FORMAT": "json",
         "GATEWAY_MAX_CONNECTIONS": "5000",
+        **(env or {}),
     }
     log = (workdir / f"gateway-{round_no}.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=env, stdout=log,

@@ -132,6 +132,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
 _RRN_BLOCK = 1000
+#: open batches cached at most (about 300 bytes each)
+_OPEN_BATCH_CACHE = 10_000
 #: how long a relay lease outlives its holder's last poll
 RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
@@ -340,6 +342,13 @@ class SqliteLedger:
         for job, (value, error) in zip(group, results, strict=True):
             _settle(job.future, value, error)
 
+    def _remember_batch(self, key: tuple[str, str], batch: Batch) -> Batch:
+        """Cache a terminal's open batch; the cache is bounded (a peer may invent terminal ids)."""
+        if len(self._open_batches) >= _OPEN_BATCH_CACHE:
+            self._open_batches.clear()
+        self._open_batches[key] = batch
+        return batch
+
     def _check_foreign_writes(self, conn: sqlite3.Connection) -> None:
         """Drop cached state when another connection (another gateway process) committed meanwhile."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -522,8 +531,7 @@ class SqliteLedger:
         if row is not None or not query.create:
             if row is None:
                 return None
-            batch = self._open_batches[key] = _batch(row)
-            return batch
+            return self._remember_batch(key, _batch(row))
         last = conn.execute(
             "SELECT batch_no FROM batches WHERE merchant_id = ? AND terminal_id = ? ORDER BY id DESC LIMIT 1",
             (query.merchant_id, query.terminal_id),
@@ -534,7 +542,7 @@ class SqliteLedger:
             "VALUES (?, ?, ?, 'open', ?) RETURNING *",
             (query.merchant_id, query.terminal_id, f"{number:06d}", _us(query.now)),
         ).fetchone()
-        batch = self._open_batches[key] = _batch(row)
+        batch = self._remember_batch(key, _batch(row))
         return batch
 
     @staticmethod
