@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from gateway.core.model import Batch, BatchState, Kind, Reference, SettlementTotals, Txn, TxnStatus
+from gateway.core.model import Batch, BatchState, BatchSummary, Kind, Reference, SettlementTotals, Txn, TxnStatus
 
 #: the txns columns a new record fills, in the order of :func:`record_values`
 TXN_COLUMNS: tuple[str, ...] = (
@@ -112,6 +112,24 @@ def batch_from_row(row: Any, opened_at: datetime, closed_at: datetime | None) ->
         state=BatchState(row["state"]),
         opened_at=opened_at,
         closed_at=closed_at,
+    )
+
+
+def summary_from_row(row: Any, batch: Batch) -> BatchSummary:
+    """A batch listing line: the batch and its ledger totals (columns dc, da, cc, ca, currency, result)."""
+    return BatchSummary(
+        merchant_id=batch.merchant_id,
+        terminal_id=batch.terminal_id,
+        batch_no=batch.batch_no,
+        state=batch.state,
+        opened_at=batch.opened_at,
+        closed_at=batch.closed_at,
+        debit_count=int(row["dc"] or 0),
+        debit_amount=int(row["da"] or 0),
+        credit_count=int(row["cc"] or 0),
+        credit_amount=int(row["ca"] or 0),
+        currency=row["currency"],
+        result=row["result"],
     )
 
 

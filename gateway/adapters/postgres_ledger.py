@@ -43,6 +43,7 @@ from gateway.adapters.ledger_rows import (
     LedgerClosedError,
     batch_from_row,
     record_values,
+    summary_from_row,
     totals_text,
     txn_from_row,
 )
@@ -680,26 +681,7 @@ class PostgresLedger:
                 terminal,
                 open_only,
             )
-        out = []
-        for row in rows:
-            batch = _batch(row)
-            out.append(
-                BatchSummary(
-                    merchant_id=batch.merchant_id,
-                    terminal_id=batch.terminal_id,
-                    batch_no=batch.batch_no,
-                    state=batch.state,
-                    opened_at=batch.opened_at,
-                    closed_at=batch.closed_at,
-                    debit_count=int(row["dc"]),
-                    debit_amount=int(row["da"]),
-                    credit_count=int(row["cc"]),
-                    credit_amount=int(row["ca"]),
-                    currency=row["currency"],
-                    result=row["result"],
-                )
-            )
-        return out
+        return [summary_from_row(row, _batch(row)) for row in rows]
 
     async def find_txn(self, merchant_id: str, rrn: str) -> Txn | None:
         """A record by its RRN (for tools and tests)."""

@@ -32,6 +32,7 @@ from gateway.adapters.ledger_rows import (
     LedgerClosedError,
     batch_from_row,
     record_values,
+    summary_from_row,
     totals_text,
     txn_from_row,
 )
@@ -642,37 +643,18 @@ class SqliteLedger:
         def run(conn: sqlite3.Connection) -> list[BatchSummary]:
             sql = (
                 "SELECT b.*, "
-                " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion')"
-                "     THEN t.effective_amount ELSE 0 END),"
-                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN t.effective_amount ELSE 0 END),"
-                " MAX(t.currency)"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN 1 ELSE 0 END)"
+                " AS dc, SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion')"
+                "     THEN t.effective_amount ELSE 0 END) AS da,"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN 1 ELSE 0 END) AS cc,"
+                " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN t.effective_amount ELSE 0 END)"
+                " AS ca, MAX(t.currency) AS currency"
                 " FROM batches b LEFT JOIN txns t ON t.batch_id = b.id"
                 " WHERE (? IS NULL OR b.merchant_id = ?) AND (? IS NULL OR b.terminal_id = ?)"
                 " AND (? = 0 OR b.state = 'open') GROUP BY b.id ORDER BY b.id"
             )
             rows = conn.execute(sql, (merchant, merchant, terminal, terminal, int(open_only))).fetchall()
-            out = []
-            for row in rows:
-                batch = _batch(row)
-                out.append(
-                    BatchSummary(
-                        merchant_id=batch.merchant_id,
-                        terminal_id=batch.terminal_id,
-                        batch_no=batch.batch_no,
-                        state=batch.state,
-                        opened_at=batch.opened_at,
-                        closed_at=batch.closed_at,
-                        debit_count=row[10] or 0,
-                        debit_amount=row[11] or 0,
-                        credit_count=row[12] or 0,
-                        credit_amount=row[13] or 0,
-                        currency=row[14],
-                        result=row["result"],
-                    )
-                )
-            return out
+            return [summary_from_row(row, _batch(row)) for row in rows]
 
         return await self._call(run)
 
