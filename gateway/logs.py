@@ -24,12 +24,16 @@ Importing this module configures nothing; call :func:`configure_logging` once at
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import itertools
 import json
 import logging
 import re
 import sys
+import threading
 import time as _time
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from enum import Enum
@@ -46,6 +50,7 @@ __all__ = [
     "bound_contextvars",
     "clear_contextvars",
     "configure_logging",
+    "flush_logs",
     "get_logger",
     "luhn_valid",
     "mask_pan",
@@ -312,16 +317,86 @@ class _StdlibBridge(logging.Handler):
             self.handleError(record)
 
 
+class _CoalescingStream:
+    """A byte stream whose lines, written on an event loop's thread, leave together at the end of the
+    loop's current iteration: one ``write`` + ``flush`` per burst instead of one per line (a request's
+    log line cost a system call of its own; answers finished by one ledger commit now share one).
+
+    Lines written where no event loop runs (start-up, shutdown, other threads) go out at once, after
+    whatever is still pending, so the order of lines is kept. :func:`flush_logs` (also run at exit)
+    writes out anything pending.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_pending", "_scheduled", "_stream")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+        _COALESCING.add(self)
+
+    def write(self, data: bytes) -> int:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            with self._lock:
+                self._pending.append(data)
+                self._drain_locked()
+            return len(data)
+        with self._lock:
+            self._pending.append(data)
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self.drain)
+        return len(data)
+
+    def flush(self) -> None:
+        """Called by structlog after every line: the drain at the end of the iteration flushes."""
+
+    def drain(self) -> None:
+        with self._lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: a log write must never raise
+            pass
+
+
+_COALESCING: weakref.WeakSet[_CoalescingStream] = weakref.WeakSet()
+
+
+def flush_logs() -> None:
+    """Write out every log line still waiting in a coalescing stream."""
+    for stream in list(_COALESCING):
+        stream.drain()
+
+
+atexit.register(flush_logs)
+
+
 def configure_logging(
     level: str = "info",
     fmt: LogFormat = "auto",
     stream: IO[Any] | None = None,
+    *,
+    coalesce: bool = False,
 ) -> None:
     """Configure structlog (and route standard-library logging through it).
 
     ``level``: debug, info, warning or error. ``fmt``: ``json`` (one JSON object per line, orjson),
     ``console`` (readable, coloured on a terminal) or ``auto`` (console on a TTY, JSON otherwise).
     ``stream``: where lines go, default ``sys.stdout``; text and binary streams both work.
+    ``coalesce``: JSON lines written during one event-loop iteration leave in one write (the server
+    sets it; see :class:`_CoalescingStream`).
     May be called again (tests do); loggers obtained before keep their old configuration.
     """
     try:
@@ -330,6 +405,7 @@ def configure_logging(
         raise ValueError(f"unknown log level {level!r}; expected debug, info, warning or error") from None
     if fmt not in ("auto", "json", "console"):
         raise ValueError(f"unknown log format {fmt!r}; expected auto, json or console")
+    flush_logs()
     out = sys.stdout if stream is None else stream
     is_tty = bool(getattr(out, "isatty", lambda: False)())
     console = fmt == "console" or (fmt == "auto" and is_tty)
@@ -348,6 +424,8 @@ def configure_logging(
         logger_factory = structlog.WriteLoggerFactory(file=_text_stream(out))
     else:
         binary = _binary_stream(out)
+        if binary is not None and coalesce:
+            binary = cast(BinaryIO, _CoalescingStream(binary))
         if binary is not None:
             processors.append(
                 structlog.processors.JSONRenderer(
@@ -408,6 +486,7 @@ def _text_stream(stream: IO[Any]) -> TextIO:
 
 def reset_logging() -> None:
     """Undo :func:`configure_logging`: structlog's defaults back, the standard-library bridge removed."""
+    flush_logs()
     structlog.reset_defaults()
     _remove_bridges()
 

@@ -330,3 +330,57 @@ def test_any_luhn_valid_pan_between_non_digits_never_reaches_the_output(
     text = buf.getvalue().decode()
     assert pan not in text
     assert text.count(mask_pan(pan)) == 2
+
+
+class _CountingStream(io.BytesIO):
+    """A byte stream that counts its writes (one write is one system call on a real file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_coalesced_lines_written_during_one_loop_iteration_leave_in_one_write() -> None:
+    import asyncio
+
+    out = _CountingStream()
+    configure_logging("info", "json", out, coalesce=True)
+    log = get_logger("test")
+    for number in range(50):
+        log.info("message.processed", n=number, pan=PAN)
+    assert out.writes == 0  # nothing yet: the iteration is not over
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert out.writes == 1
+    lines = json_lines(out)
+    assert [line["n"] for line in lines] == list(range(50))
+    assert {line["pan"] for line in lines} == {MASKED}  # masking happens before the buffer
+
+
+def test_coalesced_lines_written_without_a_running_loop_go_out_at_once_and_in_order() -> None:
+    import asyncio
+
+    from gateway.logs import flush_logs
+
+    out = _CountingStream()
+    configure_logging("info", "json", out, coalesce=True)
+    log = get_logger("test")
+
+    async def inside() -> None:
+        log.info("first")  # waits for the end of the iteration, which never comes: the loop stops
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(inside())
+    finally:
+        loop.close()
+    log.info("second")  # no loop: written at once, after the line still pending
+    assert [line["event"] for line in json_lines(out)] == ["first", "second"]
+    log.info("third")
+    flush_logs()
+    assert [line["event"] for line in json_lines(out)] == ["first", "second", "third"]
+
