@@ -190,8 +190,12 @@ def mask_pan(pan: str | None) -> str | None:
 _SEGMENT_UNSAFE = re.compile(r"[%/+#\x00-\x20\x7f-\x9f\s]")
 
 
+@lru_cache(maxsize=8192)
 def topic_segment(value: str) -> str:
-    """One safe MQTT topic level for an id: stripped, wildcards/'/'/'%'/whitespace percent-encoded."""
+    """One safe MQTT topic level for an id: stripped, wildcards/'/'/'%'/whitespace percent-encoded.
+
+    Cached: merchant and terminal ids repeat on every event.
+    """
     stripped = value.strip()
     if not stripped:
         return "-"
@@ -261,6 +265,11 @@ def _amount(value: int | None) -> int | None:
     return value
 
 
+@lru_cache(maxsize=64)
+def _source(instance_id: str) -> str:
+    return SOURCE_SCHEME + quote(instance_id, safe=":-._~")
+
+
 def event_document(fact: CorrectionEvent, *, event_id: str, instance_id: str, time: datetime) -> dict[str, Any]:
     """The CloudEvent for a fact as plain data, in exactly the shape of :class:`CloudEvent`.
 
@@ -275,7 +284,7 @@ def event_document(fact: CorrectionEvent, *, event_id: str, instance_id: str, ti
     return {
         "specversion": SPECVERSION,
         "id": event_id,
-        "source": SOURCE_SCHEME + quote(instance_id, safe=":-._~"),
+        "source": _source(instance_id),
         "type": event_type,
         "time": format_time(time),
         "subject": event_subject(fact),

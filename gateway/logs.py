@@ -52,6 +52,7 @@ __all__ = [
     "configure_logging",
     "flush_logs",
     "get_logger",
+    "info_writer",
     "luhn_valid",
     "mask_pan",
     "mask_sensitive",
@@ -410,13 +411,15 @@ def configure_logging(
     is_tty = bool(getattr(out, "isatty", lambda: False)())
     console = fmt == "console" or (fmt == "auto" and is_tty)
 
+    _FAST.sink = None
+    timestamper = _UtcTimestamper()
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _logger_key,
         _format_exc_info,
         mask_sensitive,
         structlog.processors.add_log_level,
-        _UtcTimestamper(),
+        timestamper,
     ]
     logger_factory: Callable[..., Any]
     if console:
@@ -426,6 +429,9 @@ def configure_logging(
         binary = _binary_stream(out)
         if binary is not None and coalesce:
             binary = cast(BinaryIO, _CoalescingStream(binary))
+        if min_level <= logging.INFO:
+            _FAST.sink = _binary_sink(binary) if binary is not None else _text_sink(cast(TextIO, out))
+            _FAST.stamp = timestamper
         if binary is not None:
             processors.append(
                 structlog.processors.JSONRenderer(
@@ -449,6 +455,83 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     _route_stdlib_logging(min_level)
+
+
+# --- the per-request line -------------------------------------------------------------------------
+
+
+class _FastPath:
+    """Where :func:`info_writer` lines go while JSON logging at info level is configured (else None)."""
+
+    __slots__ = ("sink", "stamp")
+
+    def __init__(self) -> None:
+        self.sink: Callable[[bytes], None] | None = None
+        self.stamp: _UtcTimestamper = _UtcTimestamper()
+
+
+_FAST: Final = _FastPath()
+
+
+def _binary_sink(stream: BinaryIO) -> Callable[[bytes], None]:
+    lock = threading.Lock()
+
+    def write(line: bytes) -> None:
+        with lock:
+            stream.write(line)
+            stream.flush()
+
+    if isinstance(stream, _CoalescingStream):
+        return stream.write  # type: ignore[return-value]  # locks, and flushes once per loop iteration
+    return write
+
+
+def _text_sink(stream: TextIO) -> Callable[[bytes], None]:
+    lock = threading.Lock()
+
+    def write(line: bytes) -> None:
+        with lock:
+            stream.write(line.decode())
+            stream.flush()
+
+    return write
+
+
+def info_writer(logger: Any) -> Callable[[str, dict[str, Any]], None]:
+    """``write(event, fields)``: ``logger.info(event, **fields)``, made cheap for the line written for
+    every request.
+
+    With JSON logging configured, the line skips structlog's generic processor chain (about 10 µs)
+    but goes through the same steps in the same order: the logger's bound context and the context
+    variables merged in, :func:`mask_sensitive`, level, timestamp, orjson, the configured stream. The
+    output is the line ``logger.info`` writes (a test keeps them equal). With console logging, below
+    info level, or a logger that is not structlog's, it is ``logger.info`` itself. ``fields`` is
+    consumed (it becomes the line).
+    """
+    bound = getattr(logger, "_context", None)
+    if not isinstance(bound, dict):
+        return lambda event, fields: logger.info(event, **fields)
+    context = {("logger" if key == "logger_name" else key): value for key, value in bound.items()}
+    slow = logger.info
+    fast = _FAST
+    get_vars = structlog.contextvars.get_contextvars
+
+    def write(event: str, fields: dict[str, Any]) -> None:
+        sink = fast.sink
+        if sink is None:
+            slow(event, **fields)
+            return
+        line = {**get_vars(), **context, **fields, "event": event}
+        mask_sensitive(None, "info", line)
+        line["level"] = "info"
+        fast.stamp(None, "info", line)
+        try:
+            data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # mask_sensitive left a non-JSON value (or orjson refused a string)
+            data = _dumps_bytes(line, default=_json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        sink(data)
+
+    return write
 
 
 def _binary_stream(stream: IO[Any]) -> BinaryIO | None:
@@ -487,6 +570,7 @@ def _text_stream(stream: IO[Any]) -> TextIO:
 def reset_logging() -> None:
     """Undo :func:`configure_logging`: structlog's defaults back, the standard-library bridge removed."""
     flush_logs()
+    _FAST.sink = None
     structlog.reset_defaults()
     _remove_bridges()
 

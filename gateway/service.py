@@ -21,6 +21,7 @@ from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import render_event
+from gateway.logs import info_writer
 from gateway.ports import Clock, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
@@ -80,6 +81,7 @@ class GatewayService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.log = logger
+        self._log_processed = info_writer(logger) if logger is not None else None
         self.recorder = recorder
 
     def response_code(self, reason: str) -> str:
@@ -188,7 +190,8 @@ class GatewayService:
             code, reason_text, rrn, approval = self.response_code(reason.value), reason.value, None, None
         response = build_response(message, code, rrn=rrn, approval_code=approval)
         try:
-            data = self.codec.encode(response)
+            # echoed fields passed the content checks when the request was decoded; the gateway made the rest
+            data = self.codec.encode(response, checked=True)
         except EncodeError as exc:
             # an echoed field we cannot re-encode: answer with the bare minimum rather than nothing
             self._warn("response.encode_failed", detail=str(exc))
@@ -197,22 +200,24 @@ class GatewayService:
         kind = request.kind.value if request is not None else "unknown"
         if self.recorder is not None:
             self.recorder.request_done(message.mti, kind, code, elapsed)
-        if self.log is not None:
+        if self._log_processed is not None:
             fields = message.fields
-            self.log.info(
+            self._log_processed(
                 "message.processed",
-                mti=message.mti,
-                kind=kind,
-                merchant=fields.get(42),
-                terminal=fields.get(41),
-                stan=fields.get(11),
-                rrn=rrn,
-                response_code=code,
-                reason=None if reason_text == "approved" else reason_text,
-                replayed=bool(result and result.replayed) or None,
-                latency_ms=round(elapsed * 1000, 3),
-                pan=request.masked_pan if request is not None else None,
-                **extra,
+                {
+                    "mti": message.mti,
+                    "kind": kind,
+                    "merchant": fields.get(42),
+                    "terminal": fields.get(41),
+                    "stan": fields.get(11),
+                    "rrn": rrn,
+                    "response_code": code,
+                    "reason": None if reason_text == "approved" else reason_text,
+                    "replayed": bool(result and result.replayed) or None,
+                    "latency_ms": round(elapsed * 1000, 3),
+                    "pan": request.masked_pan if request is not None else None,
+                    **extra,
+                },
             )
         return data
 

@@ -145,6 +145,29 @@ def _kind_values(kinds: frozenset[Kind]) -> tuple[str, ...]:
     return tuple(sorted(kind.value for kind in kinds))
 
 
+@functools.lru_cache(maxsize=32)
+def _original_sql(lookup: str, kinds: int) -> str:
+    """The statement finding a correction's original, per lookup (see FindOriginal) and kind count."""
+    marks = ",".join("?" * kinds)
+    if lookup == "rrn":
+        return f"SELECT * FROM txns WHERE merchant_id = ? AND rrn = ? AND kind IN ({marks})"
+    if lookup == "original_data":
+        return (
+            "SELECT * FROM txns WHERE merchant_id = ? AND stan = ? AND transmission_time = ? "
+            f"AND (? IS NULL OR mti_class = ?) AND kind IN ({marks}) "
+            "ORDER BY (terminal_id = ?) DESC, id DESC LIMIT 1"
+        )
+    if lookup == "approval":
+        return (
+            "SELECT * FROM txns WHERE merchant_id = ? AND approval_code = ? AND pan_hmac = ? "
+            f"AND kind = 'preauth' AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
+        )
+    return (
+        "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
+        f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
+    )
+
+
 def _us(moment: datetime) -> int:
     return int(moment.timestamp() * 1_000_000)
 
@@ -194,6 +217,8 @@ class SqliteLedger:
         self._rrn_limit = 0
         #: open batches by (merchant, terminal); valid while no other connection committed
         self._open_batches: dict[tuple[str, str], Batch] = {}
+        #: the same open batches by id (GetBatch for a correction's original)
+        self._open_batch_ids: dict[int, Batch] = {}
         self._data_version = -1
         #: names this ledger object in the relay lease
         self._token = uuid.uuid4().hex
@@ -346,21 +371,26 @@ class SqliteLedger:
     def _remember_batch(self, key: tuple[str, str], batch: Batch) -> Batch:
         """Cache a terminal's open batch; the cache is bounded (a peer may invent terminal ids)."""
         if len(self._open_batches) >= _OPEN_BATCH_CACHE:
-            self._open_batches.clear()
+            self._forget_batches()
         self._open_batches[key] = batch
+        self._open_batch_ids[batch.id] = batch
         return batch
+
+    def _forget_batches(self) -> None:
+        self._open_batches.clear()
+        self._open_batch_ids.clear()
 
     def _check_foreign_writes(self, conn: sqlite3.Connection) -> None:
         """Drop cached state when another connection (another gateway process) committed meanwhile."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
-            self._open_batches.clear()
+            self._forget_batches()
             self._data_version = version
 
     def _forget_uncommitted(self) -> None:
         """After a rollback: what was reserved or cached in the rolled-back transaction is void."""
         self._rrn_next = self._rrn_limit = 0
-        self._open_batches.clear()
+        self._forget_batches()
 
     def _run_jobs(
         self, conn: sqlite3.Connection, group: list[_Job], *, isolated: bool
@@ -459,8 +489,10 @@ class SqliteLedger:
         row = conn.execute("SELECT * FROM txns WHERE id = ?", (query.txn_id,)).fetchone()
         return _txn(row) if row else None
 
-    @staticmethod
-    def _get_batch(conn: sqlite3.Connection, query: GetBatch) -> Batch | None:
+    def _get_batch(self, conn: sqlite3.Connection, query: GetBatch) -> Batch | None:
+        cached = self._open_batch_ids.get(query.batch_id)
+        if cached is not None:
+            return cached
         row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
         return _batch(row) if row else None
 
@@ -491,30 +523,19 @@ class SqliteLedger:
     @staticmethod
     def _find_original(conn: sqlite3.Connection, query: FindOriginal) -> Txn | None:
         kinds = _kind_values(query.kinds)
-        marks = ",".join("?" * len(kinds))
         if query.rrn is not None:
-            sql = f"SELECT * FROM txns WHERE merchant_id = ? AND rrn = ? AND kind IN ({marks})"
-            params: list[Any] = [query.merchant_id, query.rrn, *kinds]
+            params: tuple[Any, ...] = (query.merchant_id, query.rrn, *kinds)
+            sql = _original_sql("rrn", len(kinds))
         elif query.stan is not None and query.transmission_time is not None:
-            sql = (
-                "SELECT * FROM txns WHERE merchant_id = ? AND stan = ? AND transmission_time = ? "
-                f"AND (? IS NULL OR mti_class = ?) AND kind IN ({marks}) "
-                "ORDER BY (terminal_id = ?) DESC, id DESC LIMIT 1"
-            )
-            params = [query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.mti_class]
-            params += [*kinds, query.terminal_id]
+            params = (query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.mti_class,
+                      *kinds, query.terminal_id)  # fmt: skip
+            sql = _original_sql("original_data", len(kinds))
         elif query.approval_code is not None:
-            sql = (
-                "SELECT * FROM txns WHERE merchant_id = ? AND approval_code = ? AND pan_hmac = ? "
-                f"AND kind = 'preauth' AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
-            )
-            params = [query.merchant_id, query.approval_code, query.pan_hmac, *kinds]
+            params = (query.merchant_id, query.approval_code, query.pan_hmac, *kinds)
+            sql = _original_sql("approval", len(kinds))
         elif query.stan is not None:
-            sql = (
-                "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
-                f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
-            )
-            params = [query.merchant_id, query.terminal_id, query.stan, *kinds]
+            params = (query.merchant_id, query.terminal_id, query.stan, *kinds)
+            sql = _original_sql("stan", len(kinds))
         else:
             return None
         row = conn.execute(sql, params).fetchone()
@@ -596,7 +617,7 @@ class SqliteLedger:
             )
         close = plan.batch_close
         if close is not None:
-            self._open_batches.clear()
+            self._forget_batches()
             conn.execute(
                 "UPDATE batches SET state = 'closed', closed_at = ?, result = ?, terminal_totals = ?, "
                 "ledger_totals = ? WHERE id = ? AND state = 'open'",
@@ -627,7 +648,7 @@ class SqliteLedger:
         """Close every open batch opened before ``opened_before`` (the settlement cut-off)."""
 
         def run(conn: sqlite3.Connection) -> int:
-            self._open_batches.clear()
+            self._forget_batches()
             cursor = conn.execute(
                 "UPDATE batches SET state = 'closed', closed_at = ?, result = 'cutoff' "
                 "WHERE state = 'open' AND opened_at < ?",

@@ -233,8 +233,13 @@ class Codec:
             partial = Message(mti, fields)
         return DecodeError(reason, mti=mti, field=field, position=int(exc.pos), partial=partial)
 
-    def encode(self, message: Message) -> bytes:
-        """The payload for ``message`` (no length header, no TPDU). Raises only :class:`EncodeError`."""
+    def encode(self, message: Message, *, checked: bool = False) -> bytes:
+        """The payload for ``message`` (no length header, no TPDU). Raises only :class:`EncodeError`.
+
+        ``checked``: every value already passed this profile's content checks (a response echoing a
+        decoded request, plus values the gateway made itself), so only pyiso8583's own length and
+        type checks run. The profile's field list is still enforced.
+        """
         mti = message.mti
         if not isinstance(mti, str) or not _is_mti(mti):
             raise EncodeError("message type must be 4 digits")
@@ -242,6 +247,13 @@ class Codec:
         if self._header is not None:
             doc["h"] = self._header
         by_number = self._by_number
+        if checked:
+            for number, value in message.fields.items():
+                entry = by_number.get(number)
+                if entry is None or type(value) is not str:
+                    return self.encode(message)  # the full checks say precisely what is wrong
+                doc[entry[0]] = value
+            return self._encode_doc(doc, mti)
         for number, value in message.fields.items():
             entry = by_number.get(number)
             if entry is None:
@@ -252,6 +264,9 @@ class Codec:
             if check(value) is None:
                 raise EncodeError(_content_reason(self._defs[number]), mti=mti, field=number)
             doc[key] = value
+        return self._encode_doc(doc, mti)
+
+    def _encode_doc(self, doc: dict[str, str], mti: str) -> bytes:
         try:
             encoded, _ = iso8583.encode(doc, self._spec)
         except iso8583.EncodeError as exc:

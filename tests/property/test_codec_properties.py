@@ -156,3 +156,26 @@ def test_encoding_any_message_succeeds_or_raises_an_encode_error(name: str, mti:
     decoded = codec.decode(payload)
     assert decoded.mti == mti
     assert {k: v.upper() for k, v in decoded.fields.items()} == {k: v.upper() for k, v in fields.items()}
+
+
+@pytest.mark.parametrize("name", PROFILES)
+@SETTINGS
+@given(data=st.data())
+def test_encoding_a_checked_message_gives_the_same_bytes_as_the_full_checks(name: str, data: st.DataObject) -> None:
+    codec = codec_for(name)
+    message = data.draw(messages(codec.profile))
+    try:
+        expected: bytes | type[EncodeError] = codec.encode(message)
+    except EncodeError:
+        expected = EncodeError
+    if expected is EncodeError:
+        with pytest.raises(EncodeError):
+            codec.encode(message, checked=True)
+    else:
+        assert codec.encode(message, checked=True) == expected
+
+
+def test_a_checked_message_with_a_field_outside_the_profile_still_fails_clearly() -> None:
+    codec = codec_for("iso87-binary")
+    with pytest.raises(EncodeError, match="not a data element"):
+        codec.encode(Message("0210", {11: "000001", 999: "x"}), checked=True)

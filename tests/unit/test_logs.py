@@ -384,3 +384,46 @@ def test_coalesced_lines_written_without_a_running_loop_go_out_at_once_and_in_or
     flush_logs()
     assert [line["event"] for line in json_lines(out)] == ["first", "second", "third"]
 
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_the_per_request_writer_writes_the_line_logger_info_writes(coalesce: bool) -> None:
+    import asyncio
+
+    from gateway.logs import info_writer
+
+    buf = io.BytesIO()
+    configure_logging("info", "json", buf, coalesce=coalesce)
+    log = get_logger("gateway").bind(instance="gw-1")
+    fields = {
+        "mti": "0200",
+        "merchant": f"M{PAN}",  # card data where none belongs is still masked
+        "pan": PAN,
+        "track2": f"{PAN}=2512{TRACK_TAIL}",
+        "reason": None,
+        "latency_ms": 1.25,
+    }
+    with bound_contextvars(peer="127.0.0.1:5000", mti="0100"):
+        log.info("message.processed", **fields)
+        info_writer(log)("message.processed", dict(fields))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    slow, fast = json_lines(buf)
+    assert slow.pop("timestamp") and fast.pop("timestamp")
+    assert fast == slow
+    assert fast["pan"] == MASKED and fast["merchant"] == f"M{MASKED}" and fast["track2"] == "[redacted]"
+    assert fast["mti"] == "0200" and fast["peer"] == "127.0.0.1:5000" and fast["logger"] == "gateway"
+
+
+def test_the_per_request_writer_follows_the_configured_level_and_format() -> None:
+    from gateway.logs import info_writer
+
+    buf = io.BytesIO()
+    configure_logging("warning", "json", buf)
+    write = info_writer(get_logger("gateway"))
+    write("message.processed", {"pan": PAN})
+    assert buf.getvalue() == b""
+    out = io.StringIO()
+    configure_logging("info", "console", out)
+    info_writer(get_logger("gateway"))("message.processed", {"pan": PAN})
+    assert "message.processed" in out.getvalue() and PAN not in out.getvalue() and MASKED in out.getvalue()
