@@ -328,12 +328,13 @@ class _CoalescingStream:
     writes out anything pending.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_pending", "_scheduled", "_stream")
+    __slots__ = ("__weakref__", "_lock", "_pending", "_scheduled_on", "_stream")
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._pending: list[bytes] = []
-        self._scheduled = False
+        #: the loop whose next iteration drains the pending lines (a loop may stop before it does)
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         _COALESCING.add(self)
 
@@ -347,8 +348,8 @@ class _CoalescingStream:
             return len(data)
         with self._lock:
             self._pending.append(data)
-            if not self._scheduled:
-                self._scheduled = True
+            if self._scheduled_on is not loop:
+                self._scheduled_on = loop
                 loop.call_soon(self.drain)
         return len(data)
 
@@ -360,7 +361,7 @@ class _CoalescingStream:
             self._drain_locked()
 
     def _drain_locked(self) -> None:
-        self._scheduled = False
+        self._scheduled_on = None
         if not self._pending:
             return
         data = b"".join(self._pending)

@@ -427,3 +427,25 @@ def test_the_per_request_writer_follows_the_configured_level_and_format() -> Non
     configure_logging("info", "console", out)
     info_writer(get_logger("gateway"))("message.processed", {"pan": PAN})
     assert "message.processed" in out.getvalue() and PAN not in out.getvalue() and MASKED in out.getvalue()
+
+
+def test_coalesced_lines_of_a_loop_that_stopped_early_do_not_hold_back_the_next_loop() -> None:
+    import asyncio
+
+    out = _CountingStream()
+    configure_logging("info", "json", out, coalesce=True)
+    log = get_logger("test")
+
+    async def one(event: str, wait: bool) -> None:
+        log.info(event)
+        if wait:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(one("first", wait=False))  # stops before its drain runs
+    finally:
+        first.close()
+    asyncio.run(one("second", wait=True))
+    assert [line["event"] for line in json_lines(out)] == ["first", "second"]
