@@ -51,7 +51,7 @@ from gateway.core.engine import (
     RefundVelocity,
     process,
 )
-from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn
+from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn, TxnStatus
 from gateway.core.policy import Velocity
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
@@ -138,6 +138,9 @@ _OPEN_BATCH_CACHE = 10_000
 #: how long a relay lease outlives its holder's last poll
 RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
+#: terminals with unmatched reversals remembered at most; past it, purchases look them up in SQL
+_TOMBSTONE_CACHE = 10_000
+_NO_TOMBSTONE_CACHE: set[tuple[str, str]] = set()
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,6 +222,9 @@ class SqliteLedger:
         self._open_batches: dict[tuple[str, str], Batch] = {}
         #: the same open batches by id (GetBatch for a correction's original)
         self._open_batch_ids: dict[int, Batch] = {}
+        #: (merchant, terminal) of every unmatched reversal in the ledger, or more; None: not loaded.
+        #: A purchase from a terminal outside it cannot have a tombstone, so its lookup needs no SQL.
+        self._tombstone_terminals: set[tuple[str, str]] | None = None
         self._data_version = -1
         #: names this ledger object in the relay lease
         self._token = uuid.uuid4().hex
@@ -385,6 +391,7 @@ class SqliteLedger:
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
             self._forget_batches()
+            self._tombstone_terminals = None
             self._data_version = version
 
     def _forget_uncommitted(self) -> None:
@@ -496,8 +503,19 @@ class SqliteLedger:
         row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
         return _batch(row) if row else None
 
-    @staticmethod
-    def _find_tombstone(conn: sqlite3.Connection, query: FindTombstone) -> Txn | None:
+    def _find_tombstone(self, conn: sqlite3.Connection, query: FindTombstone) -> Txn | None:
+        terminals = self._tombstone_terminals
+        if terminals is None:
+            # loaded inside the write transaction: nobody else adds one until it commits
+            rows = conn.execute(
+                "SELECT DISTINCT merchant_id, terminal_id FROM txns WHERE status = 'unmatched' LIMIT ?",
+                (_TOMBSTONE_CACHE + 1,),
+            ).fetchall()
+            terminals = {(merchant, terminal) for merchant, terminal in rows}
+            # past the bound the set is not kept: every lookup asks SQLite, as without the cache
+            self._tombstone_terminals = terminals if len(terminals) <= _TOMBSTONE_CACHE else _NO_TOMBSTONE_CACHE
+        if terminals is not _NO_TOMBSTONE_CACHE and (query.merchant_id, query.terminal_id) not in terminals:
+            return None
         row = conn.execute(
             "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
             "AND created_at >= ? AND ("
@@ -601,6 +619,12 @@ class SqliteLedger:
         record = plan.record
         if record is not None:
             conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
+            terminals = self._tombstone_terminals
+            if record.status is TxnStatus.UNMATCHED and terminals is not None and terminals is not _NO_TOMBSTONE_CACHE:
+                # kept after a rollback too: the set may name more terminals than it must, never fewer
+                terminals.add((record.merchant_id, record.terminal_id))
+                if len(terminals) > _TOMBSTONE_CACHE:
+                    self._tombstone_terminals = _NO_TOMBSTONE_CACHE
         for change in plan.changes:
             conn.execute(
                 "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "

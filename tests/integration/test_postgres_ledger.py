@@ -724,3 +724,26 @@ def test_two_changes_to_one_record_in_one_plan_are_written_as_if_applied_in_sequ
         TxnChange(7, status=TxnStatus.REVERSED, refunded_delta=200, effective_amount=50, completed=True),
         TxnChange(3, status=TxnStatus.VOIDED),
     ]
+
+
+async def test_a_reversal_left_unmatched_by_another_sqlite_ledger_refuses_the_late_original(tmp_path: Path) -> None:
+    """The SQLite ledger skips the tombstone lookup for terminals without unmatched reversals; that
+    knowledge is dropped whenever another process committed (here: the ledger that recorded one)."""
+    till = Till()
+    async with (
+        SqliteLedger(tmp_path / "shared.db", synchronous="OFF") as first,
+        SqliteLedger(tmp_path / "shared.db", synchronous="OFF") as second,
+    ):
+        warm = await first.process(till.sale(1_000), till.ctx(), _render)
+        assert warm.response_code == "00"  # the first ledger has looked: no unmatched reversal anywhere
+        sale = till.sale(2_000, stan="000200")
+        reversal = till.request(Kind.REVERSAL, "0400", "000000", sale.amount, reference=_de90(sale), stan="000300")
+        unmatched = await second.process(reversal, till.ctx(), _render)
+        assert (unmatched.response_code, unmatched.reason) == ("25", "reversal_unmatched")
+        late = await first.process(sale, till.ctx(), _render)
+        assert late.reason == "reversed_before_arrival"
+        # and within one ledger: its own unmatched reversal refuses the next late original at once
+        sale2 = till.sale(3_000, stan="000400")
+        reversal2 = till.request(Kind.REVERSAL, "0400", "000000", sale2.amount, reference=_de90(sale2), stan="000500")
+        assert (await first.process(reversal2, till.ctx(), _render)).reason == "reversal_unmatched"
+        assert (await first.process(sale2, till.ctx(), _render)).reason == "reversed_before_arrival"
