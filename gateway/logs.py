@@ -431,7 +431,7 @@ def configure_logging(
         if binary is not None and coalesce:
             binary = cast(BinaryIO, _CoalescingStream(binary))
         if min_level <= logging.INFO:
-            _FAST.sink = _binary_sink(binary) if binary is not None else _text_sink(cast(TextIO, out))
+            _FAST.sink = _fast_sink(binary, cast(TextIO, out))
             _FAST.stamp = timestamper
         if binary is not None:
             processors.append(
@@ -474,28 +474,24 @@ class _FastPath:
 _FAST: Final = _FastPath()
 
 
-def _binary_sink(stream: BinaryIO) -> Callable[[bytes], None]:
+def _locked_sink(write: Callable[[bytes], object], flush: Callable[[], object]) -> Callable[[bytes], None]:
+    """One whole line per call, written and flushed under a lock (lines from threads never interleave)."""
     lock = threading.Lock()
 
-    def write(line: bytes) -> None:
+    def sink(line: bytes) -> None:
         with lock:
-            stream.write(line)
-            stream.flush()
+            write(line)
+            flush()
 
-    if isinstance(stream, _CoalescingStream):
-        return stream.write  # type: ignore[return-value]  # locks, and flushes once per loop iteration
-    return write
+    return sink
 
 
-def _text_sink(stream: TextIO) -> Callable[[bytes], None]:
-    lock = threading.Lock()
-
-    def write(line: bytes) -> None:
-        with lock:
-            stream.write(line.decode())
-            stream.flush()
-
-    return write
+def _fast_sink(binary: BinaryIO | None, text: TextIO) -> Callable[[bytes], None]:
+    if isinstance(binary, _CoalescingStream):
+        return binary.write  # locks, and flushes once per loop iteration
+    if binary is not None:
+        return _locked_sink(binary.write, binary.flush)
+    return _locked_sink(lambda line: text.write(line.decode()), text.flush)
 
 
 def info_writer(logger: Any) -> Callable[[str, dict[str, Any]], None]:

@@ -503,6 +503,15 @@ class SqliteLedger:
         row = conn.execute("SELECT * FROM batches WHERE id = ?", (query.batch_id,)).fetchone()
         return _batch(row) if row else None
 
+    def _note_tombstone(self, merchant_id: str, terminal_id: str) -> None:
+        """Kept after a rollback too: the set may name more terminals than it must, never fewer."""
+        terminals = self._tombstone_terminals
+        if terminals is None or terminals is _NO_TOMBSTONE_CACHE:
+            return  # loaded (with this one) at the next lookup / not kept
+        terminals.add((merchant_id, terminal_id))
+        if len(terminals) > _TOMBSTONE_CACHE:
+            self._tombstone_terminals = _NO_TOMBSTONE_CACHE
+
     def _find_tombstone(self, conn: sqlite3.Connection, query: FindTombstone) -> Txn | None:
         terminals = self._tombstone_terminals
         if terminals is None:
@@ -619,12 +628,8 @@ class SqliteLedger:
         record = plan.record
         if record is not None:
             conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
-            terminals = self._tombstone_terminals
-            if record.status is TxnStatus.UNMATCHED and terminals is not None and terminals is not _NO_TOMBSTONE_CACHE:
-                # kept after a rollback too: the set may name more terminals than it must, never fewer
-                terminals.add((record.merchant_id, record.terminal_id))
-                if len(terminals) > _TOMBSTONE_CACHE:
-                    self._tombstone_terminals = _NO_TOMBSTONE_CACHE
+            if record.status is TxnStatus.UNMATCHED:
+                self._note_tombstone(record.merchant_id, record.terminal_id)
         for change in plan.changes:
             conn.execute(
                 "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "
