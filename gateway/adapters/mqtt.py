@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ class OutboxRelay:
             delay = min(delay * 2, _BACKOFF_MAX)
 
     def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._address.host,
             self._address.port,
             identifier=self._client_id,
@@ -221,6 +222,9 @@ class OutboxRelay:
             keepalive=self._keepalive,
             timeout=self._publish_timeout,
         )
+        # a batch keeps up to batch_size publishes in flight by design: not a warning each time
+        client.pending_calls_threshold = self._batch_size
+        return client
 
     async def _session(self) -> None:
         """One connection: publish until it fails (raises) or the task is cancelled."""
@@ -270,22 +274,35 @@ class OutboxRelay:
         """Publish a batch in id order and mark the acknowledged prefix sent.
 
         The PUBLISH packets leave in id order (the tasks start in order and each sends at once);
-        their PUBACKs are awaited together, so a busy event loop costs one round trip per batch
-        instead of one per event. Only the unbroken run of acknowledged rows from the first one is
-        marked sent: after a failure the rest is published again (at least once, in order).
+        their PUBACKs are awaited together, within one time limit for the whole batch, so a busy
+        event loop costs one round trip per batch instead of one per event. Only the unbroken run
+        of acknowledged rows from the first one is marked sent: after a failure or a time-out the
+        rest is published again (at least once, in order).
         """
         acked: list[int] = []
         try:
-            outcomes = await asyncio.gather(
-                *(client.publish(row.topic, row.payload, qos=1, timeout=self._publish_timeout) for row in rows),
-                return_exceptions=True,
-            )
+            # no per-publish time limit (aiomqtt would wrap each wait in a task of its own)
+            tasks = [
+                asyncio.ensure_future(client.publish(row.topic, row.payload, qos=1, timeout=math.inf))
+                for row in rows
+            ]
+            try:
+                _, late = await asyncio.wait(tasks, timeout=self._publish_timeout)
+            finally:
+                for task in tasks:
+                    task.cancel()  # a no-op for the finished ones
             failure: BaseException | None = None
-            for row, outcome in zip(rows, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    failure = outcome
+            for row, task in zip(rows, tasks, strict=True):
+                if task in late or task.cancelled():
+                    failure = _BrokerFailure(f"publish to {self._address} timed out")
+                    break
+                failure = task.exception()
+                if failure is not None:
                     break
                 acked.append(row.id)
+            for task in tasks:  # retrieve every outcome: none may be reported as never retrieved
+                if task.done() and not task.cancelled():
+                    task.exception()
             if isinstance(failure, aiomqtt.MqttError):
                 raise _BrokerFailure(f"publish to {self._address} failed: {failure}") from failure
             if failure is not None:

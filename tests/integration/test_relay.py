@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import shutil
 import subprocess
 import time
@@ -383,6 +384,107 @@ async def test_the_relay_logs_what_it_did_but_never_payload_content(
     logged = repr(relay_log.lines)
     for forbidden in ("476173", FULL_PAN, "evt-", "MERCHANT0000001", "refund"):
         assert forbidden not in logged
+
+
+async def test_a_full_batch_in_flight_is_not_reported_as_a_client_warning(
+    mqtt_broker_url: str,
+    topic_prefix: str,
+    outbox: InMemoryOutbox,
+    clock: ManualClock,
+    start_relay: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch keeps batch_size publishes in flight on purpose; the MQTT client must not warn about
+    it once per publish (those warnings reached the gateway's log, one line per event)."""
+    for i in range(1, 121):
+        enqueue(outbox, correction(i), topic_prefix, clock)
+    with caplog.at_level(logging.WARNING):
+        relay = start_relay(mqtt_broker_url, batch_size=60)
+        await async_wait_until(lambda: relay.stats.published == 120, 10, "every row published")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class WithholdingBroker:
+    """A minimal MQTT 3.1.1 broker that acknowledges only the first ``acks`` PUBLISH packets of its
+    first connection and every one after a reconnection: a broker that stops answering mid-batch,
+    which a real broker cannot be made to do on demand."""
+
+    def __init__(self, acks: int) -> None:
+        self.acks = acks
+        self.connections = 0
+        self.published: list[tuple[int, bytes]] = []  #: (connection number, payload)
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"mqtt://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> WithholdingBroker:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        number = self.connections
+        acked = 0
+        try:
+            while True:
+                header = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = header >> 4
+                if kind == 1:  # CONNECT
+                    writer.write(b"\x20\x02\x00\x00")
+                elif kind == 3:  # PUBLISH, QoS 1 from the relay
+                    topic_len = int.from_bytes(body[:2], "big")
+                    packet_id = body[2 + topic_len : 4 + topic_len]
+                    self.published.append((number, body[4 + topic_len :]))
+                    if number > 1 or acked < self.acks:
+                        acked += 1
+                        writer.write(b"\x40\x02" + packet_id)
+                elif kind == 12:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 14:  # DISCONNECT
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_batch_whose_acknowledgements_stop_marks_the_acknowledged_prefix_and_publishes_the_rest_again(
+    topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    expected = [enqueue(outbox, correction(i), topic_prefix, clock) for i in range(1, 11)]
+    async with WithholdingBroker(acks=4) as broker:
+        relay = start_relay(broker.url, batch_size=10, publish_timeout=0.5)
+        await async_wait_until(lambda: len(outbox.errors) >= 1, 5, "the batch to time out")
+        # the first four were acknowledged and are marked sent; the other six are still pending
+        assert outbox.unsent_ids() == list(range(5, 11))
+        assert "timed out" in outbox.errors[0][0]
+        await async_wait_until(lambda: outbox.unsent_ids() == [], 10, "the rest published after reconnecting")
+    assert relay.stats.published == 10
+    first = [payload for number, payload in broker.published if number == 1]
+    again = [payload for number, payload in broker.published if number == 2]
+    assert first == [payload for _, payload in expected]  # the whole batch left, in id order
+    assert again == [payload for _, payload in expected[4:]]  # only the unacknowledged rest, in order
 
 
 def test_broker_urls_are_parsed_with_their_default_ports_and_never_show_the_password() -> None:
