@@ -179,3 +179,28 @@ def test_a_checked_message_with_a_field_outside_the_profile_still_fails_clearly(
     codec = codec_for("iso87-binary")
     with pytest.raises(EncodeError, match="not a data element"):
         codec.encode(Message("0210", {11: "000001", 999: "x"}), checked=True)
+
+
+#: text that hits the edges of every class: ASCII controls, DEL, Latin-1 and other Unicode digits,
+#: letters and spaces
+_EDGY = st.text(
+    alphabet=st.one_of(
+        st.characters(min_codepoint=0, max_codepoint=0x7F),
+        st.sampled_from("\u00a0\u00b2\u0660\u0966\uff10\u00e9\u00df\u2028\u3000"),
+        st.characters(),
+    ),
+    max_size=12,
+)
+
+
+@pytest.mark.parametrize("content", sorted(ALPHABETS) + ["b"])
+@pytest.mark.parametrize("even_length", [False, True])
+@SETTINGS
+@given(value=_EDGY)
+def test_the_fast_content_checks_answer_exactly_as_the_regular_expressions(
+    content: str, even_length: bool, value: str
+) -> None:
+    from gateway.protocol.codec import _checker, _pattern_check
+
+    field = FieldDef(number=2, content=content, max_len=12, variable=True, desc="test", even_length=even_length)
+    assert _checker(field)(value) is _pattern_check(content, even_length)(value)
