@@ -30,8 +30,11 @@ from gateway.protocol.profile import Profile
 
 
 class Ledger(Protocol):
-    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
-        """Decide and record ``request``; the future resolves once that is durable."""
+    def submit(
+        self, request: Request, ctx: Context, render: Renderer, done: Callable[[Any, Exception | None], None]
+    ) -> None:
+        """Decide and record ``request``; ``done(result, None)`` once that is durable (a
+        :class:`LedgerResult`), ``done(None, error)`` when nothing of it could be committed."""
         ...
 
 
@@ -142,27 +145,23 @@ class GatewayService:
             reply(self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started))
             return
         if request.kind is Kind.NETWORK:
-            reply(self._answer(message, request, Reason.APPROVED, started))
+            reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
             return
         if not self._terminal_allowed(request):
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
             return
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.response_code)
-        pending = self.ledger.submit(request, ctx, self._render)
-
-        def committed(future: asyncio.Future[LedgerResult]) -> None:
+        def committed(result: LedgerResult | None, error: Exception | None) -> None:
             try:
-                try:
-                    result = future.result()
-                except Exception as exc:  # infrastructure failure: nothing was committed, answer 96
-                    self._error("ledger.failed", error=type(exc).__name__, detail=str(exc)[:200])
+                if result is None:  # infrastructure failure: nothing was committed, answer 96
+                    self._error("ledger.failed", error=type(error).__name__, detail=str(error)[:200])
                     reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
                     return
                 reply(self._answer(message, request, None, started, result=result))
             except Exception as exc:  # a bug past the ledger: the connection pays, never the server
                 fail(exc)
 
-        pending.add_done_callback(committed)
+        self.ledger.submit(request, ctx, self._render, committed)
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
         if exc.mti is None or response_mti(exc.mti) is None:

@@ -386,9 +386,26 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
-        """:meth:`process` as a future (the service's interface); resolves after the commit."""
-        return asyncio.ensure_future(self.process(request, ctx, render))
+    def submit(
+        self, request: Request, ctx: Context, render: Renderer, done: Callable[[Any, Exception | None], None]
+    ) -> None:
+        """:meth:`process` for the service: ``done(result, None)`` after the commit, ``done(None, error)``
+        if it failed (nothing of it was committed)."""
+        task = asyncio.ensure_future(self.process(request, ctx, render))
+
+        def finished(task: asyncio.Future[LedgerResult]) -> None:
+            if task.cancelled():
+                done(None, LedgerClosedError("ledger request cancelled"))
+                return
+            error = task.exception()
+            if error is None:
+                done(task.result(), None)
+            elif isinstance(error, Exception):
+                done(None, error)
+            else:  # KeyboardInterrupt, SystemExit: not the request's to handle
+                done(None, LedgerClosedError(type(error).__name__))
+
+        task.add_done_callback(finished)
 
     async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         """Decide and record one request in one transaction; returns after the commit."""

@@ -191,10 +191,14 @@ def _batch(row: sqlite3.Row) -> Batch:
     return batch_from_row(row, opened, _dt(row["closed_at"]))
 
 
+#: what a job's caller is told once its group committed (or failed): (value, None) or (None, error)
+Done = Callable[[Any, Exception | None], None]
+
+
 @dataclass(slots=True)
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
+    done: Done
 
 
 class SqliteLedger:
@@ -215,6 +219,7 @@ class SqliteLedger:
         self._wake: asyncio.Event | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._rrn_next = 0
         self._rrn_limit = 0
@@ -252,7 +257,7 @@ class SqliteLedger:
     async def open(self) -> SqliteLedger:
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
         try:
             self._conn = await loop.run_in_executor(self._executor, self._connect)
@@ -330,7 +335,7 @@ class SqliteLedger:
                 await self._run_group(group)
             except BaseException as exc:  # the connection is unusable: fail the group, keep serving
                 for job in group:
-                    _settle(job.future, None, exc if isinstance(exc, Exception) else LedgerClosedError(str(exc)))
+                    _settle(job, None, exc if isinstance(exc, Exception) else LedgerClosedError(str(exc)))
                 if not isinstance(exc, Exception):
                     raise
 
@@ -343,7 +348,7 @@ class SqliteLedger:
             await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
         except Exception as exc:
             for job in group:
-                _settle(job.future, None, exc)
+                _settle(job, None, exc)
             return
         try:
             self._check_foreign_writes(conn)
@@ -361,7 +366,7 @@ class SqliteLedger:
                 conn.execute("ROLLBACK")
             self._forget_uncommitted()
             for job in group:
-                _settle(job.future, None, exc)
+                _settle(job, None, exc)
             return
         self.commits += 1
         self.committed_jobs += len(group)
@@ -372,7 +377,7 @@ class SqliteLedger:
         ):
             self.on_events()
         for job, (value, error) in zip(group, results, strict=True):
-            _settle(job.future, value, error)
+            _settle(job, value, error)
 
     def _remember_batch(self, key: tuple[str, str], batch: Batch) -> Batch:
         """Cache a terminal's open batch; the cache is bounded (a peer may invent terminal ids)."""
@@ -429,8 +434,9 @@ class SqliteLedger:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(fn, future))
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.append(_Job(fn, functools.partial(_resolve, future)))
         assert self._wake is not None
         self._wake.set()
         return await future
@@ -439,17 +445,21 @@ class SqliteLedger:
 
     async def process(self, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         """Decide and record one request; returns after the commit is durable."""
-        return await self.submit(request, ctx, render)
+        return await self._call(lambda conn: self._process(conn, request, ctx, render))
 
-    def submit(self, request: Request, ctx: Context, render: Renderer) -> asyncio.Future[LedgerResult]:
-        """Queue one request for the next group commit; the future resolves once it is durable."""
+    def submit(self, request: Request, ctx: Context, render: Renderer, done: Done) -> None:
+        """Queue one request for the next group commit; ``done(result, None)`` is called once it is
+        durable, ``done(None, error)`` if it failed (nothing of it was committed).
+
+        ``done`` runs on the event loop right after the commit, without a future or a loop callback
+        of its own per request; it must not raise (what it raises goes to the loop's exception
+        handler).
+        """
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        future: asyncio.Future[LedgerResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), future))
+        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), done))
         assert self._wake is not None
         self._wake.set()
-        return future
 
     def _process(self, conn: sqlite3.Connection, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         steps = process(request, ctx)
@@ -811,8 +821,17 @@ class SqliteLedger:
     outbox_status = status
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():
+def _settle(job: _Job, value: Any, error: Exception | None) -> None:
+    try:
+        job.done(value, error)
+    except Exception as exc:  # the caller's bug must not stop the writer: report it as asyncio does
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "ledger completion callback failed", "exception": exc}
+        )
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, error: Exception | None) -> None:
+    if future.done():  # the awaiting caller was cancelled
         return
     if error is not None:
         future.set_exception(error)

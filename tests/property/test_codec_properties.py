@@ -193,7 +193,7 @@ _EDGY = st.text(
 )
 
 
-@pytest.mark.parametrize("content", sorted(ALPHABETS) + ["b"])
+@pytest.mark.parametrize("content", [*sorted(ALPHABETS), "b"])
 @pytest.mark.parametrize("even_length", [False, True])
 @SETTINGS
 @given(value=_EDGY)

@@ -1,0 +1,71 @@
+"""A ledger that cannot commit: the request is answered 96 at once, nothing is recorded, and the next
+request goes through when the ledger is writable again."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from postgres import postgres_schema, postgres_url, schema_settings
+
+from gateway.adapters.postgres_ledger import PostgresLedger
+from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.core.policy import Policy
+from gateway.protocol.message import Message
+from gateway.protocol.profile import load_profile
+from gateway.service import GatewayService, ServiceConfig
+
+CARD = "4761739001010119"
+__all__ = ["postgres_schema", "postgres_url"]  # fixtures
+
+
+def purchase(stan: str) -> Message:
+    return Message(
+        "0200",
+        {2: CARD, 3: "000000", 4: "000000001000", 7: "1122101010", 11: stan, 12: "101010", 13: "1122",
+         41: "TERM0001", 42: "MERCHANT0000001", 49: "840"},
+    )  # fmt: skip
+
+
+async def test_a_locked_ledger_answers_96_records_nothing_and_the_next_request_is_approved(tmp_path: Path) -> None:
+    profile = load_profile("iso87-binary")
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path, busy_timeout_s=0.05) as ledger:
+        service = GatewayService(
+            profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy())
+        )
+        codec = service.codec
+        # another process holds the write lock longer than this ledger waits for it
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            answer = await service.handle(codec.encode(purchase("000001")))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert answer is not None
+        refused = codec.decode(answer)
+        assert (refused.mti, refused.fields[39], refused.fields[11]) == ("0210", "96", "000001")
+        assert 37 not in refused.fields and 38 not in refused.fields
+        assert await ledger.all_txns() == []
+
+        approved = codec.decode(await service.handle(codec.encode(purchase("000002"))) or b"")
+        assert approved.fields[39] == "00"
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000002"]
+
+
+async def test_the_postgresql_ledger_answers_through_the_service_and_96_once_it_is_closed(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    profile = load_profile("iso87-binary")
+    ledger = await PostgresLedger(postgres_url, server_settings=schema_settings(postgres_schema)).open()
+    service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
+    codec = service.codec
+    try:
+        approved = codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"")
+        assert approved.fields[39] == "00"
+        assert len(approved.fields[37]) == 12
+    finally:
+        await ledger.close()
+    refused = codec.decode(await service.handle(codec.encode(purchase("000002"))) or b"")
+    assert (refused.fields[39], refused.fields[11]) == ("96", "000002")
