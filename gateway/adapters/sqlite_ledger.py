@@ -5,7 +5,8 @@ Every request runs :func:`gateway.core.engine.process` inside a transaction open
 sharing the file. Requests that arrive while a commit is under way are gathered and run in the next
 transaction and committed with one fsync (group commit). If one of them raises, the group is rolled
 back and run again with each request in its own SAVEPOINT, so a bad request costs only itself. A
-caller's future resolves only after the commit returned: nothing is answered before it is durable.
+caller is told (its completion callback, or its awaited future) only after the commit returned: nothing
+is answered before it is durable.
 
 Why not aiosqlite: it hops to its thread once per statement (5-10 statements per request) and holds
 the GIL-bound work on a second thread. Here the statements run on the event loop (microseconds each,
