@@ -6,17 +6,17 @@ so a broker outage never blocks anything else: terminals keep being answered, th
 it drains when the broker returns.
 
 Delivery is at least once: a row whose PUBACK was lost (connection dropped, gateway killed) is
-published again after reconnecting, with the same CloudEvents ``id``. Rows are published one after
-the other on one connection, in id order, so events about one original (one ordering key) reach the
-broker in the order they were written; concurrent publishing measured no faster (the client, not the
-network, is the bottleneck), so the relay keeps the simplest correct scheme.
+published again after reconnecting, with the same CloudEvents ``id``. A batch of rows is written in
+id order on one connection and its PUBACKs are awaited together; only the unbroken acknowledged
+prefix is marked sent, so events about one original (one ordering key) reach the broker in the order
+they were written. The connection is :class:`~gateway.adapters.mqtt_publisher.MqttPublisher`, a
+publish-only MQTT 3.1.1 client (why not aiomqtt here: see that module).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,9 +24,9 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-import aiomqtt
 import structlog
 
+from gateway.adapters.mqtt_publisher import MqttError, MqttPublisher
 from gateway.ports import Clock, Outbox, OutboxRow
 
 __all__ = ["BrokerAddress", "OutboxRelay", "RelayStats", "parse_mqtt_url"]
@@ -150,12 +150,7 @@ class OutboxRelay:
         self._prune_interval = prune_interval
         self._publish_timeout = publish_timeout
         self._keepalive = keepalive
-        self._tls_params = (
-            aiomqtt.TLSParameters(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key, cert_reqs=ssl.CERT_REQUIRED)
-            if self._address.tls
-            else None
-        )
-        self._tls_insecure = tls_insecure if self._address.tls else None
+        self._tls_ca, self._tls_cert, self._tls_key, self._tls_insecure = tls_ca, tls_cert, tls_key, tls_insecure
         self._log: EventLogger = logger if logger is not None else structlog.get_logger("gateway.outbox")
         self._wake = asyncio.Event()
         self._published = 0
@@ -210,101 +205,90 @@ class OutboxRelay:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    def _client(self) -> aiomqtt.Client:
-        client = aiomqtt.Client(
-            self._address.host,
-            self._address.port,
-            identifier=self._client_id,
-            username=self._address.username,
-            password=self._address.password,
-            tls_params=self._tls_params,
-            tls_insecure=self._tls_insecure,
-            keepalive=self._keepalive,
-            timeout=self._publish_timeout,
-        )
-        # a batch keeps up to batch_size publishes in flight by design: not a warning each time
-        client.pending_calls_threshold = self._batch_size
-        return client
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """Built at each connection, so a fixed certificate file is picked up by the next attempt."""
+        if not self._address.tls:
+            return None
+        context = ssl.create_default_context(cafile=self._tls_ca)  # the system's CAs when none is given
+        if self._tls_cert is not None:
+            context.load_cert_chain(self._tls_cert, self._tls_key)
+        if self._tls_insecure:
+            context.check_hostname = False  # the chain is still verified; only the name is not
+        return context
 
     async def _session(self) -> None:
         """One connection: publish until it fails (raises) or the task is cancelled."""
+        address = self._address
         try:
-            client = self._client()
-            await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            raise _BrokerFailure(f"cannot connect to {self._address}: {exc}") from exc
+            client = await MqttPublisher.connect(
+                address.host,
+                address.port,
+                client_id=self._client_id,
+                username=address.username,
+                password=address.password,
+                ssl_context=self._ssl_context(),
+                keepalive=self._keepalive,
+                connect_timeout=self._publish_timeout,
+            )
+        except MqttError as exc:
+            raise _BrokerFailure(f"cannot connect to {address}: {exc}") from exc
         try:
             self._connected = True
-            self._log.info("outbox.connected", broker=str(self._address), client_id=self._client_id)
-            watcher = asyncio.create_task(self._until_disconnected(client))
+            self._log.info("outbox.connected", broker=str(address), client_id=self._client_id)
             pump = asyncio.create_task(self._pump(client))
             try:
-                done, _ = await asyncio.wait((watcher, pump), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((client.lost, pump), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (watcher, pump):
-                    task.cancel()
-                await asyncio.gather(watcher, pump, return_exceptions=True)
-            for task in done:
-                task.result()
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            if client.lost.done():
+                lost = client.lost.exception()
+                raise _BrokerFailure(f"connection to {address} lost: {lost}") from lost
+            pump.result()
         finally:
             self._connected = False
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
+            await client.close()
 
-    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
-        """Returns (raises) only when the connection is lost; the relay subscribes to nothing."""
-        try:
-            async for _ in client.messages:
-                pass
-        except aiomqtt.MqttError as exc:
-            raise _BrokerFailure(f"connection to {self._address} lost: {exc}") from exc
-        raise _BrokerFailure(f"connection to {self._address} closed")
-
-    async def _pump(self, client: aiomqtt.Client) -> None:
+    async def _pump(self, client: MqttPublisher) -> None:
         while True:
             self._wake.clear()
             rows = await self._outbox.pending(self._batch_size)
             if not rows:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner result when
+                # a cancellation arrives just as the wait is woken, and this loop would never stop
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wake.wait()
                 continue
             await self._publish_batch(client, rows)
 
-    async def _publish_batch(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
+    async def _publish_batch(self, client: MqttPublisher, rows: Sequence[OutboxRow]) -> None:
         """Publish a batch in id order and mark the acknowledged prefix sent.
 
-        The PUBLISH packets leave in id order (the tasks start in order and each sends at once);
-        their PUBACKs are awaited together, within one time limit for the whole batch, so a busy
-        event loop costs one round trip per batch instead of one per event. Only the unbroken run
-        of acknowledged rows from the first one is marked sent: after a failure or a time-out the
-        rest is published again (at least once, in order).
+        The PUBLISH packets leave in id order in one write; their PUBACKs are awaited together,
+        within one time limit for the whole batch, so a busy event loop costs one round trip per
+        batch instead of one per event. Only the unbroken run of acknowledged rows from the first one
+        is marked sent: after a failure or a time-out the rest is published again (at least once, in
+        order).
         """
         acked: list[int] = []
         try:
-            # no per-publish time limit (aiomqtt would wrap each wait in a task of its own)
-            tasks = [
-                asyncio.ensure_future(client.publish(row.topic, row.payload, qos=1, timeout=math.inf))
-                for row in rows
-            ]
             try:
-                _, late = await asyncio.wait(tasks, timeout=self._publish_timeout)
-            finally:
-                for task in tasks:
-                    task.cancel()  # a no-op for the finished ones
-            failure: BaseException | None = None
-            for row, task in zip(rows, tasks, strict=True):
-                if task in late or task.cancelled():
-                    failure = _BrokerFailure(f"publish to {self._address} timed out")
-                    break
-                failure = task.exception()
-                if failure is not None:
+                batch = client.publish([(row.topic, row.payload) for row in rows])
+            except MqttError as exc:
+                raise _BrokerFailure(f"publish to {self._address} failed: {exc}") from exc
+            failure: Exception | None = None
+            try:
+                async with asyncio.timeout(self._publish_timeout):
+                    await asyncio.shield(batch.done)
+            except TimeoutError:
+                failure = _BrokerFailure(f"publish to {self._address} timed out")
+            except MqttError as exc:
+                failure = _BrokerFailure(f"publish to {self._address} failed: {exc}")
+            for row, packet_id in zip(rows, batch.packet_ids, strict=True):
+                if packet_id not in batch.acked:
                     break
                 acked.append(row.id)
-            for task in tasks:  # retrieve every outcome: none may be reported as never retrieved
-                if task.done() and not task.cancelled():
-                    task.exception()
-            if isinstance(failure, aiomqtt.MqttError):
-                raise _BrokerFailure(f"publish to {self._address} failed: {failure}") from failure
             if failure is not None:
                 raise failure
         finally:

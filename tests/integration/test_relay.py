@@ -404,14 +404,21 @@ async def test_a_full_batch_in_flight_is_not_reported_as_a_client_warning(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-class WithholdingBroker:
-    """A minimal MQTT 3.1.1 broker that acknowledges only the first ``acks`` PUBLISH packets of its
-    first connection and every one after a reconnection: a broker that stops answering mid-batch,
-    which a real broker cannot be made to do on demand."""
+class FakeBroker:
+    """A minimal MQTT 3.1.1 broker for what a real broker cannot be made to do on demand: stop
+    acknowledging mid-batch (``acks``: PUBACKs sent on the first connection, all on later ones),
+    refuse the connection (``connack``), never answer PINGREQ, or send each PUBACK byte by byte."""
 
-    def __init__(self, acks: int) -> None:
+    def __init__(
+        self, acks: int | None = None, *, connack: int = 0, answer_pings: bool = True, trickle: bool = False
+    ) -> None:
         self.acks = acks
+        self.connack = connack
+        self.answer_pings = answer_pings
+        self.trickle = trickle
         self.connections = 0
+        self.connects: list[bytes] = []  #: CONNECT bodies
+        self.pings = 0
         self.published: list[tuple[int, bytes]] = []  #: (connection number, payload)
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
@@ -421,7 +428,7 @@ class WithholdingBroker:
         assert self.server is not None
         return f"mqtt://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
-    async def __aenter__(self) -> WithholdingBroker:
+    async def __aenter__(self) -> FakeBroker:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -450,16 +457,26 @@ class WithholdingBroker:
                 body = await reader.readexactly(length)
                 kind = header >> 4
                 if kind == 1:  # CONNECT
-                    writer.write(b"\x20\x02\x00\x00")
+                    self.connects.append(body)
+                    writer.write(bytes((0x20, 0x02, 0x00, self.connack)))
                 elif kind == 3:  # PUBLISH, QoS 1 from the relay
                     topic_len = int.from_bytes(body[:2], "big")
                     packet_id = body[2 + topic_len : 4 + topic_len]
                     self.published.append((number, body[4 + topic_len :]))
-                    if number > 1 or acked < self.acks:
+                    if self.acks is None or number > 1 or acked < self.acks:
                         acked += 1
-                        writer.write(b"\x40\x02" + packet_id)
+                        puback = b"\x40\x02" + packet_id
+                        if self.trickle:
+                            for i in range(len(puback)):
+                                writer.write(puback[i : i + 1])
+                                await writer.drain()
+                                await asyncio.sleep(0.002)
+                        else:
+                            writer.write(puback)
                 elif kind == 12:  # PINGREQ
-                    writer.write(b"\xd0\x00")
+                    self.pings += 1
+                    if self.answer_pings:
+                        writer.write(b"\xd0\x00")
                 elif kind == 14:  # DISCONNECT
                     break
                 await writer.drain()
@@ -473,7 +490,7 @@ async def test_a_batch_whose_acknowledgements_stop_marks_the_acknowledged_prefix
     topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
 ) -> None:
     expected = [enqueue(outbox, correction(i), topic_prefix, clock) for i in range(1, 11)]
-    async with WithholdingBroker(acks=4) as broker:
+    async with FakeBroker(acks=4) as broker:
         relay = start_relay(broker.url, batch_size=10, publish_timeout=0.5)
         await async_wait_until(lambda: len(outbox.errors) >= 1, 5, "the batch to time out")
         # the first four were acknowledged and are marked sent; the other six are still pending
@@ -594,3 +611,62 @@ async def test_the_relay_refuses_a_broker_certificate_it_cannot_verify(
     assert "certificate verify failed" in outbox.errors[-1][0]
     assert outbox.unsent_ids() == [1]
     assert relay.stats.published == 0
+
+
+@pytest.mark.timeout(30)  # without the fix the relay never stops: fail in 30 s, not at the suite's limit
+async def test_the_relay_stops_when_cancelled_right_after_a_notify(
+    mqtt_broker_url: str, topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock
+) -> None:
+    """A cancellation arriving while the relay's idle wait is being woken must not be lost (Python
+    3.11's ``wait_for`` returns the inner result instead of raising; the relay would then never stop)."""
+    for attempt in range(10):
+        client_id = f"relay-stop-{attempt}-{time.monotonic_ns()}"
+        relay = OutboxRelay(outbox, url=mqtt_broker_url, clock=clock, client_id=client_id)
+        task = asyncio.create_task(relay.run())
+        await async_wait_until(lambda relay=relay: relay.stats.connected, 5, "the relay to connect")
+        await asyncio.sleep(0.05)  # idle: waiting to be notified
+        enqueue(outbox, correction(attempt), topic_prefix, clock)
+        relay.notify()
+        task.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_acknowledgements_arriving_byte_by_byte_complete_the_batch(
+    topic_prefix: str, outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    for i in range(1, 6):
+        enqueue(outbox, correction(i), topic_prefix, clock)
+    async with FakeBroker(trickle=True) as broker:
+        relay = start_relay(broker.url, batch_size=5)
+        await async_wait_until(lambda: outbox.unsent_ids() == [], 10, "every row marked sent")
+    assert relay.stats.published == 5
+    assert outbox.errors == []
+
+
+async def test_a_refused_connection_is_recorded_with_the_brokers_reason_and_retried(
+    outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    enqueue(outbox, correction(1), "test/refused", clock)
+    async with FakeBroker(connack=4) as broker:
+        url = broker.url.replace("mqtt://", "mqtt://gateway:wrong@")
+        start_relay(url)
+        await async_wait_until(lambda: len(outbox.errors) >= 2, 10, "two refused attempts")
+    assert "bad user name or password" in outbox.errors[0][0]
+    assert "wrong" not in repr(outbox.errors)
+    assert outbox.unsent_ids() == [1]
+    # the CONNECT carried the credentials of the URL, a clean session and the keep-alive
+    connect = broker.connects[0]
+    assert connect[:7] == b"\x00\x04MQTT\x04" and connect[7] == 0x80 | 0x40 | 0x02
+    assert connect.endswith(b"\x00\x07gateway\x00\x05wrong")
+
+
+async def test_a_broker_that_stops_answering_pings_is_taken_for_gone_and_reconnected(
+    outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
+) -> None:
+    async with FakeBroker(answer_pings=False) as broker:
+        relay = start_relay(broker.url, keepalive=1)
+        await async_wait_until(lambda: broker.connections >= 2, 10, "the relay to reconnect")
+    assert broker.pings >= 1
+    assert any("no answer from the broker" in message for message, _, _ in outbox.errors)
+    assert relay.stats.errors >= 1
