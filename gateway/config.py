@@ -100,7 +100,7 @@ class MqttSettings(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_insecure: bool = False
-    batch_size: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
     retention_hours: int = Field(default=168, ge=0, description="Sent events are pruned after this")
 
     _v_listen = field_validator("embedded_listen")(classmethod(lambda cls, v: _check_listen(v)))

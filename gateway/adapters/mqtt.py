@@ -35,6 +35,8 @@ _BACKOFF_INITIAL = 0.1  #: seconds before the first reconnect attempt
 _BACKOFF_MAX = 5.0  #: the reconnect delay doubles up to this
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_ERROR_CHARS = 500
+#: publishes in flight at once; MQTT packet identifiers are 16 bits
+_MAX_BATCH = 10_000
 
 
 class EventLogger(Protocol):
@@ -132,8 +134,8 @@ class OutboxRelay:
         publish_timeout: float = 10.0,
         keepalive: int = 30,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        if not 1 <= batch_size <= _MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {_MAX_BATCH}")
         if poll_interval <= 0 or prune_interval <= 0 or publish_timeout <= 0:
             raise ValueError("poll_interval, prune_interval and publish_timeout must be positive")
         self._address = parse_mqtt_url(url)

@@ -278,8 +278,7 @@ class MqttPublisher(asyncio.Protocol):
         if not self._connack.done():
             self._connack.set_exception(error)
             self._connack.exception()
-        if not self.lost.done() and not self._closing:
-            self.lost.set_exception(error)
+        self._lose(error)
         self._fail_all(error)
         self._transport = None
 
@@ -295,9 +294,14 @@ class MqttPublisher(asyncio.Protocol):
         for batch in batches.values():
             batch._fail(error)
 
-    def _protocol_error(self, what: str) -> None:
+    def _lose(self, error: MqttError) -> None:
+        """Resolve ``lost``, unless :meth:`close` ended the connection (or it was never handed out)."""
         if not self.lost.done() and not self._closing:
-            self.lost.set_exception(MqttError(f"protocol error: {what}"))
+            self.lost.set_exception(error)
+            self.lost.exception()  # retrieved: a connection that failed while connecting has no reader
+
+    def _protocol_error(self, what: str) -> None:
+        self._lose(MqttError(f"protocol error: {what}"))
         if self._transport is not None:
             self._transport.abort()
 

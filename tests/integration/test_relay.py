@@ -7,6 +7,7 @@ SQLite and PostgreSQL ledgers implement), not a mock: the relay is driven exactl
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import shutil
@@ -648,10 +649,19 @@ async def test_a_refused_connection_is_recorded_with_the_brokers_reason_and_retr
     outbox: InMemoryOutbox, clock: ManualClock, start_relay: Any
 ) -> None:
     enqueue(outbox, correction(1), "test/refused", clock)
-    async with FakeBroker(connack=4) as broker:
-        url = broker.url.replace("mqtt://", "mqtt://gateway:wrong@")
-        start_relay(url)
-        await async_wait_until(lambda: len(outbox.errors) >= 2, 10, "two refused attempts")
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []  # e.g. "Future exception was never retrieved" for a failed connection
+    loop.set_exception_handler(lambda _, context: reported.append(str(context.get("message"))))
+    try:
+        async with FakeBroker(connack=4) as broker:
+            url = broker.url.replace("mqtt://", "mqtt://gateway:wrong@")
+            start_relay(url)
+            await async_wait_until(lambda: len(outbox.errors) >= 2, 10, "two refused attempts")
+        gc.collect()
+        await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
     assert "bad user name or password" in outbox.errors[0][0]
     assert "wrong" not in repr(outbox.errors)
     assert outbox.unsent_ids() == [1]
@@ -670,3 +680,9 @@ async def test_a_broker_that_stops_answering_pings_is_taken_for_gone_and_reconne
     assert broker.pings >= 1
     assert any("no answer from the broker" in message for message, _, _ in outbox.errors)
     assert relay.stats.errors >= 1
+
+
+@pytest.mark.parametrize("size", [0, 10_001])
+def test_a_batch_size_outside_1_to_10000_is_refused(size: int, outbox: InMemoryOutbox, clock: ManualClock) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        OutboxRelay(outbox, url="mqtt://127.0.0.1:1883", client_id="x", clock=clock, batch_size=size)
