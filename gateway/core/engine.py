@@ -181,6 +181,7 @@ class Context:
 
 Step = Generator[Query, Any, Plan]
 _NEXT_RRN = NextRrn()
+_NO_REFUNDS = Velocity()  #: immutable: one value serves every request that does not look refunds up
 
 #: kinds that answer with a gateway RRN (DE37) and, approved, an approval code (DE38)
 _RRN_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
@@ -192,10 +193,13 @@ _EVENT_KINDS = {Kind.VOID: "void", Kind.REFUND: "refund", Kind.COMPLETION: "comp
 _APPROVAL_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWX"
 
 
+#: byte -> the character ``_APPROVAL_ALPHABET[byte % 32]``, for ``bytes.translate``
+_APPROVAL_TABLE = bytes(ord(_APPROVAL_ALPHABET[byte % 32]) for byte in range(256))
+
+
 def approval_code_for(rrn: str) -> str:
     """A 6-character approval code (DE38) derived from the unique RRN."""
-    digest = hashlib.blake2b(rrn.encode(), digest_size=6).digest()
-    return "".join(_APPROVAL_ALPHABET[byte % 32] for byte in digest)
+    return hashlib.blake2b(rrn.encode(), digest_size=6).digest().translate(_APPROVAL_TABLE).decode()
 
 
 def fingerprint(key: bytes, request: Request) -> str:
@@ -229,7 +233,7 @@ def process(request: Request, ctx: Context) -> Step:
     parent: Txn | None = None
     original_batch: Batch | None = None
     tombstone: Txn | None = None
-    velocity = Velocity()
+    velocity = _NO_REFUNDS
     if request.kind in (Kind.PURCHASE, Kind.PREAUTH):
         tombstone = yield FindTombstone(
             request.merchant_id,

@@ -7,6 +7,7 @@ response message built from the request and the decision.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from gateway.core.cards import pan_from_track2
@@ -59,8 +60,12 @@ class UnsupportedMessage(Exception):
     """A well-formed request this gateway does not handle (answered with the profile's code)."""
 
 
+@functools.lru_cache(maxsize=256)
 def response_mti(mti: str) -> str | None:
-    """The MTI of the answer (0200 -> 0210, 0421 -> 0430), or None when ``mti`` is not a request."""
+    """The MTI of the answer (0200 -> 0210, 0421 -> 0430), or None when ``mti`` is not a request.
+
+    Cached: it is asked three times per request, and there are only a few dozen MTIs.
+    """
     if len(mti) != 4 or not mti.isdigit() or int(mti[2]) % 2 == 1:
         return None
     return f"{mti[:2]}{int(mti[2]) + 1}0"

@@ -226,3 +226,22 @@ def test_a_card_is_valid_through_the_last_day_of_its_expiry_month() -> None:
     assert not card_expired("2611", NOW)
     assert card_expired("2610", NOW)
     assert not card_expired("2701", NOW)
+
+
+@pytest.mark.parametrize(
+    ("rrn", "code"), [("000000000001", "1J2M97"), ("633012345678", "L683WK"), ("999999999999", "D66RNR")]
+)
+def test_approval_codes_stay_what_they_were_for_the_same_rrn(rrn: str, code: str) -> None:
+    """DE38 is derived from the RRN; stored answers and receipts rely on it not changing."""
+    from gateway.core.engine import approval_code_for
+
+    assert approval_code_for(rrn) == code
+
+
+@given(st.text(alphabet="0123456789", min_size=12, max_size=12))
+def test_approval_codes_are_six_characters_without_i_or_o(rrn: str) -> None:
+    from gateway.core.engine import approval_code_for
+
+    code = approval_code_for(rrn)
+    assert len(code) == 6
+    assert set(code) <= set("0123456789ABCDEFGHJKLMNPQRSTUVWX")  # no I or O, easily misread
