@@ -44,6 +44,8 @@ import structlog
 from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from gateway.core.cards import luhn_checksum_ok
+
 __all__ = [
     "LogFormat",
     "bind_contextvars",
@@ -100,18 +102,11 @@ _key_kinds: dict[str, int] = {}
 
 #: Values of these types cannot hold a PAN as text and are rendered natively by orjson.
 _PASS_TYPES: Final = frozenset({int, float, bool, type(None), datetime, date, time})
-_DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
 def luhn_valid(digits: str) -> bool:
     """True when an all-digit string passes the Luhn (mod 10) check."""
-    total = 0
-    odd = False
-    for ch in reversed(digits):
-        d = ord(ch) - 48
-        total += _DOUBLED[d] if odd else d
-        odd = not odd
-    return total % 10 == 0
+    return luhn_checksum_ok(digits)
 
 
 def mask_pan(pan: str) -> str:

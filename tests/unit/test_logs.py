@@ -449,3 +449,27 @@ def test_coalesced_lines_of_a_loop_that_stopped_early_do_not_hold_back_the_next_
         first.close()
     asyncio.run(one("second", wait=True))
     assert [line["event"] for line in json_lines(out)] == ["first", "second"]
+
+
+def _textbook_luhn(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        digit = int(char) * (2 if index % 2 else 1)
+        total += digit - 9 if digit > 9 else digit
+    return total % 10 == 0
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=25))
+def test_the_luhn_check_agrees_with_the_textbook_algorithm(digits: str) -> None:
+    from gateway.core.cards import luhn_valid as card_luhn_valid
+
+    assert luhn_valid(digits) is _textbook_luhn(digits)
+    assert card_luhn_valid(digits) is (12 <= len(digits) <= 19 and _textbook_luhn(digits))
+
+
+def test_a_pan_of_non_ascii_digits_is_not_luhn_valid() -> None:
+    from gateway.core.cards import luhn_valid as card_luhn_valid
+
+    arabic_indic = "".join(chr(0x0660 + int(d)) for d in "4761739001010119")  # Luhn-valid as ASCII
+    assert arabic_indic.isdigit()
+    assert not card_luhn_valid(arabic_indic)
