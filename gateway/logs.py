@@ -44,7 +44,7 @@ import structlog
 from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from gateway.core.cards import luhn_checksum_ok
+from gateway.core import cards
 
 __all__ = [
     "LogFormat",
@@ -106,15 +106,12 @@ _PASS_TYPES: Final = frozenset({int, float, bool, type(None), datetime, date, ti
 
 def luhn_valid(digits: str) -> bool:
     """True when an all-digit string passes the Luhn (mod 10) check."""
-    return luhn_checksum_ok(digits)
+    return cards.luhn_checksum_ok(digits)
 
 
 def mask_pan(pan: str) -> str:
     """First 6 and last 4 digits kept, the rest as ``*`` (a run of 10 or fewer is fully masked)."""
-    n = len(pan)
-    if n <= 10:
-        return "*" * n
-    return f"{pan[:6]}{'*' * (n - 10)}{pan[-4:]}"
+    return cards.mask_pan(pan) or ""
 
 
 def _mask_if_luhn(match: re.Match[str]) -> str:

@@ -68,3 +68,8 @@ class LedgerResult:
     approval_code: str | None  #: DE38
     replayed: bool  #: a retransmission answered from the stored response
     events: int  #: correction events written to the outbox
+
+
+#: how a ledger tells its caller a request is settled: ``(result, None)`` once it is durable,
+#: ``(None, error)`` when nothing of it was committed
+LedgerDone = Callable[[LedgerResult | None, Exception | None], None]

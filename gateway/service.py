@@ -22,7 +22,7 @@ from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import render_event
 from gateway.logs import info_writer
-from gateway.ports import Clock, LedgerResult, Renderer
+from gateway.ports import Clock, LedgerDone, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
 from gateway.protocol.message import Message
@@ -30,9 +30,7 @@ from gateway.protocol.profile import Profile
 
 
 class Ledger(Protocol):
-    def submit(
-        self, request: Request, ctx: Context, render: Renderer, done: Callable[[Any, Exception | None], None]
-    ) -> None:
+    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
         """Decide and record ``request``; ``done(result, None)`` once that is durable (a
         :class:`LedgerResult`), ``done(None, error)`` when nothing of it could be committed."""
         ...

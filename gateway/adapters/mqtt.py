@@ -282,7 +282,7 @@ class OutboxRelay:
             failure: Exception | None = None
             try:
                 async with asyncio.timeout(self._publish_timeout):
-                    await asyncio.shield(batch.done)
+                    await batch.done
             except TimeoutError:
                 failure = _BrokerFailure(f"publish to {self._address} timed out")
             except MqttError as exc:

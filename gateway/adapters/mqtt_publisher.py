@@ -153,7 +153,7 @@ class MqttPublisher(asyncio.Protocol):
                     lambda: cls(loop, keepalive), host, port, ssl=ssl_context
                 )
                 protocol._write(packet)
-                code = await asyncio.shield(protocol._connack)
+                code = await protocol._connack
         except TimeoutError:
             if transport is not None:
                 transport.abort()

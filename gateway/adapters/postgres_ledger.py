@@ -72,7 +72,7 @@ from gateway.core.model import (
     Txn,
 )
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
+from gateway.ports import LedgerDone, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 #: versioned migrations; version N is MIGRATIONS[N - 1]: (description, SQL script)
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -386,9 +386,7 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(
-        self, request: Request, ctx: Context, render: Renderer, done: Callable[[Any, Exception | None], None]
-    ) -> None:
+    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
         """:meth:`process` for the service: ``done(result, None)`` after the commit, ``done(None, error)``
         if it failed (nothing of it was committed)."""
         task = asyncio.ensure_future(self.process(request, ctx, render))

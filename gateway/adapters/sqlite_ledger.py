@@ -54,7 +54,7 @@ from gateway.core.engine import (
 )
 from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn, TxnStatus
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
+from gateway.ports import LedgerDone, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 T = TypeVar("T")
 
@@ -448,7 +448,7 @@ class SqliteLedger:
         """Decide and record one request; returns after the commit is durable."""
         return await self._call(lambda conn: self._process(conn, request, ctx, render))
 
-    def submit(self, request: Request, ctx: Context, render: Renderer, done: Done) -> None:
+    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
         """Queue one request for the next group commit; ``done(result, None)`` is called once it is
         durable, ``done(None, error)`` if it failed (nothing of it was committed).
 

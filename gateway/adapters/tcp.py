@@ -261,12 +261,14 @@ class TerminalServer:
                 conn.transport.pause_reading()
         if self.in_flight:
             self._all_answered = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._all_answered.wait(), timeout=grace_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._all_answered.wait()
             await asyncio.sleep(0)  # let the last answers' flush run
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
         if self._server is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
