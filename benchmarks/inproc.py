@@ -113,7 +113,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             )
             harness = Harness(service, Codec(profile), args.profile, args.refunds)
             # warm-up: purchases to refund later, first use of every code path
-            warm = args.messages * args.refunds // 100 + 2000
+            warm = args.messages * args.refunds // 100 + args.warmup
             for start in range(0, warm, args.group):
                 harness.check(await harness.run(harness.frames(start, args.group)), keep_rrns=True)
             groups = [harness.frames(warm + k * args.group, args.group) for k in range(args.messages // args.group)]
@@ -143,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--refunds", type=int, default=20, help="percent of partial refunds (0-100)")
     parser.add_argument("--group", type=int, default=32, help="requests handed over together")
+    parser.add_argument("--warmup", type=int, default=2000, help="purchases sent before the measurement")
     parser.add_argument("--profile", default="iso87-binary")
     parser.add_argument("--no-log", action="store_true", help="no message.processed log line")
     parser.add_argument("--no-metrics", action="store_true", help="no metrics recorder")
     args = parser.parse_args(argv)
-    if not 0 <= args.refunds <= 100 or args.group < 1 or args.messages < args.group:
-        parser.error("--refunds is 0-100, --group at least 1, --messages at least --group")
+    if not 0 <= args.refunds <= 100 or args.group < 1 or args.messages < args.group or args.warmup < 0:
+        parser.error("--refunds is 0-100, --group at least 1, --messages at least --group, --warmup at least 0")
     stdout = sys.stdout
     with open(os.devnull, "w") as sink:
         sys.stdout = sink  # the JSON log lines go to stdout

@@ -26,7 +26,7 @@ from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TxnChange:
     """A change to an existing ledger record, decided by a correction."""
 
@@ -38,7 +38,7 @@ class TxnChange:
     reversed_after_settlement: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
     """What the ledger knows that the decision depends on (read inside the serialising transaction)."""
 
@@ -52,7 +52,7 @@ class Snapshot:
     velocity: Velocity = field(default_factory=Velocity)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     reason: Reason
     changes: tuple[TxnChange, ...] = ()

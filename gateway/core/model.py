@@ -50,7 +50,7 @@ class BatchState(StrEnum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reference:
     """How a correction points at its original (design section 4).
 
@@ -81,7 +81,11 @@ class SettlementTotals:
     debit_amount: int
 
 
-@dataclass(frozen=True, slots=True)
+# Request, Reference (here), Message (protocol), Snapshot, Decision and TxnChange (decide) are
+# per-request values that nothing changes once built. Like the engine's queries they are plain
+# slots dataclasses, not frozen ones: a frozen dataclass pays object.__setattr__ per field (about
+# 1 µs for a Request), 2.4% of the instructions of a purchase for these six together.
+@dataclass(slots=True)
 class Request:
     """A classified request. ``pan`` is the full card number, kept in memory only (never in repr)."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 SENSITIVE_FIELDS: frozenset[int] = frozenset({2, 35, 36, 45, 52, 55})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One ISO 8583 message.
 
