@@ -232,6 +232,10 @@ class SqliteLedger:
         #: A purchase from a terminal outside it cannot have a tombstone, so its lookup needs no SQL.
         self._tombstone_terminals: set[tuple[str, str]] | None = None
         self._data_version = -1
+        #: the last commit already opened the next group's transaction (see :meth:`_commit`)
+        self._txn_open = False
+        #: why that BEGIN IMMEDIATE failed, for the group it was opened for
+        self._begin_error: Exception | None = None
         #: names this ledger object in the relay lease
         self._token = uuid.uuid4().hex
         self._handlers: dict[type[Query], Callable[[sqlite3.Connection, Any], Any]] = {
@@ -345,11 +349,17 @@ class SqliteLedger:
         assert conn is not None
         assert executor is not None
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
-        except Exception as exc:
+        begin_error, self._begin_error = self._begin_error, None
+        if self._txn_open:
+            self._txn_open = False  # opened in the same hop as the last commit
+        elif begin_error is None:
+            try:
+                await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
+            except Exception as exc:
+                begin_error = exc
+        if begin_error is not None:
             for job in group:
-                _settle(job, None, exc)
+                _settle(job, None, begin_error)
             return
         try:
             self._check_foreign_writes(conn)
@@ -361,7 +371,10 @@ class SqliteLedger:
                 await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
-            await loop.run_in_executor(executor, conn.execute, "COMMIT")
+            # requests already waiting form the next group: open its transaction in the same hop
+            follow = bool(self._queue)
+            self._begin_error = await loop.run_in_executor(executor, self._commit, conn, follow)
+            self._txn_open = follow and self._begin_error is None
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -379,6 +392,21 @@ class SqliteLedger:
             self.on_events()
         for job, (value, error) in zip(group, results, strict=True):
             _settle(job, value, error)
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        """COMMIT (the fsync); with ``follow``, then BEGIN IMMEDIATE for the next group, on the same trip
+        to the helper thread (each trip costs the event loop about 80 µs of CPU). Only done when
+        requests are already queued, so an idle ledger never holds the write lock. A failed BEGIN is
+        returned, not raised: this group is committed, the next one fails with it."""
+        conn.execute("COMMIT")
+        if not follow:
+            return None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            return exc
+        return None
 
     def _remember_batch(self, key: tuple[str, str], batch: Batch) -> Batch:
         """Cache a terminal's open batch; the cache is bounded (a peer may invent terminal ids)."""

@@ -3,9 +3,11 @@ request goes through when the ledger is writable again."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
 from postgres import postgres_schema, postgres_url, schema_settings
 
 from gateway.adapters.postgres_ledger import PostgresLedger
@@ -69,3 +71,76 @@ async def test_the_postgresql_ledger_answers_through_the_service_and_96_once_it_
         await ledger.close()
     refused = codec.decode(await service.handle(codec.encode(purchase("000002"))) or b"")
     assert (refused.fields[39], refused.fields[11]) == ("96", "000002")
+
+
+async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One trip to the commit thread does COMMIT and the next group's BEGIN IMMEDIATE, but only when
+    requests are queued: an idle ledger never holds the write lock."""
+    from gateway.adapters import sqlite_ledger
+
+    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)  # each request its own group
+    profile = load_profile("iso87-binary")
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path) as ledger:
+        follows: list[bool] = []
+        commit = ledger._commit
+
+        def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+            follows.append(follow)
+            return commit(conn, follow)
+
+        monkeypatch.setattr(ledger, "_commit", spy)
+        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
+        codec = service.codec
+        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"00000{n}"))) for n in (1, 2, 3)))
+        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00", "00", "00"]
+        assert follows == [True, True, False]
+        # idle now: another process gets the write lock at once
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002", "000003"]
+
+
+async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.adapters import sqlite_ledger
+
+    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)
+    profile = load_profile("iso87-binary")
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path, busy_timeout_s=0.05) as ledger:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        commit = ledger._commit
+
+        def commit_then_lose_the_lock(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+            conn.execute("COMMIT")
+            if not follow:
+                return None
+            other.execute("BEGIN IMMEDIATE")  # another process takes the lock between the two
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                return exc
+            return None
+
+        monkeypatch.setattr(ledger, "_commit", commit_then_lose_the_lock)
+        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
+        codec = service.codec
+        first, second = await asyncio.gather(
+            service.handle(codec.encode(purchase("000001"))), service.handle(codec.encode(purchase("000002")))
+        )
+        other.execute("ROLLBACK")
+        other.close()
+        monkeypatch.setattr(ledger, "_commit", commit)
+        assert codec.decode(first or b"").fields[39] == "00"  # committed before the BEGIN failed
+        assert codec.decode(second or b"").fields[39] == "96"
+        third = codec.decode(await service.handle(codec.encode(purchase("000003"))) or b"")
+        assert third.fields[39] == "00"
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000003"]
