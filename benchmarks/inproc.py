@@ -5,9 +5,11 @@ its figures drift with the machine (about 15% within an hour on a shared VM). Th
 pre-encoded frames straight into :meth:`gateway.service.GatewayService.handle_nowait` with a durable
 SQLite ledger (``synchronous=FULL``, group commit), JSON log lines written to ``/dev/null`` and the
 metrics recorder, in groups of ``--group`` requests (the group size ``make bench`` produces), and
-reports the event-loop thread's CPU time per message (``time.thread_time``). Run to run it varies
-by well under 1%, so it tells a real change of a few microseconds from noise. It leaves out what
-only the live run has: sockets, framing, the relay and the broker.
+reports the event-loop thread's CPU time per message (``time.thread_time``). Runs back to back
+agree within about 1%, over minutes the VM drifts by up to 5%: compare variants in alternating
+runs, or count instructions under ``valgrind --tool=callgrind`` for changes of a few percent
+(docs/performance.md shows how). It leaves out what only the live run has: sockets, framing, the
+relay and the broker.
 
 Purchases, plus ``--refunds`` percent of partial refunds by RRN against purchases approved during
 the warm-up. ``--no-log`` and ``--no-metrics`` leave out the log line or the recorder, to measure
