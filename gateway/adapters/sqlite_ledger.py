@@ -139,6 +139,11 @@ _OPEN_BATCH_CACHE = 10_000
 #: how long a relay lease outlives its holder's last poll
 RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
+#: at most this many commits in a row open the next transaction themselves; then one leaves the write
+#: lock free for a moment, so another process sharing the file is not starved by a busy gateway
+_MAX_CHAINED = 8
+#: after another process committed, commits stop opening the next transaction for this long
+_SHARED_QUIET_S = 5.0
 #: terminals with unmatched reversals remembered at most; past it, purchases look them up in SQL
 _TOMBSTONE_CACHE = 10_000
 _NO_TOMBSTONE_CACHE: set[tuple[str, str]] = set()
@@ -236,6 +241,10 @@ class SqliteLedger:
         self._txn_open = False
         #: why that BEGIN IMMEDIATE failed, for the group it was opened for
         self._begin_error: Exception | None = None
+        #: commits in a row that opened the next transaction
+        self._chained = 0
+        #: loop time until which commits do not open the next transaction (another process writes)
+        self._shared_until = 0.0
         #: names this ledger object in the relay lease
         self._token = uuid.uuid4().hex
         self._handlers: dict[type[Query], Callable[[sqlite3.Connection, Any], Any]] = {
@@ -371,8 +380,7 @@ class SqliteLedger:
                 await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
-            # requests already waiting form the next group: open its transaction in the same hop
-            follow = bool(self._queue)
+            follow = self._follow(loop.time())
             self._begin_error = await loop.run_in_executor(executor, self._commit, conn, follow)
             self._txn_open = follow and self._begin_error is None
         except Exception as exc:
@@ -392,6 +400,16 @@ class SqliteLedger:
             self.on_events()
         for job, (value, error) in zip(group, results, strict=True):
             _settle(job, value, error)
+
+    def _follow(self, now: float) -> bool:
+        """Whether this commit opens the next group's transaction in the same trip: when requests
+        already wait for it, no other process committed lately, and not more than
+        :data:`_MAX_CHAINED` times in a row (another process waiting for the lock gets its turn)."""
+        if not self._queue or now < self._shared_until or self._chained >= _MAX_CHAINED:
+            self._chained = 0
+            return False
+        self._chained += 1
+        return True
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
@@ -424,6 +442,8 @@ class SqliteLedger:
         """Drop cached state when another connection (another gateway process) committed meanwhile."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
+            if self._data_version != -1 and self._loop is not None:
+                self._shared_until = self._loop.time() + _SHARED_QUIET_S
             self._forget_batches()
             self._tombstone_terminals = None
             self._data_version = version

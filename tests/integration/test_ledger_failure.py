@@ -94,9 +94,10 @@ async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_w
         monkeypatch.setattr(ledger, "_commit", spy)
         service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
         codec = service.codec
-        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"00000{n}"))) for n in (1, 2, 3)))
-        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00", "00", "00"]
-        assert follows == [True, True, False]
+        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"{n:06d}"))) for n in range(1, 11)))
+        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00"] * 10
+        # eight in a row at most (a process waiting for the lock gets a turn), none once the queue is empty
+        assert follows == [True] * 8 + [False, False]
         # idle now: another process gets the write lock at once
         other = sqlite3.connect(path, isolation_level=None, timeout=0)
         try:
@@ -104,7 +105,37 @@ async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_w
             other.execute("ROLLBACK")
         finally:
             other.close()
-        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002", "000003"]
+        assert [txn.stan for txn in await ledger.all_txns()] == [f"{n:06d}" for n in range(1, 11)]
+
+
+async def test_commits_stop_opening_the_next_transaction_once_another_process_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.adapters import sqlite_ledger
+
+    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)
+    profile = load_profile("iso87-binary")
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path) as ledger:
+        follows: list[bool] = []
+        commit = ledger._commit
+
+        def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+            follows.append(follow)
+            return commit(conn, follow)
+
+        monkeypatch.setattr(ledger, "_commit", spy)
+        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
+        codec = service.codec
+        assert codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"").fields[39] == "00"
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("INSERT INTO meta(key, value) VALUES ('another process', 'was here')")
+        finally:
+            other.close()
+        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"00000{n}"))) for n in (2, 3, 4)))
+        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00"] * 3
+        assert follows == [False, False, False, False]
 
 
 async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
