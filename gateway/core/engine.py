@@ -259,7 +259,7 @@ def process(request: Request, ctx: Context) -> Step:
         request.merchant_id, request.terminal_id, ctx.now, create=request.kind is not Kind.REVERSAL
     )
     rrn: str | None = (yield _NEXT_RRN) if request.kind in _RRN_KINDS else None
-    code = ctx.response_code(decision.reason.value)
+    code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
     approval = approval_code_for(rrn) if rrn is not None and decision.approved else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original)

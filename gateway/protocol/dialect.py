@@ -19,6 +19,8 @@ IMPLEMENTED_DIALECTS: tuple[str, ...] = ("iso87",)
 
 #: fields a response copies from its request when present
 ECHO_FIELDS: tuple[int, ...] = (3, 4, 7, 11, 12, 13, 41, 42, 49, 70, 90)
+_ECHO_BELOW_37 = tuple(number for number in ECHO_FIELDS if number < 37)
+_ECHO_ABOVE_39 = tuple(number for number in ECHO_FIELDS if number > 39)
 
 _BY_MTI_AND_PURPOSE: dict[tuple[str, str], Kind] = {
     ("010", "00"): Kind.PREAUTH,
@@ -188,10 +190,15 @@ def build_response(
     mti = response_mti(request.mti)
     if mti is None:
         raise ValueError("not a request MTI")
-    fields = {number: request.fields[number] for number in ECHO_FIELDS if number in request.fields}
+    source = request.fields
+    # built in field-number order: the echoed fields below 37, then 37-39, then the echoed rest
+    fields = {number: source[number] for number in _ECHO_BELOW_37 if number in source}
     if rrn is not None:
         fields[37] = rrn
     if approval_code is not None:
         fields[38] = approval_code
     fields[39] = response_code
-    return Message(mti, dict(sorted(fields.items())))
+    for number in _ECHO_ABOVE_39:
+        if number in source:
+            fields[number] = source[number]
+    return Message(mti, fields)
