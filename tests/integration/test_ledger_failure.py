@@ -73,29 +73,48 @@ async def test_the_postgresql_ledger_answers_through_the_service_and_96_once_it_
     assert (refused.fields[39], refused.fields[11]) == ("96", "000002")
 
 
+def one_request_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.adapters import sqlite_ledger
+
+    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)
+
+
+def record_follows(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each commit also opened the next group's transaction, in commit order."""
+    follows: list[bool] = []
+    commit = ledger._commit
+
+    def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        follows.append(follow)
+        return commit(conn, follow)
+
+    monkeypatch.setattr(ledger, "_commit", spy)
+    return follows
+
+
+def service_on(ledger: SqliteLedger) -> GatewayService:
+    config = ServiceConfig("test", "test/corrections", b"test-key", Policy())
+    return GatewayService(load_profile("iso87-binary"), ledger, config)
+
+
+async def purchases_together(service: GatewayService, stans: list[str]) -> list[str]:
+    """The response codes of purchases sent all at once (queued while earlier groups commit)."""
+    codec = service.codec
+    answers = await asyncio.gather(*(service.handle(codec.encode(purchase(stan))) for stan in stans))
+    return [codec.decode(answer or b"").fields[39] for answer in answers]
+
+
 async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One trip to the commit thread does COMMIT and the next group's BEGIN IMMEDIATE, but only when
     requests are queued: an idle ledger never holds the write lock."""
-    from gateway.adapters import sqlite_ledger
-
-    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)  # each request its own group
-    profile = load_profile("iso87-binary")
+    one_request_per_group(monkeypatch)
     path = tmp_path / "ledger.db"
     async with SqliteLedger(path) as ledger:
-        follows: list[bool] = []
-        commit = ledger._commit
-
-        def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
-            follows.append(follow)
-            return commit(conn, follow)
-
-        monkeypatch.setattr(ledger, "_commit", spy)
-        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
-        codec = service.codec
-        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"{n:06d}"))) for n in range(1, 11)))
-        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00"] * 10
+        follows = record_follows(ledger, monkeypatch)
+        stans = [f"{n:06d}" for n in range(1, 11)]
+        assert await purchases_together(service_on(ledger), stans) == ["00"] * 10
         # eight in a row at most (a process waiting for the lock gets a turn), none once the queue is empty
         assert follows == [True] * 8 + [False, False]
         # idle now: another process gets the write lock at once
@@ -105,46 +124,31 @@ async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_w
             other.execute("ROLLBACK")
         finally:
             other.close()
-        assert [txn.stan for txn in await ledger.all_txns()] == [f"{n:06d}" for n in range(1, 11)]
+        assert [txn.stan for txn in await ledger.all_txns()] == stans
 
 
 async def test_commits_stop_opening_the_next_transaction_once_another_process_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.adapters import sqlite_ledger
-
-    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)
-    profile = load_profile("iso87-binary")
+    one_request_per_group(monkeypatch)
     path = tmp_path / "ledger.db"
     async with SqliteLedger(path) as ledger:
-        follows: list[bool] = []
-        commit = ledger._commit
-
-        def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
-            follows.append(follow)
-            return commit(conn, follow)
-
-        monkeypatch.setattr(ledger, "_commit", spy)
-        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
-        codec = service.codec
-        assert codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"").fields[39] == "00"
+        follows = record_follows(ledger, monkeypatch)
+        service = service_on(ledger)
+        assert await purchases_together(service, ["000001"]) == ["00"]
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("INSERT INTO meta(key, value) VALUES ('another process', 'was here')")
         finally:
             other.close()
-        answers = await asyncio.gather(*(service.handle(codec.encode(purchase(f"00000{n}"))) for n in (2, 3, 4)))
-        assert [codec.decode(a or b"").fields[39] for a in answers] == ["00"] * 3
+        assert await purchases_together(service, ["000002", "000003", "000004"]) == ["00"] * 3
         assert follows == [False, False, False, False]
 
 
 async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.adapters import sqlite_ledger
-
-    monkeypatch.setattr(sqlite_ledger, "_MAX_GROUP", 1)
-    profile = load_profile("iso87-binary")
+    one_request_per_group(monkeypatch)
     path = tmp_path / "ledger.db"
     async with SqliteLedger(path, busy_timeout_s=0.05) as ledger:
         other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -162,16 +166,12 @@ async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
             return None
 
         monkeypatch.setattr(ledger, "_commit", commit_then_lose_the_lock)
-        service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
-        codec = service.codec
-        first, second = await asyncio.gather(
-            service.handle(codec.encode(purchase("000001"))), service.handle(codec.encode(purchase("000002")))
-        )
+        service = service_on(ledger)
+        first, second = await purchases_together(service, ["000001", "000002"])
         other.execute("ROLLBACK")
         other.close()
         monkeypatch.setattr(ledger, "_commit", commit)
-        assert codec.decode(first or b"").fields[39] == "00"  # committed before the BEGIN failed
-        assert codec.decode(second or b"").fields[39] == "96"
-        third = codec.decode(await service.handle(codec.encode(purchase("000003"))) or b"")
-        assert third.fields[39] == "00"
+        assert first == "00"  # committed before the BEGIN failed
+        assert second == "96"
+        assert await purchases_together(service, ["000003"]) == ["00"]
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000003"]
