@@ -22,7 +22,7 @@ from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import render_event
 from gateway.logs import info_writer
-from gateway.ports import Clock, LedgerDone, LedgerResult, Renderer
+from gateway.ports import Clock, LedgerDone, LedgerPrepare, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
 from gateway.protocol.message import Message
@@ -30,9 +30,18 @@ from gateway.protocol.profile import Profile
 
 
 class Ledger(Protocol):
-    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
+    def submit(
+        self,
+        request: Request,
+        ctx: Context,
+        render: Renderer,
+        done: LedgerDone,
+        prepare: LedgerPrepare | None = None,
+    ) -> None:
         """Decide and record ``request``; ``done(result, None)`` once that is durable (a
-        :class:`LedgerResult`), ``done(None, error)`` when nothing of it could be committed."""
+        :class:`LedgerResult`), ``done(None, error)`` when nothing of it could be committed. A ledger
+        may call ``prepare(result)`` before the commit is durable and run what it returns once it is,
+        in place of ``done`` (see :data:`gateway.ports.LedgerPrepare`)."""
         ...
 
 
@@ -149,17 +158,35 @@ class GatewayService:
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
             return
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.response_code)
+
+        def prepare(result: LedgerResult) -> Callable[[], None]:
+            # may run before the commit is durable: builds the answer, lets nothing out
+            data = self._encode(build_response(message, result.response_code, rrn=result.rrn,
+                                               approval_code=result.approval_code))
+
+            def send() -> None:  # the commit is durable
+                try:
+                    self._account(message, request, result.response_code, result.reason, started,
+                                  rrn=result.rrn, replayed=result.replayed)
+                    reply(data)
+                except Exception as exc:  # a bug past the ledger: the connection pays, never the server
+                    fail(exc)
+
+            return send
+
         def committed(result: LedgerResult | None, error: Exception | None) -> None:
             try:
                 if result is None:  # infrastructure failure: nothing was committed, answer 96
                     self._error("ledger.failed", error=type(error).__name__, detail=str(error)[:200])
                     reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
                     return
-                reply(self._answer(message, request, None, started, result=result))
+                send = prepare(result)
             except Exception as exc:  # a bug past the ledger: the connection pays, never the server
                 fail(exc)
+                return
+            send()
 
-        self.ledger.submit(request, ctx, self._render, committed)
+        self.ledger.submit(request, ctx, self._render, committed, prepare)
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
         if exc.mti is None or response_mti(exc.mti) is None:
@@ -174,25 +201,39 @@ class GatewayService:
         self,
         message: Message,
         request: Request | None,
-        reason: Reason | None,
+        reason: Reason,
         started: float,
-        *,
-        result: LedgerResult | None = None,
         **extra: Any,
     ) -> bytes:
-        if result is not None:
-            code, reason_text, rrn, approval = result.response_code, result.reason, result.rrn, result.approval_code
-        else:
-            assert reason is not None
-            code, reason_text, rrn, approval = self.response_code(reason.value), reason.value, None, None
-        response = build_response(message, code, rrn=rrn, approval_code=approval)
+        """The answer for a request the ledger did not decide (format errors, network messages,
+        refused terminals, ledger failures), with its metrics and log line."""
+        code = self.response_code(reason.value)
+        data = self._encode(build_response(message, code))
+        self._account(message, request, code, reason.value, started, **extra)
+        return data
+
+    def _encode(self, response: Message) -> bytes:
         try:
             # echoed fields passed the content checks when the request was decoded; the gateway made the rest
-            data = self.codec.encode(response, checked=True)
+            return self.codec.encode(response, checked=True)
         except EncodeError as exc:
             # an echoed field we cannot re-encode: answer with the bare minimum rather than nothing
             self._warn("response.encode_failed", detail=str(exc))
-            data = self.codec.encode(Message(response.mti, {k: v for k, v in response.fields.items() if k in (11, 39)}))
+            return self.codec.encode(Message(response.mti, {k: v for k, v in response.fields.items() if k in (11, 39)}))
+
+    def _account(
+        self,
+        message: Message,
+        request: Request | None,
+        code: str,
+        reason_text: str,
+        started: float,
+        *,
+        rrn: str | None = None,
+        replayed: bool = False,
+        **extra: Any,
+    ) -> None:
+        """The request's metrics and ``message.processed`` line, once its answer is final."""
         elapsed = time.perf_counter() - started
         kind = request.kind.value if request is not None else "unknown"
         if self.recorder is not None:
@@ -210,13 +251,12 @@ class GatewayService:
                     "rrn": rrn,
                     "response_code": code,
                     "reason": None if reason_text == "approved" else reason_text,
-                    "replayed": bool(result and result.replayed) or None,
+                    "replayed": replayed or None,
                     "latency_ms": round(elapsed * 1000, 3),
                     "pan": request.masked_pan if request is not None else None,
                     **extra,
                 },
             )
-        return data
 
     def _warn(self, event: str, **fields: Any) -> None:
         if self.log is not None:

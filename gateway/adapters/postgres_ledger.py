@@ -72,7 +72,7 @@ from gateway.core.model import (
     Txn,
 )
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerDone, LedgerResult, OutboxRow, OutboxStatus, Renderer
+from gateway.ports import LedgerDone, LedgerPrepare, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 #: versioned migrations; version N is MIGRATIONS[N - 1]: (description, SQL script)
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -386,9 +386,18 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
+    def submit(
+        self,
+        request: Request,
+        ctx: Context,
+        render: Renderer,
+        done: LedgerDone,
+        prepare: LedgerPrepare | None = None,
+    ) -> None:
         """:meth:`process` for the service: ``done(result, None)`` after the commit, ``done(None, error)``
-        if it failed (nothing of it was committed)."""
+        if it failed (nothing of it was committed). ``prepare`` is not used: each request commits on
+        a connection of its own while the event loop serves the others, so there is no shared commit
+        wait to fill."""
         task = asyncio.ensure_future(self.process(request, ctx, render))
 
         def finished(task: asyncio.Future[LedgerResult]) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,7 @@ from gateway.core.engine import (
 )
 from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn, TxnStatus
 from gateway.core.policy import Velocity
-from gateway.ports import LedgerDone, LedgerResult, OutboxRow, OutboxStatus, Renderer
+from gateway.ports import LedgerDone, LedgerPrepare, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 T = TypeVar("T")
 
@@ -139,6 +140,8 @@ _OPEN_BATCH_CACHE = 10_000
 #: how long a relay lease outlives its holder's last poll
 RELAY_LEASE_S = 10.0
 _MAX_GROUP = 256
+#: how long the event loop waits for the commit thread to take the GIL before it builds answers
+_HANDOVER_S = 0.05
 #: at most this many commits in a row open the next transaction themselves; then one leaves the write
 #: lock free for a moment, so another process sharing the file is not starved by a busy gateway
 _MAX_CHAINED = 8
@@ -205,6 +208,8 @@ Done = Callable[[Any, Exception | None], None]
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     done: Done
+    #: builds the answer while the commit runs (see :meth:`SqliteLedger.submit`)
+    prepare: LedgerPrepare | None = None
 
 
 class SqliteLedger:
@@ -381,7 +386,17 @@ class SqliteLedger:
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
             follow = self._follow(loop.time())
-            self._begin_error = await loop.run_in_executor(executor, self._commit, conn, follow)
+            if any(job.prepare is not None for job in group):
+                # the answers are built while the commit thread waits for the fsync (see _prepare)
+                handed = threading.Lock()
+                handed.acquire()
+                committing = loop.run_in_executor(executor, self._commit_after, handed, conn, follow)
+                handed.acquire(timeout=_HANDOVER_S)
+                finishers = _prepare(group, results)
+                self._begin_error = await committing
+            else:
+                finishers = None
+                self._begin_error = await loop.run_in_executor(executor, self._commit, conn, follow)
             self._txn_open = follow and self._begin_error is None
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -398,8 +413,22 @@ class SqliteLedger:
             isinstance(value, LedgerResult) and value.events for value, _ in results
         ):
             self.on_events()
-        for job, (value, error) in zip(group, results, strict=True):
-            _settle(job, value, error)
+        if finishers is None:
+            for job, (value, error) in zip(group, results, strict=True):
+                _settle(job, value, error)
+            return
+        for job, (value, error), finish in zip(group, results, finishers, strict=True):
+            if finish is None:
+                _settle(job, value, error)
+            else:
+                _finish(finish)
+
+    def _commit_after(self, handed: threading.Lock, conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        """:meth:`_commit` on the commit thread, once it has told the event loop it holds the GIL: the
+        loop waits for that before it builds the group's answers, else this thread could wait for the
+        GIL (up to the 5 ms switch interval) before it even starts the fsync."""
+        handed.release()
+        return self._commit(conn, follow)
 
     def _follow(self, now: float) -> bool:
         """Whether this commit opens the next group's transaction in the same trip: when requests
@@ -497,17 +526,26 @@ class SqliteLedger:
         """Decide and record one request; returns after the commit is durable."""
         return await self._call(lambda conn: self._process(conn, request, ctx, render))
 
-    def submit(self, request: Request, ctx: Context, render: Renderer, done: LedgerDone) -> None:
+    def submit(
+        self,
+        request: Request,
+        ctx: Context,
+        render: Renderer,
+        done: LedgerDone,
+        prepare: LedgerPrepare | None = None,
+    ) -> None:
         """Queue one request for the next group commit; ``done(result, None)`` is called once it is
         durable, ``done(None, error)`` if it failed (nothing of it was committed).
 
         ``done`` runs on the event loop right after the commit, without a future or a loop callback
         of its own per request; it must not raise (what it raises goes to the loop's exception
-        handler).
+        handler). With ``prepare``, the event loop calls ``prepare(result)`` while the commit thread
+        waits for the fsync, and once the commit returned it runs what ``prepare`` returned instead
+        of ``done``; if ``prepare`` raises, or the commit fails, ``done`` is called as without it.
         """
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), done))
+        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), done, prepare))
         assert self._wake is not None
         self._wake.set()
 
@@ -875,6 +913,30 @@ def _settle(job: _Job, value: Any, error: Exception | None) -> None:
     try:
         job.done(value, error)
     except Exception as exc:  # the caller's bug must not stop the writer: report it as asyncio does
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "ledger completion callback failed", "exception": exc}
+        )
+
+
+def _prepare(group: list[_Job], results: list[tuple[Any, Exception | None]]) -> list[Callable[[], None] | None]:
+    """Each job's prepared finisher, None where it has none (no ``prepare``, a failed job, or a
+    ``prepare`` that raised: that job gets ``done`` after the commit, as without one)."""
+    finishers: list[Callable[[], None] | None] = []
+    for job, (value, error) in zip(group, results, strict=True):
+        finish = None
+        if job.prepare is not None and error is None:
+            try:
+                finish = job.prepare(value)
+            except Exception:
+                finish = None
+        finishers.append(finish)
+    return finishers
+
+
+def _finish(finish: Callable[[], None]) -> None:
+    try:
+        finish()
+    except Exception as exc:  # as _settle: the caller's bug must not stop the writer
         asyncio.get_running_loop().call_exception_handler(
             {"message": "ledger completion callback failed", "exception": exc}
         )

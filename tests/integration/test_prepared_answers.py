@@ -1,0 +1,152 @@
+"""Answers built while the commit waits for the fsync: none leaves, and nothing is counted or logged,
+before the commit returned; a commit that fails after the answers were built still answers 96."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.core.engine import Context
+from gateway.core.policy import Policy
+from gateway.ports import LedgerResult
+from gateway.protocol.dialect import classify
+from gateway.protocol.message import Message
+from gateway.protocol.profile import load_profile
+from gateway.service import GatewayService, ServiceConfig
+
+CARD = "4761739001010119"
+
+
+def purchase(stan: str) -> Message:
+    return Message(
+        "0200",
+        {2: CARD, 3: "000000", 4: "000000001000", 7: "1122101010", 11: stan, 12: "101010", 13: "1122",
+         41: "TERM0001", 42: "MERCHANT0000001", 49: "840"},
+    )  # fmt: skip
+
+
+class Counted:
+    """The metrics recorder: what the service counted, in order."""
+
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+
+    def request_done(self, mti: str, kind: str, response_code: str, seconds: float) -> None:
+        self.codes.append(response_code)
+
+
+def encoded_codes(service: GatewayService, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """DE39 of every answer the service encodes, in order (built, not necessarily sent)."""
+    codes: list[str] = []
+    encode = service._encode
+
+    def spy(response: Message) -> bytes:
+        codes.append(str(response.fields[39]))
+        return encode(response)
+
+    monkeypatch.setattr(service, "_encode", spy)
+    return codes
+
+
+async def test_answers_are_built_while_the_commit_runs_and_leave_only_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        counted = Counted()
+        service = GatewayService(
+            load_profile("iso87-binary"),
+            ledger,
+            ServiceConfig("test", "test/corrections", b"test-key", Policy()),
+            recorder=counted,
+        )
+        built = encoded_codes(service, monkeypatch)
+        committing, release = threading.Event(), threading.Event()
+        commit = ledger._commit
+
+        def slow_commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+            committing.set()
+            assert release.wait(10)
+            return commit(conn, follow)
+
+        monkeypatch.setattr(ledger, "_commit", slow_commit)
+        codec = service.codec
+        answers = [asyncio.ensure_future(service.handle(codec.encode(purchase(s)))) for s in ("000001", "000002")]
+        try:
+            for _ in range(500):  # the commit thread is in the fsync and both answers are built
+                if committing.is_set() and len(built) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert committing.is_set() and built == ["00", "00"]
+            await asyncio.sleep(0.05)
+            assert not any(answer.done() for answer in answers)  # nothing sent before the commit returned
+            assert counted.codes == []  # nor counted (nor logged: the same step writes the line)
+        finally:
+            release.set()
+        codes = [codec.decode(await answer or b"").fields[39] for answer in answers]
+        assert codes == ["00", "00"] and counted.codes == ["00", "00"]
+        assert len(await ledger.all_txns()) == 2
+
+
+async def test_a_commit_that_fails_after_the_answers_were_built_answers_96(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        counted = Counted()
+        service = GatewayService(
+            load_profile("iso87-binary"),
+            ledger,
+            ServiceConfig("test", "test/corrections", b"test-key", Policy()),
+            recorder=counted,
+        )
+        built = encoded_codes(service, monkeypatch)
+        commit = ledger._commit
+
+        def failing_commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+            # fail only once the answer was built, so the prepared one must be dropped
+            for _ in range(500):
+                if built:
+                    break
+                time.sleep(0.01)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(ledger, "_commit", failing_commit)
+        codec = service.codec
+        answer = codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"")
+        assert answer.fields[39] == "96" and 37 not in answer.fields
+        assert built == ["00", "96"]  # the approval was built, then dropped
+        assert counted.codes == ["96"]
+        monkeypatch.setattr(ledger, "_commit", commit)
+        assert await ledger.all_txns() == []
+        again = codec.decode(await service.handle(codec.encode(purchase("000002"))) or b"")
+        assert again.fields[39] == "00"
+
+
+async def test_a_prepare_that_raises_gets_done_after_the_commit(tmp_path: Path) -> None:
+    profile = load_profile("iso87-binary")
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
+        calls: list[str] = []
+
+        def prepare(result: LedgerResult) -> Any:
+            calls.append("prepare")
+            raise RuntimeError("a bug in the answer builder")
+
+        def done(result: LedgerResult | None, error: Exception | None) -> None:
+            calls.append("done")
+            settled.set_result((result, error))
+
+        ctx = Context(datetime.now(UTC), Policy(), b"test-key", profile.response_code)
+        ledger.submit(classify(purchase("000001")), ctx, lambda event: ("id", "topic", b"{}"), done, prepare)
+        result, error = await settled
+        assert error is None and isinstance(result, LedgerResult) and result.response_code == "00"
+        assert calls == ["prepare", "done"]
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001"]
