@@ -368,7 +368,8 @@ class SqliteLedger:
             self._txn_open = False  # opened in the same hop as the last commit
         elif begin_error is None:
             try:
-                await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
+                if not self._begin_if_free(conn):  # another process holds the lock: wait off the loop
+                    await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
             except Exception as exc:
                 begin_error = exc
         if begin_error is not None:
@@ -385,19 +386,20 @@ class SqliteLedger:
                 await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
-            follow = self._follow(loop.time())
+            may_follow = self._may_follow(loop.time())
             if any(job.prepare is not None for job in group):
                 # the answers are built while the commit thread waits for the fsync (see _prepare)
                 handed = threading.Lock()
                 handed.acquire()
-                committing = loop.run_in_executor(executor, self._commit_after, handed, conn, follow)
+                committing = loop.run_in_executor(executor, self._commit_after, handed, conn, may_follow)
                 handed.acquire(timeout=_HANDOVER_S)
                 finishers = _prepare(group, results)
-                self._begin_error = await committing
+                followed, self._begin_error = await committing
             else:
                 finishers = None
-                self._begin_error = await loop.run_in_executor(executor, self._commit, conn, follow)
-            self._txn_open = follow and self._begin_error is None
+                followed, self._begin_error = await loop.run_in_executor(executor, self._commit, conn, may_follow)
+            self._chained = self._chained + 1 if followed else 0
+            self._txn_open = followed and self._begin_error is None
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -423,38 +425,53 @@ class SqliteLedger:
             else:
                 _finish(finish)
 
-    def _commit_after(self, handed: threading.Lock, conn: sqlite3.Connection, follow: bool) -> Exception | None:
+    def _commit_after(
+        self, handed: threading.Lock, conn: sqlite3.Connection, may_follow: bool
+    ) -> tuple[bool, Exception | None]:
         """:meth:`_commit` on the commit thread, once it has told the event loop it holds the GIL: the
         loop waits for that before it builds the group's answers, else this thread could wait for the
         GIL (up to the 5 ms switch interval) before it even starts the fsync."""
         handed.release()
-        return self._commit(conn, follow)
+        return self._commit(conn, may_follow)
 
-    def _follow(self, now: float) -> bool:
-        """Whether this commit opens the next group's transaction in the same trip: when requests
-        already wait for it, no other process committed lately, and not more than
-        :data:`_MAX_CHAINED` times in a row (another process waiting for the lock gets its turn)."""
-        if not self._queue or now < self._shared_until or self._chained >= _MAX_CHAINED:
-            self._chained = 0
+    def _begin_if_free(self, conn: sqlite3.Connection) -> bool:
+        """BEGIN IMMEDIATE on the event loop if the write lock is free (microseconds); False, with no
+        transaction open, if another process holds it: then the caller waits for it on the commit
+        thread, with the busy timeout. A trip to that thread just to begin cost the next group about
+        a millisecond (the thread waits for the GIL while the loop works)."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
             return False
-        self._chained += 1
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         return True
 
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
-        """COMMIT (the fsync); with ``follow``, then BEGIN IMMEDIATE for the next group, on the same trip
-        to the helper thread (each trip costs the event loop 45-80 µs of CPU). Only done when
-        requests are already queued (see :meth:`_follow`), so an idle ledger never holds the write
-        lock. A failed BEGIN is returned, not raised: this group is committed, the next one fails
-        with it."""
+    def _may_follow(self, now: float) -> bool:
+        """Whether this commit may open the next group's transaction in the same trip: not when
+        another process committed lately, nor more than :data:`_MAX_CHAINED` times in a row (another
+        process waiting for the lock gets its turn). It does only if requests wait by the time the
+        COMMIT returned (see :meth:`_commit`)."""
+        return now >= self._shared_until and self._chained < _MAX_CHAINED
+
+    def _commit(self, conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+        """COMMIT (the fsync), on the commit thread. Then, with ``may_follow`` and if requests were
+        queued meanwhile (the event loop decodes them during the fsync), BEGIN IMMEDIATE for them on
+        the same trip (each trip costs the event loop 45-80 µs of CPU, and the next group waits for
+        it). Returns whether it did, and the BEGIN's error: a failed BEGIN is returned, not raised
+        (this group is committed, the next one fails with it). With nothing queued it does not, so
+        an idle ledger never holds the write lock."""
         conn.execute("COMMIT")
-        if not follow:
-            return None
+        if not may_follow or not self._queue:  # the queue's length is read atomically under the GIL
+            return False, None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except Exception as exc:
-            return exc
-        return None
+            return True, exc
+        return True, None
 
     def _remember_batch(self, key: tuple[str, str], batch: Batch) -> Batch:
         """Cache a terminal's open batch; the cache is bounded (a peer may invent terminal ids)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,9 +86,10 @@ def record_follows(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> lis
     follows: list[bool] = []
     commit = ledger._commit
 
-    def spy(conn: sqlite3.Connection, follow: bool) -> Exception | None:
-        follows.append(follow)
-        return commit(conn, follow)
+    def spy(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+        followed, error = commit(conn, may_follow)
+        follows.append(followed)
+        return followed, error
 
     monkeypatch.setattr(ledger, "_commit", spy)
     return follows
@@ -154,16 +157,16 @@ async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
         other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         commit = ledger._commit
 
-        def commit_then_lose_the_lock(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        def commit_then_lose_the_lock(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
             conn.execute("COMMIT")
-            if not follow:
-                return None
+            if not may_follow or not ledger._queue:
+                return False, None
             other.execute("BEGIN IMMEDIATE")  # another process takes the lock between the two
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                return exc
-            return None
+                return True, exc
+            return True, None
 
         monkeypatch.setattr(ledger, "_commit", commit_then_lose_the_lock)
         service = service_on(ledger)
@@ -175,3 +178,58 @@ async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
         assert second == "96"
         assert await purchases_together(service, ["000003"]) == ["00"]
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000003"]
+
+
+async def test_a_group_begins_on_the_event_loop_when_the_lock_is_free_and_waits_off_it_when_not(
+    tmp_path: Path,
+) -> None:
+    """BEGIN IMMEDIATE runs on the event loop without waiting; only when another process holds the
+    write lock does the group wait for it, on the commit thread, with the busy timeout."""
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path, busy_timeout_s=5.0) as ledger:
+        assert ledger._conn is not None
+        begins: list[int] = []  # the thread of every BEGIN IMMEDIATE the ledger ran
+        ledger._conn.set_trace_callback(
+            lambda sql: begins.append(threading.get_ident()) if sql == "BEGIN IMMEDIATE" else None
+        )
+        loop_thread = threading.get_ident()
+        service = service_on(ledger)
+        assert await purchases_together(service, ["000001"]) == ["00"]
+        assert begins == [loop_thread]
+
+        begins.clear()
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.3, other.execute, ("ROLLBACK",)).start()  # the other process lets go
+        try:
+            assert await purchases_together(service, ["000002"]) == ["00"]
+        finally:
+            await asyncio.sleep(0.3)
+            other.close()
+        assert len(begins) == 2 and begins[0] == loop_thread and begins[1] != loop_thread
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002"]
+
+
+async def test_requests_that_arrive_during_the_fsync_find_their_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a commit opens the next transaction is decided once its COMMIT returned, so requests
+    the event loop queued during the fsync count."""
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        follows = record_follows(ledger, monkeypatch)
+        spy = ledger._commit
+
+        def held(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+            for _ in range(500 if not follows else 0):  # the first commit lasts until the next request is queued
+                if ledger._queue:
+                    break
+                time.sleep(0.01)
+            return spy(conn, may_follow)
+
+        monkeypatch.setattr(ledger, "_commit", held)
+        service = service_on(ledger)
+        first = asyncio.ensure_future(purchases_together(service, ["000001"]))
+        await asyncio.sleep(0.05)  # its commit is under way, nothing else queued when it began
+        assert await purchases_together(service, ["000002"]) == ["00"]
+        assert await first == ["00"]
+        assert follows == [True, False]

@@ -71,10 +71,10 @@ async def test_answers_are_built_while_the_commit_runs_and_leave_only_after_it(
         committing, release = threading.Event(), threading.Event()
         commit = ledger._commit
 
-        def slow_commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        def slow_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
             committing.set()
             assert release.wait(10)
-            return commit(conn, follow)
+            return commit(conn, may_follow)
 
         monkeypatch.setattr(ledger, "_commit", slow_commit)
         codec = service.codec
@@ -109,7 +109,7 @@ async def test_a_commit_that_fails_after_the_answers_were_built_answers_96(
         built = encoded_codes(service, monkeypatch)
         commit = ledger._commit
 
-        def failing_commit(conn: sqlite3.Connection, follow: bool) -> Exception | None:
+        def failing_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
             # fail only once the answer was built, so the prepared one must be dropped
             for _ in range(500):
                 if built:
