@@ -320,17 +320,27 @@ class _CoalescingStream:
     writes out anything pending.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_pending", "_scheduled_on", "_stream")
+    __slots__ = ("__weakref__", "_lock", "_pending", "_scheduled_on", "_stream", "_thread")
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._pending: list[bytes] = []
         #: the loop whose next iteration drains the pending lines (a loop may stop before it does)
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        #: the thread that loop runs on
+        self._thread = 0
         self._lock = threading.Lock()
         _COALESCING.add(self)
 
     def write(self, data: bytes) -> int:
+        loop = self._scheduled_on
+        if loop is not None and self._thread == threading.get_ident() and loop.is_running():
+            # a drain is already due on this thread's running loop: no need to ask asyncio for the
+            # loop (its C lookup makes a getpid system call, one per request)
+            with self._lock:
+                if self._scheduled_on is loop:
+                    self._pending.append(data)
+                    return len(data)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -342,6 +352,7 @@ class _CoalescingStream:
             self._pending.append(data)
             if self._scheduled_on is not loop:
                 self._scheduled_on = loop
+                self._thread = threading.get_ident()
                 loop.call_soon(self.drain)
         return len(data)
 

@@ -386,6 +386,27 @@ def test_coalesced_lines_written_without_a_running_loop_go_out_at_once_and_in_or
 
 
 
+async def test_a_line_from_another_thread_goes_out_at_once_after_the_loops_pending_lines() -> None:
+    import asyncio
+    import threading
+
+    out = _CountingStream()
+    configure_logging("info", "json", out, coalesce=True)
+    log = get_logger("test")
+    log.info("loop 1")
+    log.info("loop 2")
+    other = threading.Thread(target=log.info, args=("thread",))
+    other.start()
+    other.join()
+    assert [line["event"] for line in json_lines(out)] == ["loop 1", "loop 2", "thread"]
+    log.info("loop 3")  # the drain that was due ran early: this one schedules another
+    assert out.writes == 1
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [line["event"] for line in json_lines(out)] == ["loop 1", "loop 2", "thread", "loop 3"]
+    assert out.writes == 2
+
+
 @pytest.mark.parametrize("coalesce", [False, True])
 async def test_the_per_request_writer_writes_the_line_logger_info_writes(coalesce: bool) -> None:
     import asyncio
@@ -436,18 +457,19 @@ def test_coalesced_lines_of_a_loop_that_stopped_early_do_not_hold_back_the_next_
     configure_logging("info", "json", out, coalesce=True)
     log = get_logger("test")
 
-    async def one(event: str, wait: bool) -> None:
+    async def one(event: str) -> None:
         log.info(event)
-        if wait:
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
     first = asyncio.new_event_loop()
     try:
-        first.run_until_complete(one("first", wait=False))  # stops before its drain runs
+        first.call_soon(lambda: (log.info("first"), first.stop()))  # stops before its drain runs
+        first.run_forever()
     finally:
         first.close()
-    asyncio.run(one("second", wait=True))
+    assert out.writes == 0
+    asyncio.run(one("second"))
     assert [line["event"] for line in json_lines(out)] == ["first", "second"]
 
 
