@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 
 #: what each digit adds when the Luhn algorithm doubles it (2 x 7 = 14 -> 1 + 4 = 5)
@@ -34,9 +35,24 @@ def mask_pan(pan: str | None) -> str | None:
     return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
 
 
+@functools.lru_cache(maxsize=16)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 under ``key`` with no message yet, to be copied: the key's two padded blocks are
+    hashed once per key instead of once per message."""
+    return hmac.new(key, digestmod="sha256")
+
+
+def keyed_sha256(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under ``key`` (equal to ``hmac.digest(key, data, "sha256")``, in about
+    half the time)."""
+    mac = _keyed(key).copy()
+    mac.update(data)
+    return mac.digest()
+
+
 def pan_digest(key: bytes, pan: str) -> str:
     """HMAC-SHA256 of the PAN under ``key``, hex: compares cards without storing them."""
-    return hmac.digest(key, pan.encode("ascii"), "sha256").hex()
+    return keyed_sha256(key, pan.encode("ascii")).hex()
 
 
 def pan_from_track2(track2: str) -> str | None:

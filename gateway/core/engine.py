@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import hmac
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gateway.core.cards import pan_digest
+from gateway.core.cards import keyed_sha256, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
 from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
 from gateway.core.model import (
@@ -213,7 +212,7 @@ def fingerprint(key: bytes, request: Request) -> str:
             request.original_data or "",
         )
     )
-    return hmac.digest(key, content.encode(), "sha256")[:16].hex()
+    return keyed_sha256(key, content.encode())[:16].hex()
 
 
 def process(request: Request, ctx: Context) -> Step:
