@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from gateway.core.events import CorrectionEvent
 from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
-from gateway.events import render_event
+from gateway.events import new_event_id, render_event
 from gateway.logs import info_writer
 from gateway.ports import Clock, LedgerDone, LedgerPrepare, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
@@ -98,7 +97,7 @@ class GatewayService:
         return self.profile.response_code(reason)
 
     def _render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
-        event_id = str(uuid.uuid4())
+        event_id = new_event_id()
         topic, payload = render_event(
             event,
             event_id=event_id,

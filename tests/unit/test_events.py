@@ -353,3 +353,36 @@ def test_the_fast_rendering_equals_the_validated_model_for_every_type(event_type
     _, payload = render_event(fact, event_id="e-1", instance_id="gw", time=moment, topic_prefix=PREFIX)
     validated = build_event(fact, event_id="e-1", instance_id="gw", time=moment)
     assert orjson.loads(payload) == validated.model_dump(mode="json")
+
+
+def test_event_ids_are_random_uuids_in_canonical_form_and_never_repeat() -> None:
+    import uuid
+
+    from gateway.events import new_event_id
+
+    ids = [new_event_id() for _ in range(3000)]  # several refills of the random pool
+    assert len(set(ids)) == len(ids)
+    for text in ids[:300]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_bytes() -> None:
+    import os
+
+    from gateway.events import new_event_id
+
+    new_event_id()  # the pool holds bytes the child would otherwise also hold
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.write(write, new_event_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != new_event_id()
