@@ -10,8 +10,9 @@ is answered before it is durable.
 
 Why not aiosqlite: it hops to its thread once per statement (5-10 statements per request) and holds
 the GIL-bound work on a second thread. Here the statements run on the event loop (microseconds each,
-no thread hop, no contention) and only BEGIN IMMEDIATE (which may wait for another process) and
-COMMIT (the fsync) go to a helper thread. See docs/architecture.md.
+no thread hop, no contention) and only COMMIT (the fsync) and a BEGIN IMMEDIATE that must wait for
+another process go to a helper thread; the loop builds the group's answers during the fsync and sends
+them once it returned. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -216,10 +217,11 @@ class SqliteLedger:
     """Ledger and outbox on one SQLite file. Use :meth:`open` / :meth:`close` (or ``async with``).
 
     One writer task takes every request queued since its last commit, opens ``BEGIN IMMEDIATE`` (on
-    a helper thread, as it may wait for another process's lock), runs each request's decision and
-    writes on the event loop (statements are microseconds; no per-request thread hop, no lock
-    contention between threads), then commits on the helper thread, where the fsync waits without
-    holding the event loop. Futures resolve only after the commit returned.
+    the event loop when the write lock is free, else on a helper thread, as it may wait for another
+    process's lock), runs each request's decision and writes on the event loop (statements are
+    microseconds; no per-request thread hop, no lock contention between threads), then commits on
+    the helper thread, where the fsync waits without holding the event loop. Callers are told only
+    after the commit returned.
     """
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0, synchronous: str = "FULL") -> None:
