@@ -132,9 +132,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
     INSERT INTO meta(key, value) VALUES ('rrn_next', '1');
     """,
+    # 2: daily refund limits look up one terminal's or one card's refunds of the day, not every refund
+    # of the merchant (as the PostgreSQL ledger's indexes already do)
+    """
+    CREATE INDEX txns_refunds_terminal ON txns(merchant_id, terminal_id, created_at) WHERE kind = 'refund';
+    CREATE INDEX txns_refunds_card ON txns(merchant_id, pan_hmac, created_at) WHERE kind = 'refund';
+    DROP INDEX txns_refunds_day;
+    """,
 )
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
+_VELOCITY = (
+    "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
+    "AND merchant_id = ? AND created_at >= ? AND status = 'approved'"
+)
+#: a terminal's / a card's approved refunds since a moment (daily refund limits)
+VELOCITY_TERMINAL_SQL = _VELOCITY + " AND terminal_id = ?"
+VELOCITY_CARD_SQL = _VELOCITY + " AND pan_hmac = ?"
 _RRN_BLOCK = 1000
 #: open batches cached at most (about 300 bytes each)
 _OPEN_BATCH_CACHE = 10_000
@@ -713,16 +727,12 @@ class SqliteLedger:
 
     @staticmethod
     def _velocity(conn: sqlite3.Connection, query: RefundVelocity) -> Velocity:
-        base = (
-            "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
-            "AND merchant_id = ? AND created_at >= ? AND status = 'approved'"
-        )
         since = _us(query.since)
-        terminal = conn.execute(base + " AND terminal_id = ?", (query.merchant_id, since, query.terminal_id))
+        terminal = conn.execute(VELOCITY_TERMINAL_SQL, (query.merchant_id, since, query.terminal_id))
         t_count, t_amount = terminal.fetchone()
         c_count = c_amount = 0
         if query.pan_hmac is not None:
-            card = conn.execute(base + " AND pan_hmac = ?", (query.merchant_id, since, query.pan_hmac))
+            card = conn.execute(VELOCITY_CARD_SQL, (query.merchant_id, since, query.pan_hmac))
             c_count, c_amount = card.fetchone()
         return Velocity(t_count, t_amount, c_count, c_amount)
 
