@@ -76,7 +76,8 @@ LedgerDone = Callable[[LedgerResult | None, Exception | None], None]
 
 #: the work of an answer that may be done while its commit is still under way (building and encoding
 #: it): called with the result before it is durable, it returns what to run once it is, in place of
-#: ``done(result, None)``. Nothing may leave the process before then (no answer sent, no log line
-#: written); if the commit fails, ``done(None, error)`` is called instead and the prepared work is
+#: ``done(result, None)``. Before then nothing about the outcome may leave the process (no answer
+#: sent, counted or logged), and it must not call the ledger (its commit is running on another
+#: thread); if the commit fails, ``done(None, error)`` is called instead and the prepared work is
 #: dropped. A ledger may also never call it (it is an optimisation, not a step of the contract).
 LedgerPrepare = Callable[[LedgerResult], Callable[[], None]]
