@@ -169,6 +169,8 @@ class CloudEvent(_Model):
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and ``Z`` (``2026-11-22T10:00:00.123Z``)."""
+    if value.tzinfo is UTC:  # the gateway's own times: "+00:00" becomes "Z", nothing to convert
+        return value.isoformat(timespec="milliseconds")[:-6] + "Z"
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("event times must be timezone-aware")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"

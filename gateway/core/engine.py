@@ -9,7 +9,6 @@ in memory.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -350,7 +349,7 @@ def _record(
 
 def _apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     """The original as it stands after the decision's changes (for the event's balance)."""
-    after = copy.copy(original)
+    after = original.copy()
     for change in changes:
         if change.txn_id != original.id:
             continue

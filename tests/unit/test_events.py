@@ -241,6 +241,18 @@ def test_times_are_utc_with_milliseconds_and_z_whatever_the_input_zone() -> None
     assert orjson.loads(payload)["time"] == "2026-11-22T10:00:00.999Z"
 
 
+@given(
+    st.datetimes(datetime(1970, 1, 2), datetime(9998, 12, 30), timezones=st.just(UTC)),
+    st.integers(min_value=-14 * 60, max_value=14 * 60),
+)
+def test_a_utc_time_formats_as_the_same_moment_in_any_other_zone(moment: datetime, offset_min: int) -> None:
+    elsewhere = moment.astimezone(timezone(timedelta(minutes=offset_min)))
+    text = format_time(moment)
+    assert text == format_time(elsewhere)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text)
+    assert text == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def test_a_naive_time_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         render(fact_for("pos.void.approved"), time=datetime(2026, 11, 22, 10, 0))
