@@ -26,11 +26,30 @@ import iso8583.specs
 
 from gateway.app import GatewayApp
 from gateway.config import Settings, load_settings
+from gateway.core.policy import Policy
+from gateway.protocol.message import Message
+from gateway.protocol.profile import load_profile
+from gateway.service import GatewayService, Ledger, Recorder, ServiceConfig
 
 CARD = "4761739001010119"
 OTHER_CARD = "4111111111111111"
 MERCHANT = "MERCHANT0000001"
 TERMINAL = "TERM0001"
+
+
+def purchase(stan: str) -> Message:
+    """A 0200 purchase of 10.00 from TERMINAL, as the service receives it once decoded."""
+    return Message(
+        "0200",
+        {2: CARD, 3: "000000", 4: "000000001000", 7: "1122101010", 11: stan, 12: "101010", 13: "1122",
+         41: TERMINAL, 42: MERCHANT, 49: "840"},
+    )  # fmt: skip
+
+
+def service_on(ledger: Ledger, recorder: Recorder | None = None) -> GatewayService:
+    """The gateway's service over ``ledger``, without a server around it."""
+    config = ServiceConfig("test", "test/corrections", b"test-key", Policy())
+    return GatewayService(load_profile("iso87-binary"), ledger, config, recorder=recorder)
 
 
 _STANS = itertools.count(1)

@@ -10,34 +10,20 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import purchase, service_on
 from postgres import postgres_schema, postgres_url, schema_settings
 
 from gateway.adapters.postgres_ledger import PostgresLedger
 from gateway.adapters.sqlite_ledger import SqliteLedger
-from gateway.core.policy import Policy
-from gateway.protocol.message import Message
-from gateway.protocol.profile import load_profile
-from gateway.service import GatewayService, ServiceConfig
+from gateway.service import GatewayService
 
-CARD = "4761739001010119"
 __all__ = ["postgres_schema", "postgres_url"]  # fixtures
 
 
-def purchase(stan: str) -> Message:
-    return Message(
-        "0200",
-        {2: CARD, 3: "000000", 4: "000000001000", 7: "1122101010", 11: stan, 12: "101010", 13: "1122",
-         41: "TERM0001", 42: "MERCHANT0000001", 49: "840"},
-    )  # fmt: skip
-
-
 async def test_a_locked_ledger_answers_96_records_nothing_and_the_next_request_is_approved(tmp_path: Path) -> None:
-    profile = load_profile("iso87-binary")
     path = tmp_path / "ledger.db"
     async with SqliteLedger(path, busy_timeout_s=0.05) as ledger:
-        service = GatewayService(
-            profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy())
-        )
+        service = service_on(ledger)
         codec = service.codec
         # another process holds the write lock longer than this ledger waits for it
         other = sqlite3.connect(path, isolation_level=None)
@@ -61,9 +47,8 @@ async def test_a_locked_ledger_answers_96_records_nothing_and_the_next_request_i
 async def test_the_postgresql_ledger_answers_through_the_service_and_96_once_it_is_closed(
     postgres_url: str, postgres_schema: str
 ) -> None:
-    profile = load_profile("iso87-binary")
     ledger = await PostgresLedger(postgres_url, server_settings=schema_settings(postgres_schema)).open()
-    service = GatewayService(profile, ledger, ServiceConfig("test", "test/corrections", b"test-key", Policy()))
+    service = service_on(ledger)
     codec = service.codec
     try:
         approved = codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"")
@@ -93,11 +78,6 @@ def record_follows(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> lis
 
     monkeypatch.setattr(ledger, "_commit", spy)
     return follows
-
-
-def service_on(ledger: SqliteLedger) -> GatewayService:
-    config = ServiceConfig("test", "test/corrections", b"test-key", Policy())
-    return GatewayService(load_profile("iso87-binary"), ledger, config)
 
 
 async def purchases_together(service: GatewayService, stans: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import purchase, service_on
 
 from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.core.engine import Context
@@ -20,17 +21,7 @@ from gateway.ports import LedgerResult
 from gateway.protocol.dialect import classify
 from gateway.protocol.message import Message
 from gateway.protocol.profile import load_profile
-from gateway.service import GatewayService, ServiceConfig
-
-CARD = "4761739001010119"
-
-
-def purchase(stan: str) -> Message:
-    return Message(
-        "0200",
-        {2: CARD, 3: "000000", 4: "000000001000", 7: "1122101010", 11: stan, 12: "101010", 13: "1122",
-         41: "TERM0001", 42: "MERCHANT0000001", 49: "840"},
-    )  # fmt: skip
+from gateway.service import GatewayService
 
 
 class Counted:
@@ -43,31 +34,29 @@ class Counted:
         self.codes.append(response_code)
 
 
-def encoded_codes(service: GatewayService, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """DE39 of every answer the service encodes, in order (built, not necessarily sent)."""
-    codes: list[str] = []
+def watched_service(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> tuple[GatewayService, Counted, list[str]]:
+    """The service over ``ledger``, what it counted, and the DE39 of every answer it encodes, in
+    order (built, not necessarily sent)."""
+    counted = Counted()
+    service = service_on(ledger, recorder=counted)
+    built: list[str] = []
     encode = service._encode
 
     def spy(response: Message) -> bytes:
-        codes.append(str(response.fields[39]))
+        built.append(str(response.fields[39]))
         return encode(response)
 
     monkeypatch.setattr(service, "_encode", spy)
-    return codes
+    return service, counted, built
 
 
 async def test_answers_are_built_while_the_commit_runs_and_leave_only_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        counted = Counted()
-        service = GatewayService(
-            load_profile("iso87-binary"),
-            ledger,
-            ServiceConfig("test", "test/corrections", b"test-key", Policy()),
-            recorder=counted,
-        )
-        built = encoded_codes(service, monkeypatch)
+        service, counted, built = watched_service(ledger, monkeypatch)
         committing, release = threading.Event(), threading.Event()
         commit = ledger._commit
 
@@ -99,14 +88,7 @@ async def test_a_commit_that_fails_after_the_answers_were_built_answers_96(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        counted = Counted()
-        service = GatewayService(
-            load_profile("iso87-binary"),
-            ledger,
-            ServiceConfig("test", "test/corrections", b"test-key", Policy()),
-            recorder=counted,
-        )
-        built = encoded_codes(service, monkeypatch)
+        service, counted, built = watched_service(ledger, monkeypatch)
         commit = ledger._commit
 
         def failing_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
