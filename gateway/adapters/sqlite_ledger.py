@@ -416,7 +416,7 @@ class SqliteLedger:
                 finishers = _prepare(group, results)
                 followed, self._begin_error = await committing
             else:
-                finishers = None
+                finishers = [None] * len(group)
                 followed, self._begin_error = await loop.run_in_executor(executor, self._commit, conn, may_follow)
             self._chained = self._chained + 1 if followed else 0
             self._txn_open = followed and self._begin_error is None
@@ -435,10 +435,6 @@ class SqliteLedger:
             isinstance(value, LedgerResult) and value.events for value, _ in results
         ):
             self.on_events()
-        if finishers is None:
-            for job, (value, error) in zip(group, results, strict=True):
-                _settle(job, value, error)
-            return
         for job, (value, error), finish in zip(group, results, finishers, strict=True):
             if finish is None:
                 _settle(job, value, error)
