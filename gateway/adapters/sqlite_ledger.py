@@ -52,6 +52,7 @@ from gateway.core.engine import (
     Plan,
     Query,
     RefundVelocity,
+    Step,
     process,
 )
 from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn, TxnStatus
@@ -142,6 +143,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
+#: the same with the id given: a group's records get theirs when decided, and are inserted together
+_INSERT_TXN_WITH_ID = (
+    f"INSERT INTO txns(id, {', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * (len(TXN_COLUMNS) + 1))})"
+)
+_INSERT_OUTBOX = "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)"
 _VELOCITY = (
     "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
     "AND merchant_id = ? AND created_at >= ? AND status = 'approved'"
@@ -229,6 +235,84 @@ class _Job:
     done: Done
     #: builds the answer while the commit runs (see :meth:`SqliteLedger.submit`)
     prepare: LedgerPrepare | None = None
+    #: a request's decision (``fn`` runs it alone); None for any other job
+    decision: _Decision | None = None
+
+
+@dataclass(slots=True)
+class _Decision:
+    request: Request
+    ctx: Context
+    render: Renderer
+
+
+class _Deferred:
+    """A group's new records and outbox rows, written together when a statement could see them.
+
+    Inserting each record as it is decided interleaves SQLite with the rules, request by request;
+    collecting them and inserting them with one ``executemany`` keeps each in the CPU's caches
+    (purchases: about 15% less event-loop CPU per message, ``benchmarks/inproc.py``). A record gets
+    its id when decided (the transaction holds the write lock: nobody else inserts meanwhile).
+    """
+
+    __slots__ = ("by_key", "changed", "first_id", "has_refund", "next_id", "outbox", "rrns", "txns")
+
+    def __init__(self, next_id: int) -> None:
+        self.next_id = next_id
+        #: ids from here on are not in the table yet
+        self.first_id = next_id
+        self.txns: list[tuple[Any, ...]] = []
+        self.outbox: list[tuple[Any, ...]] = []
+        self.rrns: set[str] = set()
+        self.has_refund = False
+        #: every record of this group by retransmission key, the latest one (written or not)
+        self.by_key: dict[tuple[str, str, str, str, str], Txn] = {}
+        #: ids of the records this group changed (a copy read before is out of date)
+        self.changed: set[int] = set()
+
+    def add(self, record: Txn, values: tuple[Any, ...]) -> None:
+        record.id = self.next_id
+        self.next_id += 1
+        self.txns.append((record.id, *values))
+        if record.rrn is not None:
+            self.rrns.add(record.rrn)
+        if record.kind is Kind.REFUND:
+            self.has_refund = True
+        key = (record.merchant_id, record.terminal_id, record.stan, record.transmission_time, record.mti[:3])
+        self.by_key[key] = record
+
+    def duplicate(self, query: FindDuplicate) -> Txn | None:
+        """This group's latest record with the query's key (newer than any in the table), or None."""
+        key = (query.merchant_id, query.terminal_id, query.stan, query.transmission_time, query.mti_class)
+        record = self.by_key.get(key)
+        return record if record is not None and record.created_at >= query.since else None
+
+    def hides(self, query: Query) -> bool:
+        """Whether a record not yet written could change the answer to ``query``."""
+        if not self.txns:
+            return False
+        if isinstance(query, (NextRrn, CurrentBatch, GetBatch, FindTombstone)):
+            # no record is read; the tombstone lookup writes them itself if it asks SQLite (most
+            # purchases are answered from the ledger's set of terminals with unmatched reversals)
+            return False
+        if isinstance(query, FindOriginal) and query.rrn is not None:
+            return query.rrn in self.rrns
+        if isinstance(query, RefundVelocity):
+            return self.has_refund  # it counts refunds only
+        if isinstance(query, GetTxn):
+            return query.txn_id >= self.first_id
+        return True
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        if self.txns:
+            conn.executemany(_INSERT_TXN_WITH_ID, self.txns)
+            self.first_id = self.next_id
+            self.txns = []
+            self.rrns = set()
+            self.has_refund = False
+        if self.outbox:
+            conn.executemany(_INSERT_OUTBOX, self.outbox)
+            self.outbox = []
 
 
 class SqliteLedger:
@@ -262,6 +346,8 @@ class SqliteLedger:
         #: A purchase from a terminal outside it cannot have a tombstone, so its lookup needs no SQL.
         self._tombstone_terminals: set[tuple[str, str]] | None = None
         self._data_version = -1
+        #: the running group's records not written yet (see :meth:`_run_decisions`)
+        self._deferred: _Deferred | None = None
         #: the last commit already opened the next group's transaction (see :meth:`_commit`)
         self._txn_open = False
         #: why that BEGIN IMMEDIATE failed, for the group it was opened for
@@ -523,14 +609,13 @@ class SqliteLedger:
         if self._rrn_limit - self._rrn_next < len(group):
             # reserved outside any per-job savepoint, so a failed job cannot roll it back
             self._reserve_rrns(conn, len(group))
+        if not isolated:
+            try:
+                return self._run_decisions(conn, group)
+            except Exception:
+                return None
         results: list[tuple[Any, Exception | None]] = []
         for job in group:
-            if not isolated:
-                try:
-                    results.append((job.fn(conn), None))
-                except Exception:
-                    return None
-                continue
             conn.execute("SAVEPOINT job")
             try:
                 value = job.fn(conn)
@@ -578,13 +663,18 @@ class SqliteLedger:
         """
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        self._queue.append(_Job(lambda conn: self._process(conn, request, ctx, render), done, prepare))
+        self._queue.append(
+            _Job(lambda conn: self._process(conn, request, ctx, render), done, prepare, _Decision(request, ctx, render))
+        )
         assert self._wake is not None
         self._wake.set()
 
     def _process(self, conn: sqlite3.Connection, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
-        steps = process(request, ctx)
-        answer: Any = None
+        return self._decide(conn, process(request, ctx), None, render)
+
+    def _decide(self, conn: sqlite3.Connection, steps: Step, answer: Any, render: Renderer) -> LedgerResult:
+        """Run a decision from where it stands (``answer`` answers its last query; None to start it)
+        to its plan, and apply the plan."""
         try:
             while True:
                 answer = self._answer(conn, steps.send(answer))
@@ -600,7 +690,55 @@ class SqliteLedger:
             len(plan.events),
         )
 
+    def _run_decisions(self, conn: sqlite3.Connection, group: list[_Job]) -> list[tuple[Any, Exception | None]]:
+        """A group's jobs in order, statement by statement as each would run alone, but by phase:
+        every decision up to its duplicate lookup, every duplicate lookup, then the decisions to
+        their plans, with their new records and outbox rows inserted together (:class:`_Deferred`).
+
+        The answers are the same as one job after the other: a duplicate lookup made before the
+        group's own records were written is answered from those records first (they are the
+        latest), or read again if the group changed the record it found since; any statement such a
+        record could change writes them first. A job that is not a decision writes them first too,
+        and the lookups of the decisions after it are made in turn.
+        """
+        started: list[tuple[Step, Query]] = []
+        for job in group:
+            if job.decision is None:
+                break
+            steps = process(job.decision.request, job.decision.ctx)
+            started.append((steps, next(steps)))
+        early = [
+            self._find_duplicate(conn, query) if isinstance(query, FindDuplicate) else None for _, query in started
+        ]
+        next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM txns").fetchone()[0]
+        deferred = self._deferred = _Deferred(next_id)
+        results: list[tuple[Any, Exception | None]] = []
+        try:
+            for index, job in enumerate(group):
+                decision = job.decision
+                if decision is None:
+                    deferred.write(conn)
+                    results.append((job.fn(conn), None))
+                elif index < len(started):
+                    steps, query = started[index]
+                    if isinstance(query, FindDuplicate):
+                        answer = deferred.duplicate(query) or early[index]
+                        if answer is not None and answer.id in deferred.changed:
+                            answer = self._answer(conn, query)  # read it again, as it stands now
+                    else:
+                        answer = self._answer(conn, query)
+                    results.append((self._decide(conn, steps, answer, decision.render), None))
+                else:
+                    results.append((self._process(conn, decision.request, decision.ctx, decision.render), None))
+            deferred.write(conn)
+        finally:
+            self._deferred = None
+        return results
+
     def _answer(self, conn: sqlite3.Connection, query: Query) -> Any:
+        deferred = self._deferred
+        if deferred is not None and deferred.hides(query):
+            deferred.write(conn)
         handler = self._handlers.get(type(query))
         if handler is None:
             raise TypeError(f"unknown query {type(query).__name__}")
@@ -645,7 +783,10 @@ class SqliteLedger:
 
     def _find_tombstone(self, conn: sqlite3.Connection, query: FindTombstone) -> Txn | None:
         terminals = self._tombstone_terminals
+        deferred = self._deferred
         if terminals is None:
+            if deferred is not None:
+                deferred.write(conn)  # the group's own unmatched reversals count
             # loaded inside the write transaction: nobody else adds one until it commits
             rows = conn.execute(
                 "SELECT DISTINCT merchant_id, terminal_id FROM txns WHERE status = 'unmatched' LIMIT ?",
@@ -656,6 +797,8 @@ class SqliteLedger:
             self._tombstone_terminals = terminals if len(terminals) <= _TOMBSTONE_CACHE else _NO_TOMBSTONE_CACHE
         if terminals is not _NO_TOMBSTONE_CACHE and (query.merchant_id, query.terminal_id) not in terminals:
             return None
+        if deferred is not None:
+            deferred.write(conn)
         row = conn.execute(
             "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
             "AND created_at >= ? AND ("
@@ -753,10 +896,18 @@ class SqliteLedger:
 
     def _apply(self, conn: sqlite3.Connection, plan: Plan, render: Renderer) -> None:
         record = plan.record
+        deferred = self._deferred
         if record is not None:
-            conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
+            if deferred is not None:
+                deferred.add(record, record_values(record, _us(record.created_at)))
+            else:
+                conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
             if record.status is TxnStatus.UNMATCHED:
                 self._note_tombstone(record.merchant_id, record.terminal_id)
+        if deferred is not None and plan.changes:
+            deferred.changed.update(change.txn_id for change in plan.changes)
+            if any(change.txn_id >= deferred.first_id for change in plan.changes):
+                deferred.write(conn)  # a change to a record of this group not written yet
         for change in plan.changes:
             conn.execute(
                 "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "
@@ -787,16 +938,17 @@ class SqliteLedger:
             )
         for event in plan.events:
             event_id, topic, payload = render(event)
-            conn.execute(
-                "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)",
-                (
-                    event_id,
-                    topic,
-                    payload,
-                    f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}",
-                    _us(record.created_at if record is not None else datetime.now(UTC)),
-                ),
+            row = (
+                event_id,
+                topic,
+                payload,
+                f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}",
+                _us(record.created_at if record is not None else datetime.now(UTC)),
             )
+            if deferred is not None:
+                deferred.outbox.append(row)
+            else:
+                conn.execute(_INSERT_OUTBOX, row)
 
     # ------------------------------------------------------------------ batches
 

@@ -1,0 +1,110 @@
+"""A group's records are inserted together: what runs inside the group still sees every record decided
+before it, and a group that fails there is run again one request at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import purchase
+
+from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.core.engine import Context
+from gateway.core.model import Txn
+from gateway.core.policy import Policy
+from gateway.ports import LedgerResult
+from gateway.protocol.dialect import classify
+from gateway.protocol.profile import load_profile
+
+
+def _render(event: object) -> tuple[str, str, bytes]:
+    return "id", "topic", b"{}"
+
+
+class Queued:
+    """Requests submitted to ``ledger``; ``results`` once each one's group committed."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self.ledger = ledger
+        self.ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+        self.settled: list[asyncio.Future[tuple[Any, Exception | None]]] = []
+
+    def submit(self, stan: str) -> None:
+        future: asyncio.Future[tuple[Any, Exception | None]] = asyncio.get_running_loop().create_future()
+        self.settled.append(future)
+        request = classify(purchase(stan))
+        self.ledger.submit(request, self.ctx, _render, lambda value, error: future.set_result((value, error)))
+
+    async def results(self) -> list[tuple[Any, Exception | None]]:
+        return list(await asyncio.gather(*self.settled))
+
+
+async def test_a_lookup_queued_between_requests_of_one_group_sees_the_records_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        committing, release = threading.Event(), threading.Event()
+        commit = ledger._commit
+
+        def held_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+            committing.set()
+            assert release.wait(10)
+            return commit(conn, may_follow)
+
+        monkeypatch.setattr(ledger, "_commit", held_commit)
+        queued = Queued(ledger)
+        queued.submit("000001")  # a group of its own, held in its commit while the next one queues
+        for _ in range(500):
+            if committing.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert committing.is_set()
+        commits = ledger.commits
+        queued.submit("000002")
+        queued.submit("000003")
+        seen: list[str] = []
+        # the lookup's job is queued between the requests: the coroutine runs up to its first wait
+        lookup = asyncio.ensure_future(ledger._call(lambda conn: seen.extend(
+            row[0] for row in conn.execute("SELECT stan FROM txns ORDER BY id"))))  # fmt: skip
+        await asyncio.sleep(0)
+        queued.submit("000004")
+        monkeypatch.setattr(ledger, "_commit", commit)
+        release.set()
+        await lookup
+        results = await queued.results()
+        assert [value.response_code for value, _ in results if isinstance(value, LedgerResult)] == ["00"] * 4
+        assert ledger.commits == commits + 2  # the held group, then one group with everything queued meanwhile
+        assert seen == ["000001", "000002", "000003"]
+        txns: list[Txn] = await ledger.all_txns()
+        assert [(txn.id, txn.stan) for txn in txns] == [(1, "000001"), (2, "000002"), (3, "000003"), (4, "000004")]
+
+
+async def test_a_group_whose_insert_fails_is_run_again_request_by_request(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    async with SqliteLedger(path) as ledger:
+        queued = Queued(ledger)
+        queued.submit("000001")
+        await queued.results()
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:  # the ledger refuses one record: the group's insert of all of them together fails
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON txns WHEN NEW.stan = '000003' "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        finally:
+            conn.close()
+        queued = Queued(ledger)
+        for stan in ("000002", "000003", "000004"):
+            queued.submit(stan)
+        commits = ledger.commits
+        results = await queued.results()
+        assert ledger.commits == commits + 1
+        outcome = [value.response_code if value is not None else type(error).__name__ for value, error in results]
+        # alone, only the refused request fails; the others are approved and recorded
+        assert outcome == ["00", "IntegrityError", "00"]
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002", "000004"]
