@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -289,3 +290,29 @@ async def test_only_one_of_two_ledgers_on_one_sqlite_file_relays_the_outbox(tmp_
     finally:
         await first.close()
         await second.close()
+
+
+async def test_the_relay_lease_is_renewed_only_once_half_of_it_passed(tmp_path: Path) -> None:
+    from gateway.adapters.sqlite_ledger import RELAY_LEASE_S, SqliteLedger
+
+    def changes(conn: sqlite3.Connection) -> int:
+        return conn.total_changes
+
+    def expiry(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'relay_lease'").fetchone()[0].split()[1])
+
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        await ledger.pending(10)  # takes the lease
+        taken = await ledger._call(changes)
+        first = await ledger._call(expiry)
+        for _ in range(3):  # polls while the lease is fresh write nothing
+            assert await ledger.pending(10) == []
+        assert await ledger._call(changes) == taken
+        # less than half of the lease left: the next poll renews it
+        soon = first - int(RELAY_LEASE_S * 1_000_000) // 2 - 1_000_000
+        shorten = "UPDATE meta SET value = substr(value, 1, instr(value, ' ')) || ? WHERE key = 'relay_lease'"
+        await ledger._call(lambda conn: conn.execute(shorten, (str(soon),)))
+        renewed_from = await ledger._call(changes)
+        await ledger.pending(10)
+        assert await ledger._call(changes) == renewed_from + 1
+        assert await ledger._call(expiry) > first
