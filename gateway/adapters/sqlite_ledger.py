@@ -253,7 +253,7 @@ class _Deferred:
 
     Inserting each record as it is decided interleaves SQLite with the rules, request by request;
     collecting them and inserting them with one ``executemany`` keeps each in the CPU's caches
-    (purchases: about 15% less event-loop CPU per message, ``benchmarks/inproc.py``). A record gets
+    (purchases: about 9% less event-loop CPU per message, ``benchmarks/inproc.py``). A record gets
     its id when decided (the transaction holds the write lock: nobody else inserts meanwhile).
     """
 
