@@ -484,6 +484,7 @@ class SqliteLedger:
             for job in group:
                 _settle(job, None, begin_error)
             return
+        written = conn.total_changes
         try:
             self._check_foreign_writes(conn)
             results = self._run_jobs(conn, group, isolated=False)
@@ -495,7 +496,13 @@ class SqliteLedger:
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
             may_follow = self._may_follow(loop.time())
-            if any(job.prepare is not None for job in group):
+            if conn.total_changes == written:
+                # nothing written (a relay poll, a lookup): the COMMIT has no fsync to wait for, so
+                # it runs here rather than costing a trip to the commit thread
+                conn.execute("COMMIT")
+                finishers = _prepare(group, results)
+                followed, self._begin_error = False, None
+            elif any(job.prepare is not None for job in group):
                 # the answers are built while the commit thread waits for the fsync (see _prepare)
                 handed = threading.Lock()
                 handed.acquire()

@@ -108,3 +108,33 @@ async def test_a_group_whose_insert_fails_is_run_again_request_by_request(tmp_pa
         # alone, only the refused request fails; the others are approved and recorded
         assert outcome == ["00", "IntegrityError", "00"]
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002", "000004"]
+
+
+async def test_a_group_that_writes_nothing_commits_without_a_trip_to_the_commit_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        trips: list[int] = []
+        commit = ledger._commit
+
+        def counted(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+            trips.append(threading.get_ident())
+            return commit(conn, may_follow)
+
+        monkeypatch.setattr(ledger, "_commit", counted)
+        await ledger.pending(10)  # takes the relay lease: a write
+        assert len(trips) == 1
+        for _ in range(3):  # polls on a fresh lease read only
+            assert await ledger.pending(10) == []
+        assert len(trips) == 1
+        other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None, timeout=0)
+        try:  # each poll committed: the write lock is free
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        queued = Queued(ledger)
+        queued.submit("000001")
+        [(result, error)] = await queued.results()
+        assert error is None and result.response_code == "00"
+        assert len(trips) == 2 and trips[1] != threading.get_ident()  # the fsync still off the loop
