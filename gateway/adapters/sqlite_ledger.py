@@ -239,6 +239,9 @@ class _Job:
     prepare: LedgerPrepare | None = None
     #: a request's decision (``fn`` runs it alone); None for any other job
     decision: _Decision | None = None
+    #: False for bookkeeping a power cut may undo (the relay's marks and lease): a group of only
+    #: such jobs does not wait for an fsync of its own (see :meth:`SqliteLedger._run_group`)
+    durable: bool = True
 
 
 @dataclass(slots=True)
@@ -332,6 +335,10 @@ class SqliteLedger:
         self.path = Path(path)
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous
+        #: whether a group of bookkeeping only may commit with a lower safety level than configured
+        self._relaxable = synchronous.upper() in ("FULL", "EXTRA")
+        #: a relaxed group could not restore the configured level yet
+        self._restore_sync = False
         self._queue: list[_Job] = []
         self._wake: asyncio.Event | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -467,8 +474,33 @@ class SqliteLedger:
                     raise
 
     async def _run_group(self, group: list[_Job]) -> None:
-        conn, executor = self._conn, self._executor
+        """One group in one transaction. A group of bookkeeping only (no job ``durable``) commits with
+        ``synchronous = NORMAL``: it waits for no fsync of its own, and the next durable commit's
+        fsync of the WAL covers its frames too; a power cut before that may undo it, which its jobs
+        allow (a relay mark undone means that event is published again). The safety level can only
+        change outside a transaction, so a group whose transaction the last commit opened keeps it."""
+        conn = self._conn
         assert conn is not None
+        if self._restore_sync:  # the last restore failed: nothing durable commits until it worked
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            self._restore_sync = False
+        relaxed = (
+            self._relaxable and not self._txn_open and self._begin_error is None and not any(j.durable for j in group)
+        )
+        if relaxed:
+            conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            await self._run_transaction(conn, group, relaxed=relaxed)
+        finally:
+            if relaxed:
+                # outside any transaction by now (committed, rolled back, or never begun); if it
+                # still fails, the next group tries again first, and fails rather than commit relaxed
+                self._restore_sync = True
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                self._restore_sync = False
+
+    async def _run_transaction(self, conn: sqlite3.Connection, group: list[_Job], *, relaxed: bool) -> None:
+        executor = self._executor
         assert executor is not None
         loop = asyncio.get_running_loop()
         begin_error, self._begin_error = self._begin_error, None
@@ -495,7 +527,7 @@ class SqliteLedger:
                 await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
-            may_follow = self._may_follow(loop.time())
+            may_follow = not relaxed and self._may_follow(loop.time())
             if conn.total_changes == written:
                 # nothing written (a relay poll, a lookup): the COMMIT has no fsync to wait for, so
                 # it runs here rather than costing a trip to the commit thread
@@ -637,12 +669,12 @@ class SqliteLedger:
                 results.append((value, None))
         return results
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         if self._closed:
             raise LedgerClosedError("ledger closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.append(_Job(fn, functools.partial(_resolve, future)))
+        self._queue.append(_Job(fn, functools.partial(_resolve, future), durable=durable))
         assert self._wake is not None
         self._wake.set()
         return await future
@@ -1030,7 +1062,7 @@ class SqliteLedger:
             ).fetchall()
             return [OutboxRow(r[0], r[1], r[2], bytes(r[3]), r[4], _dt(r[5]) or datetime.now(UTC)) for r in rows]
 
-        return await self._call(run)
+        return await self._call(run, durable=False)  # the lease: see _Job.durable
 
     def _hold_relay_lease(self, conn: sqlite3.Connection) -> bool:
         """Whether this ledger holds the relay lease, taking or renewing it as needed. The holder
@@ -1068,7 +1100,7 @@ class SqliteLedger:
                 (str(stamp),),
             )
 
-        await self._call(run)
+        await self._call(run, durable=False)  # unmarked rows are published again (at least once)
 
     async def record_error(self, message: str, at: datetime) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -1077,14 +1109,14 @@ class SqliteLedger:
                 [("last_error", message[:500]), ("last_error_at", str(_us(at)))],
             )
 
-        await self._call(run)
+        await self._call(run, durable=False)
 
     async def prune(self, sent_before: datetime) -> int:
         def run(conn: sqlite3.Connection) -> int:
             cursor = conn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (_us(sent_before),))
             return cursor.rowcount
 
-        return await self._call(run)
+        return await self._call(run, durable=False)
 
     async def status(self) -> OutboxStatus:
         def run(conn: sqlite3.Connection) -> OutboxStatus:

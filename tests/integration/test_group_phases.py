@@ -138,3 +138,43 @@ async def test_a_group_that_writes_nothing_commits_without_a_trip_to_the_commit_
         [(result, error)] = await queued.results()
         assert error is None and result.response_code == "00"
         assert len(trips) == 2 and trips[1] != threading.get_ident()  # the fsync still off the loop
+
+
+async def test_a_group_of_relay_bookkeeping_only_commits_without_waiting_for_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        levels: list[int] = []  # PRAGMA synchronous at each COMMIT on the commit thread: 2 FULL, 1 NORMAL
+        commit = ledger._commit
+
+        def observed(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+            levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+            return commit(conn, may_follow)
+
+        monkeypatch.setattr(ledger, "_commit", observed)
+        await ledger._call(lambda conn: conn.execute(
+            "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES ('e1', 't', x'7b7d', 'k', 0)"
+        ))  # fmt: skip
+        [row] = await ledger.pending(10)  # takes the lease: bookkeeping
+        await ledger.mark_sent([row.id], datetime.now(UTC))  # bookkeeping
+        queued = Queued(ledger)
+        queued.submit("000001")  # a request: durable
+        [(result, error)] = await queued.results()
+        assert error is None and result.response_code == "00"
+        assert levels == [2, 1, 1, 2]
+        assert await ledger._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 2
+        assert (await ledger.status()).pending == 0  # the mark is there
+
+
+async def test_a_failed_bookkeeping_group_still_leaves_the_ledger_durable(tmp_path: Path) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('x', '1')")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(sqlite3.OperationalError):
+            await ledger._call(broken, durable=False)
+        assert await ledger._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 2
+        row = await ledger._call(lambda conn: conn.execute("SELECT value FROM meta WHERE key = 'x'").fetchone())
+        assert row is None
