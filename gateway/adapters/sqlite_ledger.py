@@ -233,11 +233,12 @@ Done = Callable[[Any, Exception | None], None]
 
 @dataclass(slots=True)
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    #: what the job runs; None for a request's decision (see ``decision``)
+    fn: Callable[[sqlite3.Connection], Any] | None
     done: Done
     #: builds the answer while the commit runs (see :meth:`SqliteLedger.submit`)
     prepare: LedgerPrepare | None = None
-    #: a request's decision (``fn`` runs it alone); None for any other job
+    #: a request's decision; None for any other job
     decision: _Decision | None = None
     #: False for bookkeeping a power cut may undo (the relay's marks and lease): a group of only
     #: such jobs does not wait for an fsync of its own (see :meth:`SqliteLedger._run_group`)
@@ -659,7 +660,7 @@ class SqliteLedger:
         for job in group:
             conn.execute("SAVEPOINT job")
             try:
-                value = job.fn(conn)
+                value = self._run_one(conn, job)
             except Exception as exc:  # one bad request costs only itself
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
@@ -705,7 +706,7 @@ class SqliteLedger:
         if self._closed:
             raise LedgerClosedError("ledger closed")
         self._queue.append(
-            _Job(lambda conn: self._process(conn, request, ctx, render), done, prepare, _Decision(request, ctx, render))
+            _Job(None, done, prepare, _Decision(request, ctx, render))
         )
         assert self._wake is not None
         self._wake.set()
@@ -756,11 +757,8 @@ class SqliteLedger:
         results: list[tuple[Any, Exception | None]] = []
         try:
             for index, job in enumerate(group):
-                decision = job.decision
-                if decision is None:
-                    deferred.write(conn)
-                    results.append((job.fn(conn), None))
-                elif index < len(started):
+                if index < len(started):  # a decision started above
+                    assert job.decision is not None
                     steps, query = started[index]
                     if isinstance(query, FindDuplicate):
                         answer = deferred.duplicate(query) or early[index]
@@ -768,13 +766,22 @@ class SqliteLedger:
                             answer = self._answer(conn, query)  # read it again, as it stands now
                     else:
                         answer = self._answer(conn, query)
-                    results.append((self._decide(conn, steps, answer, decision.render), None))
-                else:
-                    results.append((self._process(conn, decision.request, decision.ctx, decision.render), None))
+                    results.append((self._decide(conn, steps, answer, job.decision.render), None))
+                    continue
+                if job.decision is None:
+                    deferred.write(conn)
+                results.append((self._run_one(conn, job), None))
             deferred.write(conn)
         finally:
             self._deferred = None
         return results
+
+    def _run_one(self, conn: sqlite3.Connection, job: _Job) -> Any:
+        decision = job.decision
+        if decision is not None:
+            return self._process(conn, decision.request, decision.ctx, decision.render)
+        assert job.fn is not None
+        return job.fn(conn)
 
     def _answer(self, conn: sqlite3.Connection, query: Query) -> Any:
         deferred = self._deferred
@@ -939,10 +946,11 @@ class SqliteLedger:
         record = plan.record
         deferred = self._deferred
         if record is not None:
+            values = record_values(record, _us(record.created_at))
             if deferred is not None:
-                deferred.add(record, record_values(record, _us(record.created_at)))
+                deferred.add(record, values)
             else:
-                conn.execute(_INSERT_TXN, record_values(record, _us(record.created_at)))
+                conn.execute(_INSERT_TXN, values)
             if record.status is TxnStatus.UNMATCHED:
                 self._note_tombstone(record.merchant_id, record.terminal_id)
         if deferred is not None and plan.changes:
