@@ -12,9 +12,11 @@ import io
 import itertools
 import os
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from typing import Any
 import iso8583
 import iso8583.specs
 
+from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.app import GatewayApp
 from gateway.config import Settings, load_settings
 from gateway.core.policy import Policy
@@ -50,6 +53,22 @@ def service_on(ledger: Ledger, recorder: Recorder | None = None) -> GatewayServi
     """The gateway's service over ``ledger``, without a server around it."""
     config = ServiceConfig("test", "test/corrections", b"test-key", Policy())
     return GatewayService(load_profile("iso87-binary"), ledger, config, recorder=recorder)
+
+
+def hold_commits(ledger: SqliteLedger, patch: Any) -> tuple[threading.Event, threading.Event]:
+    """Make each of ``ledger``'s commits wait, on the commit thread, until ``release`` is set;
+    ``committing`` is set once one waits. ``patch`` is pytest's ``monkeypatch``. Returns
+    ``(committing, release)``."""
+    committing, release = threading.Event(), threading.Event()
+    commit = ledger._commit
+
+    def held(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
+        committing.set()
+        assert release.wait(10)
+        return commit(conn, may_follow)
+
+    patch.setattr(ledger, "_commit", held)
+    return committing, release
 
 
 _STANS = itertools.count(1)

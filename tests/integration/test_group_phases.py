@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import purchase
+from harness import hold_commits, purchase
 
 from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.core.engine import Context
@@ -48,15 +48,8 @@ async def test_a_lookup_queued_between_requests_of_one_group_sees_the_records_be
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        committing, release = threading.Event(), threading.Event()
         commit = ledger._commit
-
-        def held_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-            committing.set()
-            assert release.wait(10)
-            return commit(conn, may_follow)
-
-        monkeypatch.setattr(ledger, "_commit", held_commit)
+        committing, release = hold_commits(ledger, monkeypatch)
         queued = Queued(ledger)
         queued.submit("000001")  # a group of its own, held in its commit while the next one queues
         for _ in range(500):

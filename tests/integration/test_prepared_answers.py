@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import purchase, service_on
+from harness import hold_commits, purchase, service_on
 
 from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.core.engine import Context
@@ -57,15 +56,7 @@ async def test_answers_are_built_while_the_commit_runs_and_leave_only_after_it(
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
         service, counted, built = watched_service(ledger, monkeypatch)
-        committing, release = threading.Event(), threading.Event()
-        commit = ledger._commit
-
-        def slow_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-            committing.set()
-            assert release.wait(10)
-            return commit(conn, may_follow)
-
-        monkeypatch.setattr(ledger, "_commit", slow_commit)
+        committing, release = hold_commits(ledger, monkeypatch)
         codec = service.codec
         answers = [asyncio.ensure_future(service.handle(codec.encode(purchase(s)))) for s in ("000001", "000002")]
         try:
