@@ -176,6 +176,24 @@ _TOMBSTONE_CACHE = 10_000
 _NO_TOMBSTONE_CACHE: set[tuple[str, str]] = set()
 
 
+#: duplicate lookups made by one statement at most (see :meth:`SqliteLedger._find_duplicates`)
+_DUPLICATES_PER_STATEMENT = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _duplicates_sql(count: int) -> str:
+    """One statement answering ``count`` duplicate lookups (``count`` a power of two, so that few
+    statements are prepared): each row names the lookup it answers in its last column, ``_lookup``.
+    Every lookup is a search in ``txns_key``, as when made alone."""
+    keys = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+    return (
+        f"WITH k(i, m, s, t, c, tid, since) AS (VALUES {keys}) "
+        "SELECT txns.*, k.i AS _lookup FROM k CROSS JOIN txns ON txns.merchant_id = k.m AND txns.stan = k.s "
+        "AND txns.transmission_time = k.t AND txns.mti_class = k.c AND txns.terminal_id = k.tid "
+        "WHERE txns.created_at >= k.since"
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _kind_values(kinds: frozenset[Kind]) -> tuple[str, ...]:
     return tuple(sorted(kind.value for kind in kinds))
@@ -749,9 +767,7 @@ class SqliteLedger:
                 break
             steps = process(job.decision.request, job.decision.ctx)
             started.append((steps, next(steps)))
-        early = [
-            self._find_duplicate(conn, query) if isinstance(query, FindDuplicate) else None for _, query in started
-        ]
+        early = self._find_duplicates(conn, [query for _, query in started])
         next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM txns").fetchone()[0]
         deferred = self._deferred = _Deferred(next_id)
         results: list[tuple[Any, Exception | None]] = []
@@ -807,6 +823,29 @@ class SqliteLedger:
             ),
         ).fetchone()
         return _txn(row) if row else None
+
+    @staticmethod
+    def _find_duplicates(conn: sqlite3.Connection, queries: list[Query]) -> list[Txn | None]:
+        """The answer to each of ``queries`` that is a :class:`FindDuplicate` (None for the others), as
+        :meth:`_find_duplicate` gives it, with one statement for up to 32 of them rather than one each."""
+        found: list[Txn | None] = [None] * len(queries)
+        lookups = [(index, query) for index, query in enumerate(queries) if isinstance(query, FindDuplicate)]
+        for start in range(0, len(lookups), _DUPLICATES_PER_STATEMENT):
+            chunk = lookups[start:start + _DUPLICATES_PER_STATEMENT]
+            size = 1 << (len(chunk) - 1).bit_length()
+            params: list[Any] = []
+            for index, query in chunk:
+                params += (index, query.merchant_id, query.stan, query.transmission_time, query.mti_class,
+                           query.terminal_id, _us(query.since))
+            params += params[-7:] * (size - len(chunk))  # padding: the last lookup again
+            latest: dict[int, sqlite3.Row] = {}
+            for row in conn.execute(_duplicates_sql(size), params):
+                index = row["_lookup"]
+                if index not in latest or row["id"] > latest[index]["id"]:
+                    latest[index] = row
+            for index, row in latest.items():
+                found[index] = _txn(row)
+        return found
 
     @staticmethod
     def _get_txn(conn: sqlite3.Connection, query: GetTxn) -> Txn | None:
