@@ -752,41 +752,42 @@ class SqliteLedger:
 
     def _run_decisions(self, conn: sqlite3.Connection, group: list[_Job]) -> list[tuple[Any, Exception | None]]:
         """A group's jobs in order, statement by statement as each would run alone, but by phase:
-        every decision up to its duplicate lookup, every duplicate lookup, then the decisions to
-        their plans, with their new records and outbox rows inserted together (:class:`_Deferred`).
+        for each run of decisions between other jobs, every decision up to its duplicate lookup,
+        their duplicate lookups together, then the decisions to their plans, with the group's new
+        records and outbox rows inserted together (:class:`_Deferred`).
 
         The answers are the same as one job after the other: a duplicate lookup made before the
         group's own records were written is answered from those records first (they are the
         latest), or read again if the group changed the record it found since; any statement such a
         record could change writes them first. A job that is not a decision writes them first too,
-        and the lookups of the decisions after it are made in turn.
+        and the decisions after it start once it ran.
         """
-        started: list[tuple[Step, Query]] = []
-        for job in group:
-            if job.decision is None:
-                break
-            steps = process(job.decision.request, job.decision.ctx)
-            started.append((steps, next(steps)))
-        early = self._find_duplicates(conn, [query for _, query in started])
         next_id = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM txns").fetchone()[0]
         deferred = self._deferred = _Deferred(next_id)
         results: list[tuple[Any, Exception | None]] = []
         try:
-            for index, job in enumerate(group):
-                if index < len(started):  # a decision started above
-                    assert job.decision is not None
-                    steps, query = started[index]
+            index = 0
+            while index < len(group):
+                job = group[index]
+                if job.decision is None:
+                    deferred.write(conn)
+                    results.append((self._run_one(conn, job), None))
+                    index += 1
+                    continue
+                started: list[tuple[Step, Query, _Decision]] = []
+                while index < len(group) and (decision := group[index].decision) is not None:
+                    steps = process(decision.request, decision.ctx)
+                    started.append((steps, next(steps), decision))
+                    index += 1
+                early = self._find_duplicates(conn, [query for _, query, _ in started])
+                for (steps, query, decision), found in zip(started, early, strict=True):
                     if isinstance(query, FindDuplicate):
-                        answer = deferred.duplicate(query) or early[index]
+                        answer = deferred.duplicate(query) or found
                         if answer is not None and answer.id in deferred.changed:
                             answer = self._answer(conn, query)  # read it again, as it stands now
                     else:
                         answer = self._answer(conn, query)
-                    results.append((self._decide(conn, steps, answer, job.decision.render), None))
-                    continue
-                if job.decision is None:
-                    deferred.write(conn)
-                results.append((self._run_one(conn, job), None))
+                    results.append((self._decide(conn, steps, answer, decision.render), None))
             deferred.write(conn)
         finally:
             self._deferred = None

@@ -4,6 +4,7 @@ before it, and a group that fails there is run again one request at a time."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -21,9 +22,11 @@ from gateway.ports import LedgerResult
 from gateway.protocol.dialect import classify
 from gateway.protocol.profile import load_profile
 
+_EVENT_IDS = itertools.count(1)
+
 
 def _render(event: object) -> tuple[str, str, bytes]:
-    return "id", "topic", b"{}"
+    return f"id-{next(_EVENT_IDS)}", "topic", b"{}"
 
 
 class Queued:
@@ -75,6 +78,39 @@ async def test_a_lookup_queued_between_requests_of_one_group_sees_the_records_be
         assert seen == ["000001", "000002", "000003"]
         txns: list[Txn] = await ledger.all_txns()
         assert [(txn.id, txn.stan) for txn in txns] == [(1, "000001"), (2, "000002"), (3, "000003"), (4, "000004")]
+
+
+async def test_decisions_after_a_lookup_in_one_group_see_every_record_before_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        commit = ledger._commit
+        committing, release = hold_commits(ledger, monkeypatch)
+        queued = Queued(ledger)
+        queued.submit("000001")  # a group of its own, held in its commit while the next one queues
+        for _ in range(500):
+            if committing.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert committing.is_set()
+        commits = ledger.commits
+        queued.submit("000002")
+        count = "SELECT COUNT(*) FROM txns"
+        lookup = asyncio.ensure_future(ledger._call(lambda conn: conn.execute(count).fetchone()[0]))
+        await asyncio.sleep(0)
+        # after the lookup: a retransmission of a record of the group before it, one of the earlier
+        # group, a new request, and a retransmission of that new request in the same run of decisions
+        for stan in ("000002", "000001", "000003", "000003"):
+            queued.submit(stan)
+        monkeypatch.setattr(ledger, "_commit", commit)
+        release.set()
+        assert await lookup == 2
+        results = await queued.results()
+        assert ledger.commits == commits + 2
+        assert [(value.response_code, value.replayed) for value, _ in results] == [
+            ("00", False), ("00", False), ("00", True), ("00", True), ("00", False), ("00", True)
+        ]  # fmt: skip
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002", "000003"]
 
 
 async def test_a_group_whose_insert_fails_is_run_again_request_by_request(tmp_path: Path) -> None:
