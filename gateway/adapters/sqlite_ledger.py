@@ -723,9 +723,7 @@ class SqliteLedger:
         """
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        self._queue.append(
-            _Job(None, done, prepare, _Decision(request, ctx, render))
-        )
+        self._queue.append(_Job(None, done, prepare, _Decision(request, ctx, render)))
         assert self._wake is not None
         self._wake.set()
 

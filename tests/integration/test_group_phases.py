@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,19 +48,33 @@ class Queued:
         return list(await asyncio.gather(*self.settled))
 
 
+async def _hold_a_first_group(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Queued, Callable[[], None]]:
+    """Submit request 000001 as a group of its own and hold it in its commit, so that what is submitted
+    next queues as one group; the function returned lets the commits go on."""
+    commit = ledger._commit
+    committing, release = hold_commits(ledger, monkeypatch)
+    queued = Queued(ledger)
+    queued.submit("000001")
+    for _ in range(500):
+        if committing.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert committing.is_set()
+
+    def let_go() -> None:
+        monkeypatch.setattr(ledger, "_commit", commit)
+        release.set()
+
+    return queued, let_go
+
+
 async def test_a_lookup_queued_between_requests_of_one_group_sees_the_records_before_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        commit = ledger._commit
-        committing, release = hold_commits(ledger, monkeypatch)
-        queued = Queued(ledger)
-        queued.submit("000001")  # a group of its own, held in its commit while the next one queues
-        for _ in range(500):
-            if committing.is_set():
-                break
-            await asyncio.sleep(0.01)
-        assert committing.is_set()
+        queued, let_go = await _hold_a_first_group(ledger, monkeypatch)
         commits = ledger.commits
         queued.submit("000002")
         queued.submit("000003")
@@ -69,8 +84,7 @@ async def test_a_lookup_queued_between_requests_of_one_group_sees_the_records_be
             row[0] for row in conn.execute("SELECT stan FROM txns ORDER BY id"))))  # fmt: skip
         await asyncio.sleep(0)
         queued.submit("000004")
-        monkeypatch.setattr(ledger, "_commit", commit)
-        release.set()
+        let_go()
         await lookup
         results = await queued.results()
         assert [value.response_code for value, _ in results if isinstance(value, LedgerResult)] == ["00"] * 4
@@ -84,15 +98,7 @@ async def test_decisions_after_a_lookup_in_one_group_see_every_record_before_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        commit = ledger._commit
-        committing, release = hold_commits(ledger, monkeypatch)
-        queued = Queued(ledger)
-        queued.submit("000001")  # a group of its own, held in its commit while the next one queues
-        for _ in range(500):
-            if committing.is_set():
-                break
-            await asyncio.sleep(0.01)
-        assert committing.is_set()
+        queued, let_go = await _hold_a_first_group(ledger, monkeypatch)
         commits = ledger.commits
         queued.submit("000002")
         count = "SELECT COUNT(*) FROM txns"
@@ -102,8 +108,7 @@ async def test_decisions_after_a_lookup_in_one_group_see_every_record_before_the
         # group, a new request, and a retransmission of that new request in the same run of decisions
         for stan in ("000002", "000001", "000003", "000003"):
             queued.submit(stan)
-        monkeypatch.setattr(ledger, "_commit", commit)
-        release.set()
+        let_go()
         assert await lookup == 2
         results = await queued.results()
         assert ledger.commits == commits + 2
