@@ -24,7 +24,6 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +38,7 @@ from gateway.adapters.ledger_rows import (
     totals_text,
     txn_from_row,
 )
+from gateway.adapters.ledger_thread import LedgerThread, resolve
 from gateway.core.engine import (
     BatchTxns,
     Context,
@@ -361,7 +361,7 @@ class SqliteLedger:
         self._queue: list[_Job] = []
         self._wake: asyncio.Event | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: LedgerThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._rrn_next = 0
@@ -411,11 +411,12 @@ class SqliteLedger:
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         loop = self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
+        thread = self._thread = LedgerThread(loop, "ledger-commit")
         try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            self._conn = await thread.run(self._connect)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            thread.stop()
+            self._thread = None
             raise
         self._closed = False
         self._wake = asyncio.Event()
@@ -432,12 +433,14 @@ class SqliteLedger:
         self._wake.set()
         if self._writer_task is not None:
             await self._writer_task
-        conn, executor = self._conn, self._executor
-        self._conn = None
-        if conn is not None and executor is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        if executor is not None:
-            executor.shutdown(wait=True)
+        conn, thread = self._conn, self._thread
+        self._conn = self._thread = None
+        if thread is not None:
+            try:
+                if conn is not None:
+                    await thread.run(conn.close)
+            finally:
+                thread.stop()
 
     async def __aenter__(self) -> SqliteLedger:
         return await self.open()
@@ -519,8 +522,8 @@ class SqliteLedger:
                 self._restore_sync = False
 
     async def _run_transaction(self, conn: sqlite3.Connection, group: list[_Job], *, relaxed: bool) -> None:
-        executor = self._executor
-        assert executor is not None
+        thread = self._thread
+        assert thread is not None
         loop = asyncio.get_running_loop()
         begin_error, self._begin_error = self._begin_error, None
         if self._txn_open:
@@ -528,7 +531,7 @@ class SqliteLedger:
         elif begin_error is None:
             try:
                 if not self._begin_if_free(conn):  # another process holds the lock: wait off the loop
-                    await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
+                    await thread.run(conn.execute, "BEGIN IMMEDIATE")
             except Exception as exc:
                 begin_error = exc
         if begin_error is not None:
@@ -543,7 +546,7 @@ class SqliteLedger:
                 # a job failed: undo the whole group and run it again, each job in its own savepoint
                 conn.execute("ROLLBACK")
                 self._forget_uncommitted()
-                await loop.run_in_executor(executor, conn.execute, "BEGIN IMMEDIATE")
+                await thread.run(conn.execute, "BEGIN IMMEDIATE")
                 results = self._run_jobs(conn, group, isolated=True)
                 assert results is not None
             may_follow = not relaxed and self._may_follow(loop.time())
@@ -557,13 +560,13 @@ class SqliteLedger:
                 # the answers are built while the commit thread waits for the fsync (see _prepare)
                 handed = threading.Lock()
                 handed.acquire()
-                committing = loop.run_in_executor(executor, self._commit_after, handed, conn, may_follow)
+                committing = thread.run(self._commit_after, handed, conn, may_follow)
                 handed.acquire(timeout=_HANDOVER_S)
                 finishers = _prepare(group, results)
                 followed, self._begin_error = await committing
             else:
                 finishers = [None] * len(group)
-                followed, self._begin_error = await loop.run_in_executor(executor, self._commit, conn, may_follow)
+                followed, self._begin_error = await thread.run(self._commit, conn, may_follow)
             self._chained = self._chained + 1 if followed else 0
             self._txn_open = followed and self._begin_error is None
         except Exception as exc:
@@ -693,7 +696,7 @@ class SqliteLedger:
             raise LedgerClosedError("ledger closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.append(_Job(fn, functools.partial(_resolve, future), durable=durable))
+        self._queue.append(_Job(fn, functools.partial(resolve, future), durable=durable))
         assert self._wake is not None
         self._wake.set()
         return await future
@@ -1214,14 +1217,3 @@ def _finish(finish: Callable[[], None]) -> None:
         asyncio.get_running_loop().call_exception_handler(
             {"message": "ledger completion callback failed", "exception": exc}
         )
-
-
-def _resolve(future: asyncio.Future[Any], value: Any, error: Exception | None) -> None:
-    if future.done():  # the awaiting caller was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
-
-
