@@ -149,11 +149,14 @@ def start_bare(profile: str) -> Server:
 
 
 def start_gateway(
-    profile: str, workdir: Path, mqtt_url: str, round_no: int, env: dict[str, str] | None = None
+    profile: str, workdir: Path, mqtt_url: str, round_no: int, env: dict[str, str] | None = None,
+    *, root: Path = ROOT,
 ) -> Server:
+    """The gateway of the source tree at ``root`` (``benchmarks.ab`` runs another version's)."""
     port = free_port()
     env = {
         **os.environ,
+        "PYTHONPATH": str(root),
         "GATEWAY_LISTEN": f"127.0.0.1:{port}",
         "GATEWAY_PROFILE": profile,
         "GATEWAY_LEDGER_URL": f"sqlite:///{workdir / f'ledger-{round_no}.db'}",
@@ -166,7 +169,7 @@ def start_gateway(
         **(env or {}),
     }
     log = (workdir / f"gateway-{round_no}.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=ROOT, env=env, stdout=log,
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=root, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     wait_listening(port, process)
     return Server("gateway", process, port)

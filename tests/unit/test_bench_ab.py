@@ -1,0 +1,52 @@
+"""benchmarks.ab: the summary of alternated runs (ratios, sign test) and the export of a revision."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ab import compare, export, sign_test_p
+from benchmarks.run import ROOT
+
+
+def test_sign_test_matches_the_binomial_tails() -> None:
+    assert sign_test_p(8, 8) == pytest.approx(2 / 256)
+    assert sign_test_p(0, 8) == pytest.approx(2 / 256)
+    assert sign_test_p(7, 8) == pytest.approx(2 * 9 / 256)
+    assert sign_test_p(4, 8) == 1.0  # an even split is no evidence either way
+    assert sign_test_p(3, 3) == pytest.approx(0.25)
+    assert sign_test_p(0, 0) == 1.0
+
+
+def test_compare_reads_ratios_as_head_over_base_and_counts_the_better_side() -> None:
+    faster = compare([(100.0, 110.0), (200.0, 210.0), (100.0, 95.0)])
+    assert faster.ratios == pytest.approx((1.10, 1.05, 0.95))
+    assert faster.median == pytest.approx(1.05)
+    assert (faster.low, faster.high) == pytest.approx((0.95, 1.10))
+    assert faster.better == 2
+    assert faster.p_value == pytest.approx(1.0)
+
+    cheaper = compare([(100.0, 90.0), (100.0, 80.0), (100.0, 100.0)], lower_is_better=True)
+    assert cheaper.better == 2
+    assert cheaper.p_value == pytest.approx(0.5)  # the tie counts for neither side
+
+
+def test_compare_refuses_a_pair_without_a_positive_base() -> None:
+    with pytest.raises(ValueError, match="positive base"):
+        compare([(0.0, 1.0)])
+    with pytest.raises(ValueError, match="positive base"):
+        compare([])
+
+
+def test_export_writes_the_tree_of_a_revision(tmp_path: Path) -> None:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert export("HEAD", tmp_path / "tree") == head.stdout.strip()
+    assert (tmp_path / "tree" / "gateway" / "adapters" / "sqlite_ledger.py").is_file()
+    assert (tmp_path / "tree" / "benchmarks" / "inproc.py").is_file()
+    with pytest.raises(SystemExit, match="not a revision"):
+        export("no-such-revision-anywhere", tmp_path / "other")
