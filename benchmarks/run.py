@@ -216,6 +216,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+#: the bare server's rounds moving by more than this (max / min - 1) means the machine's speed moved
+DRIFT_WARNING = 0.10
+
+
+def round_ratios(rounds: list[dict[str, Any]]) -> list[float]:
+    """Each round's gateway / bare throughput (the two runs of a round are back to back)."""
+    return [r["gateway"]["tps"] / r["bare"]["tps"] if r["bare"]["tps"] else 0.0 for r in rounds]
+
+
+def drift(rounds: list[dict[str, Any]]) -> float:
+    """How far the bare server's rounds spread (max / min - 1): it does the same work every round,
+    so its spread is the machine's, not the code's."""
+    tps = [r["bare"]["tps"] for r in rounds]
+    return max(tps) / min(tps) - 1 if tps and min(tps) > 0 else 0.0
+
+
 def row(name: str, s: dict[str, Any], peak: float) -> str:
     return (f"{name:<22} {s['tps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
             f"{s['server_cpu_us_per_msg']:>8.0f} {s['busiest_thread_busy']:>6.0%} {peak:>9.1f} "
@@ -287,10 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_ratio_bare_to_gateway": bare_cpu / gw_cpu if gw_cpu else 0.0,
         "gateway_loop_thread_cpu_us_per_msg": gw_loop,
         "gateway_loop_thread_busy": gw_busy,
+        "round_ratios": round_ratios(results["rounds"]),
+        "bare_drift": drift(results["rounds"]),
     }
     print(f"\nbare codec server (median) {bare_tps:9.0f} msg/s")
     print(f"gateway (median)           {gw_tps:9.0f} msg/s")
     print(f"ratio gateway / bare       {ratio:9.1%}   (target >= 40%, aim 60%)")
+    print("ratio per round            " + " ".join(f"{r:.1%}" for r in results["summary"]["round_ratios"]))
+    spread = results["summary"]["bare_drift"]
+    if spread > DRIFT_WARNING:
+        print(f"  the machine's speed moved during this run: the bare server's rounds spread by {spread:.0%} "
+              "(read the ratio to a few points; benchmarks.ab alternates two versions of the gateway)")
     print(f"server CPU per message     bare {bare_cpu:.0f} µs, gateway {gw_cpu:.0f} µs "
           f"(efficiency ratio {bare_cpu / gw_cpu if gw_cpu else 0:.1%})")
     print(f"gateway event-loop thread  {gw_loop:.0f} µs per message, {gw_busy:.0%} busy "

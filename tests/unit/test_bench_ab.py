@@ -50,3 +50,19 @@ def test_export_writes_the_tree_of_a_revision(tmp_path: Path) -> None:
     assert (tmp_path / "tree" / "benchmarks" / "inproc.py").is_file()
     with pytest.raises(SystemExit, match="not a revision"):
         export("no-such-revision-anywhere", tmp_path / "other")
+
+
+def test_make_bench_reports_each_rounds_ratio_and_the_machines_drift() -> None:
+    from benchmarks.run import DRIFT_WARNING, drift, round_ratios
+
+    rounds = [
+        {"bare": {"tps": 10_000.0}, "gateway": {"tps": 3_000.0}},
+        {"bare": {"tps": 12_000.0}, "gateway": {"tps": 3_000.0}},
+        {"bare": {"tps": 15_000.0}, "gateway": {"tps": 4_500.0}},
+    ]
+    assert round_ratios(rounds) == pytest.approx([0.30, 0.25, 0.30])
+    assert drift(rounds) == pytest.approx(0.5)  # 15,000 / 10,000 - 1: the machine, not the code
+    assert drift(rounds) > DRIFT_WARNING
+    steady = [{"bare": {"tps": 10_000.0}, "gateway": {"tps": 3_000.0}}] * 3
+    assert drift(steady) == 0.0
+    assert drift([]) == 0.0
