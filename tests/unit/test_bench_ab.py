@@ -66,3 +66,23 @@ def test_make_bench_reports_each_rounds_ratio_and_the_machines_drift() -> None:
     steady = [{"bare": {"tps": 10_000.0}, "gateway": {"tps": 3_000.0}}] * 3
     assert drift(steady) == 0.0
     assert drift([]) == 0.0
+
+
+def test_the_gateways_own_latencies_are_read_from_its_log(tmp_path: Path) -> None:
+    from benchmarks.run import logged_latencies, percentile
+
+    log = tmp_path / "gateway.log"
+    log.write_bytes(
+        b'{"event":"message.processed","latency_ms":2.5,"level":"info"}\n'
+        b'{"event":"outbox.published","count":3}\n'
+        b'not json "message.processed" {\n'
+        b'{"event":"message.processed","latency_ms":7,"level":"info"}\n'
+        b'{"event":"message.processed","latency_ms":null}\n'
+        b'{"event":"message.processed","latency_ms":1.0}\n'
+    )
+    assert logged_latencies(log) == [2.5, 7.0, 1.0]
+    assert logged_latencies(tmp_path / "missing.log") == []
+    assert percentile([2.5, 7.0, 1.0], 0.5) == 2.5
+    assert percentile([2.5, 7.0, 1.0], 0.99) == 7.0
+    assert percentile(list(map(float, range(1, 101))), 0.99) == 99.0  # nearest rank
+    assert percentile([], 0.99) != percentile([], 0.99)  # NaN
