@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -33,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from terminal_emulator.load import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -248,14 +249,6 @@ def logged_latencies(log: Path) -> list[float]:
     return out
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0-1) by the nearest-rank method; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def row(name: str, s: dict[str, Any], peak: float) -> str:
     return (f"{name:<22} {s['tps']:>9.0f} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
             f"{s['server_cpu_us_per_msg']:>8.0f} {s['busiest_thread_busy']:>6.0%} {peak:>9.1f} "
@@ -310,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             half_summary = measured(gateway, args, rate=half)
             half_peak = gateway.stop()
             print(row("gateway at half max", half_summary, half_peak))
-            own = logged_latencies(workdir / "gateway-0.log")
-            half_summary["gateway_logged_p50_ms"] = percentile(own, 0.50)
-            half_summary["gateway_logged_p99_ms"] = percentile(own, 0.99)
+            # the same nearest-rank percentile as the load generator's figures
+            half_summary["gateway_logged_p99_ms"] = percentile(sorted(logged_latencies(workdir / "gateway-0.log")), 99)
     ratio = gw_tps / bare_tps if bare_tps else 0.0
     bare_cpu = statistics.median(r["bare"]["server_cpu_us_per_msg"] for r in results["rounds"])
     gw_cpu = statistics.median(r["gateway"]["server_cpu_us_per_msg"] for r in results["rounds"])
