@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.adapters.sqlite_ledger import SqliteLedger
-from gateway.app import build_policy
+from gateway.app import build_policy, tune_runtime
 from gateway.config import Settings
 from gateway.logs import configure_logging, get_logger
 from gateway.metrics import Metrics
@@ -119,10 +118,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             for start in range(0, warm, args.group):
                 harness.check(await harness.run(harness.frames(start, args.group)), keep_rrns=True)
             groups = [harness.frames(warm + k * args.group, args.group) for k in range(args.messages // args.group)]
-            # as the gateway runs (gateway.app.serve)
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(10_000, 50, 100)
+            tune_runtime()  # as the gateway runs (gateway.app.serve)
             answers: list[bytes] = []
             thread0, process0, wall0 = time.thread_time(), time.process_time(), time.perf_counter()
             for payloads in groups:

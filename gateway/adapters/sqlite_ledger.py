@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -163,9 +162,14 @@ RELAY_LEASE_S = 10.0
 #: the holder renews its lease when less than this is left (half of it)
 _RELAY_RENEW_US = int(RELAY_LEASE_S * 1_000_000) // 2
 _MAX_GROUP = 256
-#: how long the event loop waits at most for the commit thread to take the GIL before it builds
-#: answers (typically 60-90 µs); past the 5 ms switch interval the thread would get the GIL anyway
-_HANDOVER_S = 0.005
+#: the interpreter's switch interval the gateway runs with (``sys.setswitchinterval``; Python's
+#: default is 5 ms). The loop builds a group's answers right after handing its COMMIT to the commit
+#: thread, and that thread needs the GIL for a moment to start the COMMIT (which releases it for the
+#: fsync). Pure Python such as encoding answers never gives the GIL up by itself, so a waiting thread
+#: gets it only once its request times out after this interval: with 5 ms, every fsync would start
+#: after the answers were built, not during. 100 µs lets it start at once at the cost of one switch
+#: per commit (docs/performance.md, series 9: +2-3% msg/s against a lock hand-over, 9 of 10 pairs).
+SWITCH_INTERVAL_S = 0.0001
 #: at most this many commits in a row open the next transaction themselves; then one leaves the write
 #: lock free for a moment, so another process sharing the file is not starved by a busy gateway
 _MAX_CHAINED = 8
@@ -557,11 +561,9 @@ class SqliteLedger:
                 finishers = _prepare(group, results)
                 followed, self._begin_error = False, None
             elif any(job.prepare is not None for job in group):
-                # the answers are built while the commit thread waits for the fsync (see _prepare)
-                handed = threading.Lock()
-                handed.acquire()
-                committing = thread.run(self._commit_after, handed, conn, may_follow)
-                handed.acquire(timeout=_HANDOVER_S)
+                # the answers are built while the commit thread waits for the fsync (see _prepare); that
+                # thread needs the GIL only to start the COMMIT, and takes it within SWITCH_INTERVAL_S
+                committing = thread.run(self._commit, conn, may_follow)
                 finishers = _prepare(group, results)
                 followed, self._begin_error = await committing
             else:
@@ -589,15 +591,6 @@ class SqliteLedger:
                 _settle(job, value, error)
             else:
                 _finish(finish)
-
-    def _commit_after(
-        self, handed: threading.Lock, conn: sqlite3.Connection, may_follow: bool
-    ) -> tuple[bool, Exception | None]:
-        """:meth:`_commit` on the commit thread, once it has told the event loop it holds the GIL: the
-        loop waits for that before it builds the group's answers, else this thread could wait for the
-        GIL (up to the 5 ms switch interval) before it even starts the fsync."""
-        handed.release()
-        return self._commit(conn, may_follow)
 
     def _begin_if_free(self, conn: sqlite3.Connection) -> bool:
         """BEGIN IMMEDIATE on the event loop if the write lock is free (microseconds); False, with no
