@@ -122,6 +122,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             # warm-up: purchases only, one for every refund to come plus --warmup, so that every refund
             # of the measurement has an original of its own (a refund in the warm-up would use one up)
             warm = -(-args.messages * args.refunds // 100) + args.warmup
+            warm = -(-warm // args.group) * args.group  # whole groups: the measurement starts after the last
             for start in range(0, warm, args.group):
                 harness.check(await harness.run(harness.frames(start, args.group, refunds=False)), keep_rrns=True)
             groups = [harness.frames(warm + k * args.group, args.group) for k in range(args.messages // args.group)]
