@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import operator
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -145,6 +146,18 @@ _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?
 #: the same with the id given: a group's records get theirs when decided, and are inserted together
 _INSERT_TXN_WITH_ID = (
     f"INSERT INTO txns(id, {', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * (len(TXN_COLUMNS) + 1))})"
+)
+#: the columns of TXN_COLUMNS that a plain new record leaves at the table's defaults (NULL, or 0 for
+#: the counters and flags): no reason, nothing refunded or completed, no original and no reference.
+#: Every approved purchase is such a record, and inserting it without binding these ten values costs
+#: SQLite about 2.5 µs a row less (7.1 -> 4.6 µs, docs/performance.md, series 9). The row is the same.
+_DEFAULTED = frozenset({"reason", "refunded_amount", "completed", "original_id", "ref_rrn", "ref_mti", "ref_stan",
+                        "ref_time", "ref_approval", "ref_same_stan"})
+_PLAIN_AT = tuple(index for index, name in enumerate(TXN_COLUMNS) if name not in _DEFAULTED)
+_plain_values = operator.itemgetter(*_PLAIN_AT)
+_INSERT_PLAIN_TXN_WITH_ID = (
+    f"INSERT INTO txns(id, {', '.join(TXN_COLUMNS[index] for index in _PLAIN_AT)}) "
+    f"VALUES ({', '.join('?' * (len(_PLAIN_AT) + 1))})"
 )
 _INSERT_OUTBOX = "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)"
 _VELOCITY = (
@@ -283,12 +296,14 @@ class _Deferred:
     its id when decided (the transaction holds the write lock: nobody else inserts meanwhile).
     """
 
-    __slots__ = ("by_key", "changed", "first_id", "has_refund", "next_id", "outbox", "rrns", "txns")
+    __slots__ = ("by_key", "changed", "first_id", "has_refund", "next_id", "outbox", "plain", "rrns", "txns")
 
     def __init__(self, next_id: int) -> None:
         self.next_id = next_id
         #: ids from here on are not in the table yet
         self.first_id = next_id
+        #: new records whose columns in _DEFAULTED hold the defaults (_INSERT_PLAIN_TXN_WITH_ID), and the others
+        self.plain: list[tuple[Any, ...]] = []
         self.txns: list[tuple[Any, ...]] = []
         self.outbox: list[tuple[Any, ...]] = []
         self.rrns: set[str] = set()
@@ -301,7 +316,16 @@ class _Deferred:
     def add(self, record: Txn, values: tuple[Any, ...]) -> None:
         record.id = self.next_id
         self.next_id += 1
-        self.txns.append((record.id, *values))
+        if (
+            record.reason is None
+            and record.original_id is None
+            and record.reference is None
+            and not record.refunded_amount
+            and not record.completed
+        ):
+            self.plain.append((record.id, *_plain_values(values)))
+        else:
+            self.txns.append((record.id, *values))
         if record.rrn is not None:
             self.rrns.add(record.rrn)
         if record.kind is Kind.REFUND:
@@ -317,7 +341,7 @@ class _Deferred:
 
     def hides(self, query: Query) -> bool:
         """Whether a record not yet written could change the answer to ``query``."""
-        if not self.txns:
+        if not self.plain and not self.txns:
             return False
         if isinstance(query, (NextRrn, CurrentBatch, GetBatch, FindTombstone)):
             # no record is read; the tombstone lookup writes them itself if it asks SQLite (most
@@ -332,10 +356,15 @@ class _Deferred:
         return True
 
     def write(self, conn: sqlite3.Connection) -> None:
-        if self.txns:
-            conn.executemany(_INSERT_TXN_WITH_ID, self.txns)
+        if self.plain or self.txns:
+            # plain records first: another record may point at one (original_id), never the reverse
+            if self.plain:
+                conn.executemany(_INSERT_PLAIN_TXN_WITH_ID, self.plain)
+                self.plain = []
+            if self.txns:
+                conn.executemany(_INSERT_TXN_WITH_ID, self.txns)
+                self.txns = []
             self.first_id = self.next_id
-            self.txns = []
             self.rrns = set()
             self.has_refund = False
         if self.outbox:
