@@ -39,6 +39,7 @@ from gateway.adapters.ledger_rows import (
     txn_from_row,
 )
 from gateway.adapters.ledger_thread import LedgerThread, resolve
+from gateway.core.decide import TxnChange
 from gateway.core.engine import (
     BatchTxns,
     Context,
@@ -159,6 +160,8 @@ _INSERT_PLAIN_TXN_WITH_ID = (
     f"INSERT INTO txns(id, {', '.join(TXN_COLUMNS[index] for index in _PLAIN_AT)}) "
     f"VALUES ({', '.join('?' * (len(_PLAIN_AT) + 1))})"
 )
+#: a correction's original by the RRN it quotes (``rrn`` is UNIQUE: at most one row)
+_ORIGINAL_BY_RRN = "SELECT * FROM txns WHERE rrn = ?"
 _INSERT_OUTBOX = "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)"
 _VELOCITY = (
     "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
@@ -220,8 +223,6 @@ def _kind_values(kinds: frozenset[Kind]) -> tuple[str, ...]:
 def _original_sql(lookup: str, kinds: int) -> str:
     """The statement finding a correction's original, per lookup (see FindOriginal) and kind count."""
     marks = ",".join("?" * kinds)
-    if lookup == "rrn":
-        return f"SELECT * FROM txns WHERE merchant_id = ? AND rrn = ? AND kind IN ({marks})"
     if lookup == "original_data":
         return (
             "SELECT * FROM txns WHERE merchant_id = ? AND stan = ? AND transmission_time = ? "
@@ -237,6 +238,51 @@ def _original_sql(lookup: str, kinds: int) -> str:
         "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
         f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _update_sql(status: bool, refunded: bool, effective: bool, completed: bool, late: bool) -> str:
+    """The UPDATE of a record setting only what a change sets (see :func:`_update_txn`)."""
+    sets = [
+        assignment
+        for wanted, assignment in (
+            (status, "status = ?"),
+            (refunded, "refunded_amount = refunded_amount + ?"),
+            (effective, "effective_amount = ?"),
+            (completed, "completed = ?"),
+            (late, "reversed_after_settlement = ?"),
+        )
+        if wanted
+    ]
+    return f"UPDATE txns SET {', '.join(sets)} WHERE id = ?"
+
+
+def _update_txn(conn: sqlite3.Connection, change: TxnChange) -> None:
+    """Apply one change to its record, binding only the values it sets: a refund's change is its
+    refunded amount alone (2 bound values instead of 6, and no column rewritten to itself). A change
+    that sets nothing changes nothing, so it runs no statement."""
+    values: list[Any] = []
+    if change.status is not None:
+        values.append(change.status.value)
+    if change.refunded_delta:
+        values.append(change.refunded_delta)
+    if change.effective_amount is not None:
+        values.append(change.effective_amount)
+    if change.completed is not None:
+        values.append(int(change.completed))
+    if change.reversed_after_settlement is not None:
+        values.append(int(change.reversed_after_settlement))
+    if not values:
+        return
+    sql = _update_sql(
+        change.status is not None,
+        bool(change.refunded_delta),
+        change.effective_amount is not None,
+        change.completed is not None,
+        change.reversed_after_settlement is not None,
+    )
+    values.append(change.txn_id)
+    conn.execute(sql, values)
 
 
 def _us(moment: datetime) -> int:
@@ -936,11 +982,18 @@ class SqliteLedger:
     def _find_original(conn: sqlite3.Connection, query: FindOriginal) -> Txn | None:
         kinds = _kind_values(query.kinds)
         if query.rrn is not None:
-            params: tuple[Any, ...] = (query.merchant_id, query.rrn, *kinds)
-            sql = _original_sql("rrn", len(kinds))
-        elif query.stan is not None and query.transmission_time is not None:
-            params = (query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.mti_class,
-                      *kinds, query.terminal_id)  # fmt: skip
+            # RRNs are unique in the table: find the one row by its RRN alone and check its merchant and
+            # kind here (the same answer as testing them in SQL, where `kind IN (...)` and five more bound
+            # values cost about 2.9 µs of the lookup's 12)
+            found = conn.execute(_ORIGINAL_BY_RRN, (query.rrn,)).fetchone()
+            if found is None or found["merchant_id"] != query.merchant_id or found["kind"] not in kinds:
+                return None
+            return _txn(found)
+        if query.stan is not None and query.transmission_time is not None:
+            params: tuple[Any, ...] = (
+                query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.mti_class,
+                *kinds, query.terminal_id,
+            )  # fmt: skip
             sql = _original_sql("original_data", len(kinds))
         elif query.approval_code is not None:
             params = (query.merchant_id, query.approval_code, query.pan_hmac, *kinds)
@@ -1021,19 +1074,7 @@ class SqliteLedger:
             if any(change.txn_id >= deferred.first_id for change in plan.changes):
                 deferred.write(conn)  # a change to a record of this group not written yet
         for change in plan.changes:
-            conn.execute(
-                "UPDATE txns SET status = COALESCE(?, status), refunded_amount = refunded_amount + ?, "
-                "effective_amount = COALESCE(?, effective_amount), completed = COALESCE(?, completed), "
-                "reversed_after_settlement = COALESCE(?, reversed_after_settlement) WHERE id = ?",
-                (
-                    change.status.value if change.status is not None else None,
-                    change.refunded_delta,
-                    change.effective_amount,
-                    None if change.completed is None else int(change.completed),
-                    None if change.reversed_after_settlement is None else int(change.reversed_after_settlement),
-                    change.txn_id,
-                ),
-            )
+            _update_txn(conn, change)
         close = plan.batch_close
         if close is not None:
             self._forget_batches()
