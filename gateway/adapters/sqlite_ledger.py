@@ -204,13 +204,15 @@ _DUPLICATES_PER_STATEMENT = 32
 def _duplicates_sql(count: int) -> str:
     """One statement answering ``count`` duplicate lookups (``count`` a power of two, so that few
     statements are prepared): each row names the lookup it answers in its last column, ``_lookup``.
-    Every lookup is a search in ``txns_key``, as when made alone."""
-    keys = ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+    Every lookup is a search in ``txns_key``, as when made alone. The last value is the earliest
+    window start of the lookups: each lookup's own start is applied to the rows found, in Python
+    (rows are rarely found, and one bound value less per lookup saves more than that costs)."""
+    keys = ",".join(["(?, ?, ?, ?, ?, ?)"] * count)
     return (
-        f"WITH k(i, m, s, t, c, tid, since) AS (VALUES {keys}) "
+        f"WITH k(i, m, s, t, c, tid) AS (VALUES {keys}) "
         "SELECT txns.*, k.i AS _lookup FROM k CROSS JOIN txns ON txns.merchant_id = k.m AND txns.stan = k.s "
         "AND txns.transmission_time = k.t AND txns.mti_class = k.c AND txns.terminal_id = k.tid "
-        "WHERE txns.created_at >= k.since"
+        "WHERE txns.created_at >= ?"
     )
 
 
@@ -906,11 +908,14 @@ class SqliteLedger:
             params: list[Any] = []
             for index, query in chunk:
                 params += (index, query.merchant_id, query.stan, query.transmission_time, query.mti_class,
-                           query.terminal_id, _us(query.since))
-            params += params[-7:] * (size - len(chunk))  # padding: the last lookup again
+                           query.terminal_id)
+            params += params[-6:] * (size - len(chunk))  # padding: the last lookup again
+            params.append(_us(min(query.since for _, query in chunk)))
             latest: dict[int, sqlite3.Row] = {}
             for row in conn.execute(_duplicates_sql(size), params):
                 index = row["_lookup"]
+                if row["created_at"] < _us(queries[index].since):  # outside this lookup's own window
+                    continue
                 if index not in latest or row["id"] > latest[index]["id"]:
                     latest[index] = row
             for index, row in latest.items():

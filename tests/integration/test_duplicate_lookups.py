@@ -62,6 +62,10 @@ async def test_each_lookup_of_a_group_is_answered_as_alone(tmp_path: Path) -> No
         queries.append(key(txns[3], mti_class="042"))  # another class: no record
         queries.append(key(txns[4]))  # the same lookup twice in one group
         queries += [key(txn) for txn in txns[30:33]]  # a last statement of 4 (3 padded to 4)
+        # a window that starts after the record, in a statement whose other windows include it: the
+        # statement reads rows from the earliest window start, each lookup keeps those inside its own
+        queries.insert(40, FindDuplicate(txns[6].merchant_id, txns[6].terminal_id, txns[6].stan,
+                                         txns[6].transmission_time, txns[6].mti[:3], now + timedelta(hours=1)))
 
         def both(conn: sqlite3.Connection) -> tuple[list[Txn | None], list[Txn | None]]:
             alone = [
@@ -78,5 +82,6 @@ async def test_each_lookup_of_a_group_is_answered_as_alone(tmp_path: Path) -> No
     assert found[2] is None
     assert found[5] is None
     assert found[-5] is None
+    assert found[7] == txns[6].id and found[40] is None  # (found[5] is the GetTxn)
     assert found[-4] == txns[4].id
-    assert sum(txn is None for txn in together) == 3
+    assert sum(txn is None for txn in together) == 4
