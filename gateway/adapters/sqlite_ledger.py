@@ -242,49 +242,32 @@ def _original_sql(lookup: str, kinds: int) -> str:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _update_sql(status: bool, refunded: bool, effective: bool, completed: bool, late: bool) -> str:
-    """The UPDATE of a record setting only what a change sets (see :func:`_update_txn`)."""
-    sets = [
-        assignment
-        for wanted, assignment in (
-            (status, "status = ?"),
-            (refunded, "refunded_amount = refunded_amount + ?"),
-            (effective, "effective_amount = ?"),
-            (completed, "completed = ?"),
-            (late, "reversed_after_settlement = ?"),
-        )
-        if wanted
-    ]
-    return f"UPDATE txns SET {', '.join(sets)} WHERE id = ?"
-
-
 def _update_txn(conn: sqlite3.Connection, change: TxnChange) -> None:
-    """Apply one change to its record, binding only the values it sets: a refund's change is its
+    """Apply one change to its record, setting and binding only what it sets: a refund's change is its
     refunded amount alone (2 bound values instead of 6, and no column rewritten to itself). A change
-    that sets nothing changes nothing, so it runs no statement."""
+    that sets nothing changes nothing, so it runs no statement. (The statement's text varies with what
+    is set; the ``sqlite3`` module keeps each prepared, keyed by its text.)"""
+    sets: list[str] = []
     values: list[Any] = []
     if change.status is not None:
+        sets.append("status = ?")
         values.append(change.status.value)
     if change.refunded_delta:
+        sets.append("refunded_amount = refunded_amount + ?")
         values.append(change.refunded_delta)
     if change.effective_amount is not None:
+        sets.append("effective_amount = ?")
         values.append(change.effective_amount)
     if change.completed is not None:
+        sets.append("completed = ?")
         values.append(int(change.completed))
     if change.reversed_after_settlement is not None:
+        sets.append("reversed_after_settlement = ?")
         values.append(int(change.reversed_after_settlement))
-    if not values:
+    if not sets:
         return
-    sql = _update_sql(
-        change.status is not None,
-        bool(change.refunded_delta),
-        change.effective_amount is not None,
-        change.completed is not None,
-        change.reversed_after_settlement is not None,
-    )
     values.append(change.txn_id)
-    conn.execute(sql, values)
+    conn.execute(f"UPDATE txns SET {', '.join(sets)} WHERE id = ?", values)
 
 
 def _us(moment: datetime) -> int:
