@@ -579,6 +579,11 @@ class SqliteLedger:
             group, self._queue = self._queue[:_MAX_GROUP], self._queue[_MAX_GROUP:]
             try:
                 await self._run_group(group)
+                if self._queue:
+                    # let the loop run what the group's answers scheduled (the TCP server writes them
+                    # in a callback) before deciding the next group: else they wait for its decisions
+                    # and answers too (docs/performance.md, series 10: +2.6% msg/s, 10 of 12 pairs)
+                    await asyncio.sleep(0)
             except BaseException as exc:  # the connection is unusable: fail the group, keep serving
                 for job in group:
                     _settle(job, None, exc if isinstance(exc, Exception) else LedgerClosedError(str(exc)))

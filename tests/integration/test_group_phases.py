@@ -212,3 +212,37 @@ async def test_a_failed_bookkeeping_group_still_leaves_the_ledger_durable(tmp_pa
         assert await ledger._call(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]) == 2
         row = await ledger._call(lambda conn: conn.execute("SELECT value FROM meta WHERE key = 'x'").fetchone())
         assert row is None
+
+
+async def test_what_a_groups_answers_schedule_runs_before_the_next_group_is_decided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TCP server writes the answers of one group commit in a loop callback (one write per
+    connection). That callback must run before the next queued group's decisions, not after them:
+    else every answer waits for the next group to be decided and its answers built."""
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        committing, release = hold_commits(ledger, monkeypatch)
+        loop = asyncio.get_running_loop()
+        ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+        order: list[str] = []
+        both = loop.create_future()
+
+        def first_done(value: Any, error: Exception | None) -> None:
+            assert error is None
+            loop.call_soon(order.append, "first group's answers written")
+
+        def second_prepared(result: LedgerResult) -> Callable[[], None]:
+            order.append("second group decided")
+            return lambda: both.set_result(None)
+
+        ledger.submit(classify(purchase("000001")), ctx, _render, first_done)
+        for _ in range(500):
+            if committing.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert committing.is_set()
+        # queued while the first group waits in its commit: the next group
+        ledger.submit(classify(purchase("000002")), ctx, _render, lambda value, error: None, second_prepared)
+        release.set()
+        await asyncio.wait_for(both, 10)
+        assert order == ["first group's answers written", "second group decided"]
