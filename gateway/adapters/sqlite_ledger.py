@@ -222,7 +222,7 @@ def _duplicates_sql(count: int) -> str:
 _ROWS_PER_INSERT = 32
 
 
-@functools.lru_cache(maxsize=3 * _ROWS_PER_INSERT)  # records, plain records, outbox rows
+@functools.lru_cache(maxsize=2 * _ROWS_PER_INSERT)
 def _insert_sql(single: str, rows: int) -> str:
     """``single`` (an ``INSERT ... VALUES (?, ...)`` of one row) extended to ``rows`` rows."""
     head, _, row = single.partition(" VALUES ")
@@ -424,7 +424,7 @@ class _Deferred:
             self.rrns = set()
             self.has_refund = False
         if self.outbox:
-            _insert_rows(conn, _INSERT_OUTBOX, self.outbox)
+            conn.executemany(_INSERT_OUTBOX, self.outbox)
             self.outbox = []
 
 
@@ -538,7 +538,7 @@ class SqliteLedger:
         await self.close()
 
     def _connect(self) -> sqlite3.Connection:
-        # the multi-row inserts alone are up to 96 statements (_insert_sql): room for them and the rest
+        # the multi-row inserts alone are up to 64 statements (_insert_sql): room for them and the rest
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, cached_statements=256)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
