@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import operator
 import sqlite3
 import uuid
@@ -217,30 +216,6 @@ def _duplicates_sql(count: int) -> str:
     )
 
 
-#: rows one multi-row INSERT writes at most: 32 full records bind 992 values, under the 999 that
-#: SQLite builds before 3.32 allow in one statement
-_ROWS_PER_INSERT = 32
-
-
-@functools.lru_cache(maxsize=2 * _ROWS_PER_INSERT)
-def _insert_sql(single: str, rows: int) -> str:
-    """``single`` (an ``INSERT ... VALUES (?, ...)`` of one row) extended to ``rows`` rows."""
-    head, _, row = single.partition(" VALUES ")
-    return f"{head} VALUES {', '.join([row] * rows)}"
-
-
-def _insert_rows(conn: sqlite3.Connection, single: str, rows: list[tuple[Any, ...]]) -> None:
-    """``conn.executemany(single, rows)`` as one statement per 32 rows: SQLite runs a statement
-    once instead of once per row, 2.5-2.7 µs a row instead of 3.8-3.9 from 7 rows up (a statement
-    per row count, prepared once and kept in the connection's statement cache)."""
-    if len(rows) == 1:
-        conn.execute(single, rows[0])
-        return
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        part = rows[start : start + _ROWS_PER_INSERT]
-        conn.execute(_insert_sql(single, len(part)), list(itertools.chain.from_iterable(part)))
-
-
 @functools.lru_cache(maxsize=16)
 def _kind_values(kinds: frozenset[Kind]) -> tuple[str, ...]:
     return tuple(sorted(kind.value for kind in kinds))
@@ -415,10 +390,10 @@ class _Deferred:
         if self.plain or self.txns:
             # plain records first: another record may point at one (original_id), never the reverse
             if self.plain:
-                _insert_rows(conn, _INSERT_PLAIN_TXN_WITH_ID, self.plain)
+                conn.executemany(_INSERT_PLAIN_TXN_WITH_ID, self.plain)
                 self.plain = []
             if self.txns:
-                _insert_rows(conn, _INSERT_TXN_WITH_ID, self.txns)
+                conn.executemany(_INSERT_TXN_WITH_ID, self.txns)
                 self.txns = []
             self.first_id = self.next_id
             self.rrns = set()
@@ -538,8 +513,7 @@ class SqliteLedger:
         await self.close()
 
     def _connect(self) -> sqlite3.Connection:
-        # the multi-row inserts alone are up to 64 statements (_insert_sql): room for them and the rest
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, cached_statements=256)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         conn.execute("PRAGMA journal_mode = WAL")

@@ -16,7 +16,6 @@ from gateway.adapters.sqlite_ledger import (
     VELOCITY_TERMINAL_SQL,
     SqliteLedger,
     _Deferred,
-    _insert_rows,
 )
 from gateway.core.model import Kind, Reference, Txn, TxnStatus
 
@@ -116,22 +115,3 @@ def test_records_inserted_without_their_default_columns_are_the_rows_the_full_in
     assert rows[0] == rows[1]
     grouped.close()
     one_by_one.close()
-
-
-def test_multi_row_inserts_write_the_rows_one_insert_per_row_writes(tmp_path: Path) -> None:
-    """A group's records go in one statement per 32 rows: every count, across the 32-row boundary,
-    gives the rows that one INSERT per record gives, in the same order of ids."""
-    for count in (1, 2, 31, 32, 33, 65):
-        records = [_record(stan=f"{n:06d}", rrn=f"{n:012d}", amount=n, effective_amount=n,
-                           reason="x" if n % 3 == 0 else None) for n in range(1, count + 1)]
-        grouped = _schema(tmp_path / f"grouped-{count}.db")
-        one_by_one = _schema(tmp_path / f"single-{count}.db")
-        rows = [(n, *record_values(record, n)) for n, record in enumerate(records, start=1)]
-        _insert_rows(grouped, _INSERT_TXN_WITH_ID, rows)
-        for row in rows:
-            one_by_one.execute(_INSERT_TXN_WITH_ID, row)
-        found = [conn.execute("SELECT * FROM txns ORDER BY id").fetchall() for conn in (grouped, one_by_one)]
-        assert len(found[0]) == count
-        assert found[0] == found[1]
-        grouped.close()
-        one_by_one.close()
