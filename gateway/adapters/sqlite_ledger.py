@@ -556,7 +556,7 @@ class SqliteLedger:
                 if self._queue:
                     # let the loop run what the group's answers scheduled (the TCP server writes them
                     # in a callback) before deciding the next group: else they wait for its decisions
-                    # and answers too (docs/performance.md, series 10: +2.6% msg/s, 10 of 12 pairs)
+                    # and answers too, about 1.5 ms at full load (docs/performance.md, series 10)
                     await asyncio.sleep(0)
             except BaseException as exc:  # the connection is unusable: fail the group, keep serving
                 for job in group:
