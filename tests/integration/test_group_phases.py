@@ -246,3 +246,46 @@ async def test_what_a_groups_answers_schedule_runs_before_the_next_group_is_deci
         release.set()
         await asyncio.wait_for(both, 10)
         assert order == ["first group's answers written", "second group decided"]
+
+
+async def test_a_cancellation_between_groups_does_not_settle_the_committed_group_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer yields between groups once the first is settled; if it is cancelled there (the
+    loop shutting down), that group's requests must not be told a second time (as failed)."""
+    ledger = await SqliteLedger(tmp_path / "ledger.db").open()
+    committing, release = hold_commits(ledger, monkeypatch)
+    ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+    told: list[tuple[Any, Exception | None]] = []
+    ledger.submit(classify(purchase("000001")), ctx, _render, lambda value, error: told.append((value, error)))
+    for _ in range(500):
+        if committing.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert committing.is_set()
+    ledger.submit(classify(purchase("000002")), ctx, _render, lambda value, error: None)
+    sleep = asyncio.sleep
+
+    async def cancelled_at_the_yield(delay: float, *args: Any) -> Any:
+        if delay == 0 and told:
+            raise asyncio.CancelledError
+        return await sleep(delay, *args)
+
+    writer = ledger._writer_task
+    assert writer is not None
+    monkeypatch.setattr(asyncio, "sleep", cancelled_at_the_yield)
+    release.set()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(writer), 10)
+    finally:
+        monkeypatch.setattr(asyncio, "sleep", sleep)
+        # the writer is gone: close what it would have closed
+        ledger._closed = True
+        thread, conn = ledger._thread, ledger._conn
+        assert thread is not None and conn is not None
+        await thread.run(conn.close)
+        thread.stop()
+    assert len(told) == 1
+    value, error = told[0]
+    assert error is None and isinstance(value, LedgerResult)
