@@ -30,12 +30,25 @@ def _render(event: object) -> tuple[str, str, bytes]:
     return f"id-{next(_EVENT_IDS)}", "topic", b"{}"
 
 
+def _context() -> Context:
+    return Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+
+
+async def _until_set(event: threading.Event) -> None:
+    """Wait (at most 5 s) until the commit thread sets ``event``."""
+    for _ in range(500):
+        if event.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert event.is_set()
+
+
 class Queued:
     """Requests submitted to ``ledger``; ``results`` once each one's group committed."""
 
     def __init__(self, ledger: SqliteLedger) -> None:
         self.ledger = ledger
-        self.ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+        self.ctx = _context()
         self.settled: list[asyncio.Future[tuple[Any, Exception | None]]] = []
 
     def submit(self, stan: str) -> None:
@@ -57,11 +70,7 @@ async def _hold_a_first_group(
     committing, release = hold_commits(ledger, monkeypatch)
     queued = Queued(ledger)
     queued.submit("000001")
-    for _ in range(500):
-        if committing.is_set():
-            break
-        await asyncio.sleep(0.01)
-    assert committing.is_set()
+    await _until_set(committing)
 
     def let_go() -> None:
         monkeypatch.setattr(ledger, "_commit", commit)
@@ -223,7 +232,7 @@ async def test_what_a_groups_answers_schedule_runs_before_the_next_group_is_deci
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
         committing, release = hold_commits(ledger, monkeypatch)
         loop = asyncio.get_running_loop()
-        ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+        ctx = _context()
         order: list[str] = []
         both = loop.create_future()
 
@@ -236,11 +245,7 @@ async def test_what_a_groups_answers_schedule_runs_before_the_next_group_is_deci
             return lambda: both.set_result(None)
 
         ledger.submit(classify(purchase("000001")), ctx, _render, first_done)
-        for _ in range(500):
-            if committing.is_set():
-                break
-            await asyncio.sleep(0.01)
-        assert committing.is_set()
+        await _until_set(committing)
         # queued while the first group waits in its commit: the next group
         ledger.submit(classify(purchase("000002")), ctx, _render, lambda value, error: None, second_prepared)
         release.set()
@@ -255,14 +260,10 @@ async def test_a_cancellation_between_groups_does_not_settle_the_committed_group
     loop shutting down), that group's requests must not be told a second time (as failed)."""
     ledger = await SqliteLedger(tmp_path / "ledger.db").open()
     committing, release = hold_commits(ledger, monkeypatch)
-    ctx = Context(datetime.now(UTC), Policy(), b"test-key", load_profile("iso87-binary").response_code)
+    ctx = _context()
     told: list[tuple[Any, Exception | None]] = []
     ledger.submit(classify(purchase("000001")), ctx, _render, lambda value, error: told.append((value, error)))
-    for _ in range(500):
-        if committing.is_set():
-            break
-        await asyncio.sleep(0.01)
-    assert committing.is_set()
+    await _until_set(committing)
     ledger.submit(classify(purchase("000002")), ctx, _render, lambda value, error: None)
     sleep = asyncio.sleep
 
