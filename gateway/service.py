@@ -237,7 +237,7 @@ class GatewayService:
     ) -> None:
         """The request's metrics and ``message.processed`` line, once its answer is final."""
         elapsed = time.perf_counter() - started
-        kind = request.kind.value if request is not None else "unknown"
+        kind = str(request.kind) if request is not None else "unknown"  # a StrEnum: str() is its value
         if self.recorder is not None:
             self.recorder.request_done(message.mti, kind, code, elapsed)
         if self._log_processed is not None:

@@ -27,8 +27,9 @@ class LedgerClosedError(RuntimeError):
 def record_values(record: Txn, created_at: Any) -> tuple[Any, ...]:
     """The values of :data:`TXN_COLUMNS` for a new record (``created_at`` in the adapter's form)."""
     ref = record.reference
+    # str() of a StrEnum member is its value (``.value`` is a property: two Python calls in 3.11)
     return (
-        record.kind.value,
+        str(record.kind),
         record.mti,
         record.mti[:3],
         record.processing_code,
@@ -44,7 +45,7 @@ def record_values(record: Txn, created_at: Any) -> tuple[Any, ...]:
         record.approval_code,
         record.response_code,
         record.reason,
-        record.status.value,
+        str(record.status),
         record.effective_amount,
         record.refunded_amount,
         record.completed,

@@ -788,9 +788,11 @@ class SqliteLedger:
         """
         if self._closed:
             raise LedgerClosedError("ledger closed")
-        self._queue.append(_Job(None, done, prepare, _Decision(request, ctx, render)))
-        assert self._wake is not None
-        self._wake.set()
+        queue = self._queue
+        queue.append(_Job(None, done, prepare, _Decision(request, ctx, render)))
+        if len(queue) == 1:  # the writer waits for its event only once it found the queue empty
+            assert self._wake is not None
+            self._wake.set()
 
     def _process(self, conn: sqlite3.Connection, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         return self._decide(conn, process(request, ctx), None, render)
@@ -806,7 +808,7 @@ class SqliteLedger:
         self._apply(conn, plan, render)
         return LedgerResult(
             plan.response_code,
-            plan.reason.value,
+            str(plan.reason),  # a StrEnum's value, without the ``.value`` property's two calls
             plan.rrn,
             plan.approval_code,
             plan.replayed,

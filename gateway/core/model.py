@@ -112,6 +112,11 @@ class Request:
     network_code: str | None = None  #: DE70
     totals: SettlementTotals | None = None  #: DE74/76/86/88 for settlement
     original_data: str | None = None  #: DE90 as sent (part of the retransmission fingerprint)
+    #: the PAN as logs, events and the ledger show it (first 6 + last 4), worked out once
+    masked_pan: str | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.masked_pan = mask_pan(self.pan)
 
     @property
     def is_repeat(self) -> bool:
@@ -128,9 +133,6 @@ class Request:
         """The MTI without its repeat flag: 0200 and 0201 share class ``020``."""
         return self.mti[:3]
 
-    @property
-    def masked_pan(self) -> str | None:
-        return mask_pan(self.pan)
 
 
 @dataclass(slots=True)
