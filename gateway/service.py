@@ -156,10 +156,10 @@ class GatewayService:
         if request.kind is _NETWORK:
             reply(self._answer(message, request, Reason.APPROVED, started))
             return
-        if not self._terminal_allowed(request):
+        if self.config.allowed_terminals and not self._terminal_allowed(request):
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
             return
-        ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.response_code)
+        ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
 
         def prepare(result: LedgerResult) -> Callable[[], None]:
             # may run before the commit is durable: builds the answer, lets nothing out

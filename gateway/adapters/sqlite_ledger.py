@@ -199,6 +199,11 @@ _NO_TOMBSTONE_CACHE: set[tuple[str, str]] = set()
 _REFUND, _UNMATCHED = Kind.REFUND, TxnStatus.UNMATCHED
 
 
+#: queries that read no record, so that no record not yet written can change their answer: a
+#: purchase asks three of them (see :meth:`_Deferred.hides`)
+_READ_NO_RECORD = frozenset({NextRrn, CurrentBatch, GetBatch, FindTombstone})
+
+
 #: duplicate lookups made by one statement at most (see :meth:`SqliteLedger._find_duplicates`)
 _DUPLICATES_PER_STATEMENT = 32
 
@@ -377,7 +382,7 @@ class _Deferred:
         """Whether a record not yet written could change the answer to ``query``."""
         if not self.plain and not self.txns:
             return False
-        if isinstance(query, (NextRrn, CurrentBatch, GetBatch, FindTombstone)):
+        if type(query) in _READ_NO_RECORD:
             # no record is read; the tombstone lookup writes them itself if it asks SQLite (most
             # purchases are answered from the ledger's set of terminals with unmatched reversals)
             return False
@@ -867,9 +872,10 @@ class SqliteLedger:
 
     def _answer(self, conn: sqlite3.Connection, query: Query) -> Any:
         deferred = self._deferred
-        if deferred is not None and deferred.hides(query):
+        kind = type(query)
+        if deferred is not None and kind not in _READ_NO_RECORD and deferred.hides(query):
             deferred.write(conn)
-        handler = self._handlers.get(type(query))
+        handler = self._handlers.get(kind)
         if handler is None:
             raise TypeError(f"unknown query {type(query).__name__}")
         return handler(conn, query)
