@@ -19,9 +19,10 @@ class Clock(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboxRow:
-    """One pending event in the outbox, already rendered."""
+    """One pending event in the outbox, already rendered (not a frozen dataclass, though nothing
+    changes it: the relay reads one per event, and a frozen one costs about 1 µs more to make)."""
 
     id: int  #: monotonically increasing within one ledger
     event_id: str  #: the CloudEvents id

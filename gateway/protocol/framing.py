@@ -37,9 +37,13 @@ class FramingError(Exception):
         self.frames: list[Frame] = frames if frames is not None else []
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@dataclass(slots=True, repr=False)
 class Frame:
-    """One framed message: ``payload`` is the ISO 8583 message without length header and TPDU."""
+    """One framed message: ``payload`` is the ISO 8583 message without length header and TPDU.
+
+    Not a frozen dataclass, though nothing changes it: one is made per frame, and a frozen one costs
+    about 0.4 µs more to make (its ``__init__`` goes through ``object.__setattr__``).
+    """
 
     payload: bytes
     tpdu: bytes | None = None
