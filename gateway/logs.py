@@ -59,6 +59,7 @@ __all__ = [
     "mask_pan",
     "mask_sensitive",
     "redact_text",
+    "request_line_writer",
     "reset_logging",
 ]
 
@@ -247,14 +248,17 @@ class _UtcTimestamper:
         self._cache = (-1, "")  # (second, its formatted prefix), replaced as one object: thread-safe
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        now = _time.time()
-        second = int(now)
+        event_dict["timestamp"] = self.now()
+        return event_dict
+
+    def now(self) -> str:
+        """The current time as the ``timestamp`` of a line."""
+        second, nanoseconds = divmod(_time.time_ns(), 1_000_000_000)
         cached_second, prefix = self._cache
         if second != cached_second:
             prefix = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
             self._cache = (second, prefix)
-        event_dict["timestamp"] = f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
-        return event_dict
+        return f"{prefix}.{nanoseconds // 1000:06d}Z"
 
 
 # --- set-up --------------------------------------------------------------------------------------
@@ -528,6 +532,123 @@ def info_writer(logger: Any) -> Callable[[str, dict[str, Any]], None]:
         try:
             data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         except TypeError:  # mask_sensitive left a non-JSON value (or orjson refused a string)
+            data = _dumps_bytes(line, default=_json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        sink(data)
+
+    return write
+
+
+#: the keys of the line :func:`request_line_writer` writes, in its arguments' order
+REQUEST_LINE_KEYS: Final = (
+    "mti", "kind", "merchant", "terminal", "stan", "rrn", "response_code", "reason", "replayed", "latency_ms", "pan",
+)  # fmt: skip
+
+#: ``write(mti, kind, merchant, terminal, stan, rrn, response_code, reason, replayed, latency_ms, pan)``
+RequestLineWriter = Callable[
+    [str, str, str | None, str | None, str | None, str | None, str, str | None, bool | None, float, str | None], None
+]
+
+
+def _masked(value: Any) -> Any:
+    """What :func:`mask_sensitive` makes of ``value`` under a key that names no card data."""
+    cls = value.__class__
+    if cls is str:
+        if len(value) > 12 and _PAN_CANDIDATE.search(value) is not None:
+            return _PAN_CANDIDATE.sub(_mask_if_luhn, value)
+        return value
+    return value if cls in _PASS_TYPES else _clean(value)
+
+
+def request_line_writer(logger: Any, event: str) -> RequestLineWriter:
+    """``write(...)``: the line ``logger.info(event, **dict(zip(REQUEST_LINE_KEYS, values)))`` writes,
+    for the line written for every request, with its keys fixed.
+
+    :func:`info_writer` merges three dicts and masks the line key by key (about 3 µs of its 10 on a
+    slow VM); here the bound context is masked once, each value is checked as :func:`mask_sensitive`
+    would check it under its key (a value of 12 characters or fewer cannot hold a PAN, so most cost one
+    length check), and the line is built in one dict display, in the same order. The bytes are those
+    of :func:`info_writer` (a property test keeps them equal). It is :func:`info_writer` itself while
+    context variables are bound, when the bound context shares a key with the line, or when a key's
+    kind is not the one this writer assumes (only ``pan`` names card data).
+    """
+    general = info_writer(logger)
+    bound = getattr(logger, "_context", None)
+
+    def slow(*values: Any) -> None:
+        general(event, dict(zip(REQUEST_LINE_KEYS, values, strict=True)))
+
+    if not isinstance(bound, dict):
+        return slow
+    context = {("logger" if key == "logger_name" else key): value for key, value in bound.items()}
+    kinds = [_classify_key(key) for key in (*REQUEST_LINE_KEYS, "event")]
+    if (
+        context.keys() & {*REQUEST_LINE_KEYS, "event", "level", "timestamp"}
+        or kinds != [_PAN if key == "pan" else _NORMAL for key in (*REQUEST_LINE_KEYS, "event")]
+        or _masked(event) is not event
+    ):
+        return slow
+    masked_context = dict(mask_sensitive(None, "info", context))
+    fast = _FAST
+    get_vars = structlog.contextvars.get_contextvars
+
+    def write(
+        mti: str,
+        kind: str,
+        merchant: str | None,
+        terminal: str | None,
+        stan: str | None,
+        rrn: str | None,
+        response_code: str,
+        reason: str | None,
+        replayed: bool | None,
+        latency_ms: float,
+        pan: str | None,
+    ) -> None:
+        sink = fast.sink
+        if sink is None or get_vars():
+            slow(mti, kind, merchant, terminal, stan, rrn, response_code, reason, replayed, latency_ms, pan)
+            return
+        # each check lets through only what _masked would return unchanged
+        if mti.__class__ is not str or len(mti) > 12:
+            mti = _masked(mti)
+        if kind.__class__ is not str or len(kind) > 12:
+            kind = _masked(kind)
+        if merchant is not None and (merchant.__class__ is not str or len(merchant) > 12):
+            merchant = _masked(merchant)
+        if terminal is not None and (terminal.__class__ is not str or len(terminal) > 12):
+            terminal = _masked(terminal)
+        if stan is not None and (stan.__class__ is not str or len(stan) > 12):
+            stan = _masked(stan)
+        if rrn is not None and (rrn.__class__ is not str or len(rrn) > 12):
+            rrn = _masked(rrn)
+        if response_code.__class__ is not str or len(response_code) > 12:
+            response_code = _masked(response_code)
+        if reason is not None:
+            reason = _masked(reason)
+        if replayed is not None and replayed.__class__ is not bool:
+            replayed = _masked(replayed)
+        if latency_ms.__class__ is not float:
+            latency_ms = _masked(latency_ms)
+        line = {
+            **masked_context,
+            "mti": mti,
+            "kind": kind,
+            "merchant": merchant,
+            "terminal": terminal,
+            "stan": stan,
+            "rrn": rrn,
+            "response_code": response_code,
+            "reason": reason,
+            "replayed": replayed,
+            "latency_ms": latency_ms,
+            "pan": _mask_keyed(_PAN, pan),
+            "event": event,
+            "level": "info",
+            "timestamp": fast.stamp.now(),
+        }
+        try:
+            data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # as info_writer
             data = _dumps_bytes(line, default=_json_default, option=orjson.OPT_NON_STR_KEYS) + b"\n"
         sink(data)
 

@@ -20,7 +20,7 @@ from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import new_event_id, render_event
-from gateway.logs import info_writer
+from gateway.logs import REQUEST_LINE_KEYS, info_writer, request_line_writer
 from gateway.ports import Clock, LedgerDone, LedgerPrepare, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
@@ -93,7 +93,9 @@ class GatewayService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.log = logger
+        #: the ``message.processed`` line: with extra fields (format errors), and without
         self._log_processed = info_writer(logger) if logger is not None else None
+        self._log_request = request_line_writer(logger, "message.processed") if logger is not None else None
         self.recorder = recorder
 
     def response_code(self, reason: str) -> str:
@@ -240,25 +242,26 @@ class GatewayService:
         kind = str(request.kind) if request is not None else "unknown"  # a StrEnum: str() is its value
         if self.recorder is not None:
             self.recorder.request_done(message.mti, kind, code, elapsed)
-        if self._log_processed is not None:
-            fields = message.fields
-            self._log_processed(
-                "message.processed",
-                {
-                    "mti": message.mti,
-                    "kind": kind,
-                    "merchant": fields.get(42),
-                    "terminal": fields.get(41),
-                    "stan": fields.get(11),
-                    "rrn": rrn,
-                    "response_code": code,
-                    "reason": None if reason_text == "approved" else reason_text,
-                    "replayed": replayed or None,
-                    "latency_ms": round(elapsed * 1000, 3),
-                    "pan": request.masked_pan if request is not None else None,
-                    **extra,
-                },
-            )
+        if self._log_request is None or self._log_processed is None:
+            return
+        fields = message.fields
+        values = (
+            message.mti,
+            kind,
+            fields.get(42),  # merchant
+            fields.get(41),  # terminal
+            fields.get(11),  # stan
+            rrn,
+            code,
+            None if reason_text == "approved" else reason_text,
+            replayed or None,
+            round(elapsed * 1000, 3),  # latency_ms
+            request.masked_pan if request is not None else None,
+        )
+        if extra:
+            self._log_processed("message.processed", {**dict(zip(REQUEST_LINE_KEYS, values, strict=True)), **extra})
+        else:
+            self._log_request(*values)
 
     def _warn(self, event: str, **fields: Any) -> None:
         if self.log is not None:

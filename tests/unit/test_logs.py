@@ -450,6 +450,104 @@ def test_the_per_request_writer_follows_the_configured_level_and_format() -> Non
     assert "message.processed" in out.getvalue() and PAN not in out.getvalue() and MASKED in out.getvalue()
 
 
+class _FixedStamp:
+    """Stands in for the timestamper, so that two lines written at different moments compare as bytes."""
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> Any:
+        event_dict["timestamp"] = self.now()
+        return event_dict
+
+    def now(self) -> str:
+        return "2026-11-29T12:00:00.000000Z"
+
+
+def _request_line_pair(context: dict[str, Any], values: tuple[Any, ...]) -> tuple[bytes, bytes]:
+    """The bytes of the line info_writer writes for these fields, and of request_line_writer's."""
+    from gateway import logs
+
+    buf = io.BytesIO()
+    configure_logging("info", "json", buf)
+    logs._FAST.stamp = _FixedStamp()  # type: ignore[assignment]
+    log = get_logger("gateway").bind(**context)
+    logs.info_writer(log)("message.processed", dict(zip(logs.REQUEST_LINE_KEYS, values, strict=True)))
+    general = buf.getvalue()
+    buf.seek(0)
+    buf.truncate()
+    logs.request_line_writer(log, "message.processed")(*values)
+    return general, buf.getvalue()
+
+
+_LINE_TEXT = st.one_of(
+    st.none(),
+    st.text(max_size=20),
+    st.text(alphabet="0123456789 -=\"/", max_size=24),
+    st.sampled_from([PAN, f"M{PAN}", f"{PAN}=2512{TRACK_TAIL}", NOT_LUHN, MASKED, "476173****0119", "MERCHANT0000001"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.tuples(
+        _LINE_TEXT, _LINE_TEXT, _LINE_TEXT, _LINE_TEXT, _LINE_TEXT, _LINE_TEXT, _LINE_TEXT, _LINE_TEXT,
+        st.one_of(st.none(), st.booleans(), _LINE_TEXT),
+        st.one_of(st.floats(allow_nan=False), st.integers(), st.none()),
+        _LINE_TEXT,
+    ),
+    context=st.dictionaries(
+        st.sampled_from(["instance", "peer", "card_number", "track2", "conn", "mti", "logger_name", "level"]),
+        _LINE_TEXT,
+        max_size=3,
+    ),
+)
+def test_the_request_line_writer_writes_the_bytes_of_the_general_writer(
+    values: tuple[Any, ...], context: dict[str, Any]
+) -> None:
+    general, fast = _request_line_pair(context, values)
+    assert fast == general
+    assert PAN.encode() not in fast
+
+
+def test_the_request_line_writer_masks_card_data_in_every_field() -> None:
+    values = ("0200", "purchase", f"M{PAN}", PAN, "000001", "000000000001", "00", None, None, 1.5, PAN)
+    general, fast = _request_line_pair({"instance": "gw-1"}, values)
+    assert fast == general
+    line = orjson.loads(fast)
+    assert line["merchant"] == f"M{MASKED}" and line["terminal"] == MASKED and line["pan"] == MASKED
+    assert list(line)[:3] == ["logger", "instance", "mti"] and list(line)[-3:] == ["event", "level", "timestamp"]
+
+
+async def test_the_request_line_writer_takes_the_general_path_while_context_variables_are_bound() -> None:
+    import asyncio
+
+    from gateway.logs import request_line_writer
+
+    buf = io.BytesIO()
+    configure_logging("info", "json", buf, coalesce=True)
+    write = request_line_writer(get_logger("gateway"), "message.processed")
+    with bound_contextvars(peer="127.0.0.1:5000", pan=PAN):
+        write("0200", "purchase", "M1", "T1", "000001", None, "00", None, None, 1.0, PAN)
+    write("0200", "purchase", "M1", "T1", "000002", None, "00", None, None, 1.0, None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    first, second = json_lines(buf)
+    assert first["peer"] == "127.0.0.1:5000" and first["pan"] == MASKED and first["stan"] == "000001"
+    assert "peer" not in second and second["pan"] is None
+
+
+def test_the_request_line_writer_follows_the_configured_level_and_format() -> None:
+    from gateway.logs import request_line_writer
+
+    values = ("0200", "purchase", "M1", "T1", "000001", None, "00", None, None, 1.0, PAN)
+    buf = io.BytesIO()
+    configure_logging("warning", "json", buf)
+    request_line_writer(get_logger("gateway"), "message.processed")(*values)
+    assert buf.getvalue() == b""
+    out = io.StringIO()
+    configure_logging("info", "console", out)
+    request_line_writer(get_logger("gateway"), "message.processed")(*values)
+    assert "message.processed" in out.getvalue() and PAN not in out.getvalue() and MASKED in out.getvalue()
+
+
 def test_coalesced_lines_of_a_loop_that_stopped_early_do_not_hold_back_the_next_loop() -> None:
     import asyncio
 
