@@ -38,6 +38,7 @@ _PURCHASE, _PREAUTH, _REFUND, _REVERSAL, _SETTLEMENT = (
     Kind.PURCHASE, Kind.PREAUTH, Kind.REFUND, Kind.REVERSAL, Kind.SETTLEMENT
 )
 _APPROVED_TXN, _DECLINED_TXN, _UNMATCHED_TXN = TxnStatus.APPROVED, TxnStatus.DECLINED, TxnStatus.UNMATCHED
+_APPROVED_REASON = Reason.APPROVED
 
 # --------------------------------------------------------------------------- queries
 
@@ -321,37 +322,37 @@ def _record(
     batch: Batch | None,
     ctx: Context,
 ) -> Txn:
-    if request.kind is _REVERSAL and decision.outcome == "unmatched":
-        status = _UNMATCHED_TXN
-    else:
-        status = _APPROVED_TXN if decision.approved else _DECLINED_TXN
     amount = request.amount or 0
+    approved = decision.reason is _APPROVED_REASON
+    # positional: 25 keyword arguments cost CPython 3.11 about 1.5 µs more to match than 25 positional
+    # ones, on every request (tests/unit/test_positional_models.py checks each field)
     return Txn(
-        id=0,
-        kind=request.kind,
-        mti=request.mti,
-        processing_code=request.processing_code,
-        merchant_id=request.merchant_id,
-        terminal_id=request.terminal_id,
-        stan=request.stan,
-        transmission_time=request.transmission_time,
-        amount=amount,
-        currency=request.currency or "",
-        pan_masked=request.masked_pan,
-        pan_hmac=pan_hmac,
-        rrn=rrn,
-        approval_code=approval,
-        response_code=code,
-        reason=None if decision.approved else decision.reason.value,
-        status=status,
-        effective_amount=amount,
-        refunded_amount=0,
-        completed=False,
-        original_id=original.id if original is not None else None,
-        batch_id=batch.id if batch is not None else None,
-        created_at=ctx.now,
-        fingerprint=print_,
-        reference=request.reference,
+        0,  # id: the ledger's
+        request.kind,
+        request.mti,
+        request.processing_code,
+        request.merchant_id,
+        request.terminal_id,
+        request.stan,
+        request.transmission_time,
+        amount,
+        request.currency or "",
+        request.masked_pan,  # pan_masked
+        pan_hmac,
+        rrn,
+        approval,  # approval_code
+        code,  # response_code
+        None if approved else str(decision.reason),  # reason
+        (_UNMATCHED_TXN if request.kind is _REVERSAL and decision.outcome == "unmatched"
+         else _APPROVED_TXN if approved else _DECLINED_TXN),  # status
+        amount,  # effective_amount
+        0,  # refunded_amount
+        False,  # completed
+        original.id if original is not None else None,  # original_id
+        batch.id if batch is not None else None,  # batch_id
+        ctx.now,  # created_at
+        print_,  # fingerprint
+        request.reference,
     )
 
 
