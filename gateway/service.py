@@ -213,7 +213,7 @@ class GatewayService:
         refused terminals, ledger failures), with its metrics and log line."""
         code = self.response_code(reason.value)
         data = self._encode(build_response(message, code))
-        self._account(message, request, code, reason.value, started, **extra)
+        self._account(message, request, code, reason.value, started, extra=extra)
         return data
 
     def _encode(self, response: Message) -> bytes:
@@ -235,7 +235,7 @@ class GatewayService:
         *,
         rrn: str | None = None,
         replayed: bool = False,
-        **extra: Any,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """The request's metrics and ``message.processed`` line, once its answer is final."""
         elapsed = time.perf_counter() - started

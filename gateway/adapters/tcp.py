@@ -110,7 +110,7 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         self.frames += 1
         self.pending += 1
-        self.server.request_started()
+        self.server.in_flight += 1
         if self.pending >= _MAX_IN_FLIGHT and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -210,9 +210,6 @@ class TerminalServer:
         """The port actually listened on (useful with port 0)."""
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
-
-    def request_started(self) -> None:
-        self.in_flight += 1
 
     def request_finished(self) -> None:
         self.in_flight -= 1

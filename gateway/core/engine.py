@@ -227,8 +227,9 @@ def process(request: Request, ctx: Context) -> Step:
     pan_hmac = pan_digest(ctx.pan_key, request.pan) if request.pan else None
     print_ = fingerprint(ctx.pan_key, request)
     since = ctx.now - ctx.policy.duplicate_ttl
+    mti_class = request.mti_class
     earlier: Txn | None = yield FindDuplicate(
-        request.merchant_id, request.terminal_id, request.stan, request.transmission_time, request.mti_class, since
+        request.merchant_id, request.terminal_id, request.stan, request.transmission_time, mti_class, since
     )
     if earlier is not None:
         return _duplicate(request, earlier, print_, ctx)
@@ -247,7 +248,7 @@ def process(request: Request, ctx: Context) -> Step:
             request.terminal_id,
             request.stan,
             request.transmission_time,
-            request.mti_class,
+            mti_class,
             since,
         )
     else:
@@ -267,7 +268,7 @@ def process(request: Request, ctx: Context) -> Step:
     )
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
-    approval = approval_code_for(rrn) if rrn is not None and decision.approved else None
+    approval = approval_code_for(rrn) if rrn is not None and decision.reason is _APPROVED_REASON else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original)
     kind_name = _EVENT_KINDS.get(kind)
