@@ -167,10 +167,24 @@ class CloudEvent(_Model):
     data: CorrectionData
 
 
+#: the text up to the seconds of UTC times formatted lately, by (year, month, day, hour, minute,
+#: second): a refund's event formats two times (now, and when its original was approved), and at
+#: full load many events share their seconds. Emptied when it reaches _SECONDS_KEPT.
+_seconds: dict[tuple[int, int, int, int, int, int], str] = {}
+_SECONDS_KEPT = 4096
+
+
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and ``Z`` (``2026-11-22T10:00:00.123Z``)."""
     if value.tzinfo is UTC:  # the gateway's own times: "+00:00" becomes "Z", nothing to convert
-        return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+        # the seconds' text is reused: isoformat costs more than the rest (2.5 against 1.1 µs)
+        key = (value.year, value.month, value.day, value.hour, value.minute, value.second)
+        prefix = _seconds.get(key)
+        if prefix is None:
+            if len(_seconds) >= _SECONDS_KEPT:
+                _seconds.clear()
+            prefix = _seconds[key] = value.replace(microsecond=0).isoformat()[:-6]
+        return f"{prefix}.{value.microsecond // 1000:03d}Z"
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("event times must be timezone-aware")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"

@@ -38,12 +38,10 @@ class Policy:
 
     @property
     def velocity_limited(self) -> bool:
-        return any(
-            limit is not None
-            for limit in (
-                self.terminal_daily_refund_count,
-                self.terminal_daily_refund_amount,
-                self.card_daily_refund_count,
-                self.card_daily_refund_amount,
-            )
+        # asked for every refund: four comparisons, not a generator (six Python calls)
+        return (
+            self.terminal_daily_refund_count is not None
+            or self.terminal_daily_refund_amount is not None
+            or self.card_daily_refund_count is not None
+            or self.card_daily_refund_amount is not None
         )
