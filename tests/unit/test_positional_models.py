@@ -1,8 +1,9 @@
-"""The request and the record the hot path builds with positional arguments hold each value in its field.
+"""The request and the records the hot path builds with positional arguments hold each value in its field.
 
-``dialect.classify`` builds a :class:`Request` and ``engine._record`` a :class:`Txn` positionally (keyword
-arguments cost CPython 3.11 about 1 µs more per call to match): two values swapped between fields of the
-same type would pass mypy, so every value here is distinct and compared with a model built by keyword.
+``dialect.classify`` builds a :class:`Request`, ``engine._record`` and ``ledger_rows.txn_from_row`` a
+:class:`Txn` positionally (keyword arguments cost CPython 3.11 about 1 µs more per call to match): two
+values swapped between fields of the same type would pass mypy, so every value here is distinct and
+compared with a model built by keyword.
 """
 
 from __future__ import annotations
@@ -111,3 +112,45 @@ def test_the_record_puts_each_value_in_its_field() -> None:
     unmatched = _record(reversal, Decision(Reason.APPROVED, outcome="unmatched"), "00", None, None, None, "p",
                         None, None, ctx)  # fmt: skip
     assert (unmatched.status, unmatched.amount, unmatched.currency) == (TxnStatus.UNMATCHED, 0, "")
+
+
+def test_a_record_read_back_from_a_row_puts_each_column_in_its_field() -> None:
+    from gateway.adapters.ledger_rows import txn_from_row
+
+    row = {
+        "id": 9, "kind": "refund", "mti": "0200", "processing_code": "200000", "merchant_id": "MERCHANT0000001",
+        "terminal_id": "TERM0001", "stan": "000042", "transmission_time": "1129120000", "amount": 1234,
+        "currency": "840", "pan_masked": "476173******0119", "pan_hmac": "card-hmac", "rrn": "000000000900",
+        "approval_code": "APPR02", "response_code": "00", "reason": "why", "status": "voided",
+        "effective_amount": 1200, "refunded_amount": 34, "completed": 1, "original_id": 7, "batch_id": 11,
+        "fingerprint": "print", "ref_rrn": "000000000777", "ref_mti": None, "ref_stan": None, "ref_time": None,
+        "ref_approval": None, "ref_same_stan": 0, "reversed_after_settlement": 1,
+    }  # fmt: skip
+    assert txn_from_row(row, NOW) == Txn(
+        id=9,
+        kind=Kind.REFUND,
+        mti="0200",
+        processing_code="200000",
+        merchant_id="MERCHANT0000001",
+        terminal_id="TERM0001",
+        stan="000042",
+        transmission_time="1129120000",
+        amount=1234,
+        currency="840",
+        pan_masked="476173******0119",
+        pan_hmac="card-hmac",
+        rrn="000000000900",
+        approval_code="APPR02",
+        response_code="00",
+        reason="why",
+        status=TxnStatus.VOIDED,
+        effective_amount=1200,
+        refunded_amount=34,
+        completed=True,
+        original_id=7,
+        batch_id=11,
+        created_at=NOW,
+        fingerprint="print",
+        reference=Reference(rrn="000000000777"),
+        reversed_after_settlement=True,
+    )
