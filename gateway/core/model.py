@@ -134,7 +134,6 @@ class Request:
         return self.mti[:3]
 
 
-
 @dataclass(slots=True)
 class Txn:
     """One recorded request and its answer, and (for originals) its running state."""
