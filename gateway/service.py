@@ -112,14 +112,6 @@ class GatewayService:
         )
         return event_id, topic, payload
 
-    def _terminal_allowed(self, request: Request) -> bool:
-        allowed = self.config.allowed_terminals
-        return (
-            not allowed
-            or request.terminal_id in allowed
-            or f"{request.merchant_id}/{request.terminal_id}" in allowed
-        )
-
     async def handle(self, payload: bytes) -> bytes | None:
         """Answer one frame's payload. Returns None for a message that gets no answer (a response MTI).
 
@@ -158,7 +150,9 @@ class GatewayService:
         if request.kind is _NETWORK:
             reply(self._answer(message, request, Reason.APPROVED, started))
             return
-        if self.config.allowed_terminals and not self._terminal_allowed(request):
+        allowed = self.config.allowed_terminals  # empty: every terminal
+        terminal = request.terminal_id
+        if allowed and terminal not in allowed and f"{request.merchant_id}/{terminal}" not in allowed:
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
             return
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)

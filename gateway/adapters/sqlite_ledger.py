@@ -199,8 +199,9 @@ _NO_TOMBSTONE_CACHE: set[tuple[str, str]] = set()
 _REFUND, _UNMATCHED = Kind.REFUND, TxnStatus.UNMATCHED
 
 
-#: queries that read no record, so that no record not yet written can change their answer: a
-#: purchase asks three of them (see :meth:`_Deferred.hides`)
+#: queries that read no record, so that no record not yet written can change their answer (the
+#: tombstone lookup writes them itself if it asks SQLite; most purchases are answered from the
+#: ledger's set of terminals with unmatched reversals). A purchase asks three of them.
 _READ_NO_RECORD = frozenset({NextRrn, CurrentBatch, GetBatch, FindTombstone})
 
 
@@ -379,12 +380,9 @@ class _Deferred:
         return record if record is not None and record.created_at >= query.since else None
 
     def hides(self, query: Query) -> bool:
-        """Whether a record not yet written could change the answer to ``query``."""
+        """Whether a record not yet written could change the answer to ``query``, a query that reads
+        records (:meth:`SqliteLedger._answer` does not ask for those in ``_READ_NO_RECORD``)."""
         if not self.plain and not self.txns:
-            return False
-        if type(query) in _READ_NO_RECORD:
-            # no record is read; the tombstone lookup writes them itself if it asks SQLite (most
-            # purchases are answered from the ledger's set of terminals with unmatched reversals)
             return False
         if isinstance(query, FindOriginal) and query.rrn is not None:
             return query.rrn in self.rrns
