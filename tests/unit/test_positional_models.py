@@ -8,8 +8,10 @@ compared with a model built by keyword.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
+from gateway.adapters.ledger_rows import TXN_COLUMNS, record_values, txn_from_row
 from gateway.core.decide import Decision
 from gateway.core.engine import Context, _record
 from gateway.core.model import Batch, BatchState, Kind, Reference, Request, Txn, TxnStatus
@@ -62,48 +64,46 @@ def test_a_reversal_keeps_its_replacement_amount_and_network_fields_apart() -> N
     assert request.reference == Reference(same_stan=True)
 
 
+#: the record a partial refund of 12.34 makes, built by keyword: every value distinct from its neighbours'
+REFUND_RECORD = Txn(
+    id=0,
+    kind=Kind.REFUND,
+    mti="0200",
+    processing_code="200000",
+    merchant_id="MERCHANT0000001",
+    terminal_id="TERM0001",
+    stan="000042",
+    transmission_time="1129120000",
+    amount=1234,
+    currency="840",
+    pan_masked="476173******0119",
+    pan_hmac="card-hmac",
+    rrn="000000000900",
+    approval_code="APPR02",
+    response_code="00",
+    reason=None,
+    status=TxnStatus.APPROVED,
+    effective_amount=1234,
+    refunded_amount=0,
+    completed=False,
+    original_id=7,
+    batch_id=11,
+    created_at=NOW,
+    fingerprint="print",
+    reference=Reference(rrn="000000000777"),
+)
+
+
 def test_the_record_puts_each_value_in_its_field() -> None:
     request = Request(Kind.REFUND, "0200", "200000", "000042", "1129120000", "MERCHANT0000001", "TERM0001",
                       amount=1234, currency="840", pan=PAN, reference=Reference(rrn="000000000777"))  # fmt: skip
-    original = Txn(
-        id=7, kind=Kind.PURCHASE, mti="0200", processing_code="000000", merchant_id="MERCHANT0000001",
-        terminal_id="TERM0001", stan="000041", transmission_time="1129115959", amount=5000, currency="840",
-        pan_masked="476173******0119", pan_hmac="hmac", rrn="000000000777", approval_code="APPR01", response_code="00",
-        reason=None, status=TxnStatus.APPROVED, effective_amount=5000, refunded_amount=0, completed=False,
-        original_id=None, batch_id=3, created_at=NOW, fingerprint="print-of-original",
-    )  # fmt: skip
+    original = replace(REFUND_RECORD, id=7, kind=Kind.PURCHASE, rrn="000000000777", original_id=None, batch_id=3)
     batch = Batch(id=11, merchant_id="MERCHANT0000001", terminal_id="TERM0001", batch_no="000001",
                   state=BatchState.OPEN, opened_at=NOW)  # fmt: skip
     ctx = Context(NOW, Policy(), b"key", lambda reason: "00")
     approved = _record(request, Decision(Reason.APPROVED), "00", "000000000900", "APPR02", "card-hmac", "print",
                        original, batch, ctx)  # fmt: skip
-    assert approved == Txn(
-        id=0,
-        kind=Kind.REFUND,
-        mti="0200",
-        processing_code="200000",
-        merchant_id="MERCHANT0000001",
-        terminal_id="TERM0001",
-        stan="000042",
-        transmission_time="1129120000",
-        amount=1234,
-        currency="840",
-        pan_masked="476173******0119",
-        pan_hmac="card-hmac",
-        rrn="000000000900",
-        approval_code="APPR02",
-        response_code="00",
-        reason=None,
-        status=TxnStatus.APPROVED,
-        effective_amount=1234,
-        refunded_amount=0,
-        completed=False,
-        original_id=7,
-        batch_id=11,
-        created_at=NOW,
-        fingerprint="print",
-        reference=Reference(rrn="000000000777"),
-    )
+    assert approved == REFUND_RECORD
     declined = _record(request, Decision(Reason.EXCEEDS_REFUNDABLE), "13", None, None, None, "print", None, None, ctx)
     assert (declined.status, declined.reason) == (TxnStatus.DECLINED, "exceeds_refundable")
     assert declined.response_code == "13"
@@ -115,42 +115,14 @@ def test_the_record_puts_each_value_in_its_field() -> None:
 
 
 def test_a_record_read_back_from_a_row_puts_each_column_in_its_field() -> None:
-    from gateway.adapters.ledger_rows import txn_from_row
-
+    expected = replace(REFUND_RECORD, id=9, reason="why", status=TxnStatus.VOIDED, effective_amount=1200,
+                       refunded_amount=34, completed=True, reversed_after_settlement=True)  # fmt: skip
+    # the row as the table holds it, by column name: TXN_COLUMNS are those record_values fills
     row = {
-        "id": 9, "kind": "refund", "mti": "0200", "processing_code": "200000", "merchant_id": "MERCHANT0000001",
-        "terminal_id": "TERM0001", "stan": "000042", "transmission_time": "1129120000", "amount": 1234,
-        "currency": "840", "pan_masked": "476173******0119", "pan_hmac": "card-hmac", "rrn": "000000000900",
-        "approval_code": "APPR02", "response_code": "00", "reason": "why", "status": "voided",
-        "effective_amount": 1200, "refunded_amount": 34, "completed": 1, "original_id": 7, "batch_id": 11,
-        "fingerprint": "print", "ref_rrn": "000000000777", "ref_mti": None, "ref_stan": None, "ref_time": None,
-        "ref_approval": None, "ref_same_stan": 0, "reversed_after_settlement": 1,
-    }  # fmt: skip
-    assert txn_from_row(row, NOW) == Txn(
-        id=9,
-        kind=Kind.REFUND,
-        mti="0200",
-        processing_code="200000",
-        merchant_id="MERCHANT0000001",
-        terminal_id="TERM0001",
-        stan="000042",
-        transmission_time="1129120000",
-        amount=1234,
-        currency="840",
-        pan_masked="476173******0119",
-        pan_hmac="card-hmac",
-        rrn="000000000900",
-        approval_code="APPR02",
-        response_code="00",
-        reason="why",
-        status=TxnStatus.VOIDED,
-        effective_amount=1200,
-        refunded_amount=34,
-        completed=True,
-        original_id=7,
-        batch_id=11,
-        created_at=NOW,
-        fingerprint="print",
-        reference=Reference(rrn="000000000777"),
-        reversed_after_settlement=True,
-    )
+        "id": 9,
+        **dict(zip(TXN_COLUMNS, record_values(expected, 0), strict=True)),
+        "completed": 1,
+        "reversed_after_settlement": 1,
+    }
+    assert row["status"] == "voided" and row["ref_rrn"] == "000000000777" and row["reason"] == "why"
+    assert txn_from_row(row, NOW) == expected
