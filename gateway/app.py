@@ -9,7 +9,7 @@ import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, time, timedelta
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -45,6 +45,8 @@ def build_policy(settings: Settings) -> Policy:
         check_luhn=standin.check_luhn,
         check_expiry=standin.check_expiry,
         duplicate_ttl=timedelta(hours=policy.duplicate_ttl_hours),
+        timezone=ZoneInfo(settings.settlement.timezone),
+        cutoff=settings.settlement.cutoff,
     )
 
 
@@ -68,15 +70,6 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
         context.load_verify_locations(str(tls.client_ca))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-def last_cutoff(now: datetime, cutoff: time, zone: str) -> datetime:
-    """The latest instant (UTC) at or before ``now`` at which the local ``cutoff`` time of day occurred."""
-    local = now.astimezone(ZoneInfo(zone))
-    candidate = datetime.combine(local.date(), cutoff, tzinfo=local.tzinfo)
-    if candidate > local:
-        candidate = datetime.combine(local.date() - timedelta(days=1), cutoff, tzinfo=local.tzinfo)
-    return candidate.astimezone(UTC)
 
 
 class GatewayApp:
@@ -233,15 +226,17 @@ class GatewayApp:
             self.broker = None
 
     async def close_forgotten_batches(self) -> int:
-        """Close every open batch opened before the latest settlement cut-off (design section 5)."""
-        settlement = self.settings.settlement
-        if settlement.cutoff is None or self.ledger is None:
+        """Close every open batch opened before the latest settlement cut-off, with a ``pos.batch.closed``
+        event each (design section 5). Requests close their own terminal's batch at once; this sweep is
+        for terminals that stay silent after the cut-off, so that operators hear of them."""
+        if self.service is None or self.ledger is None:
             return 0
+        policy = self.service.config.policy
         now = self.clock.now()
-        cutoff = last_cutoff(now, settlement.cutoff, settlement.timezone)
-        closed = await self.ledger.close_batches(cutoff, now)
+        closed = await self.ledger.close_batches(policy, now, self.service.render)
         if closed:
-            self.log.info("settlement.cutoff", closed_batches=closed, cutoff=cutoff.isoformat())
+            cutoff = policy.last_cutoff(now)
+            self.log.info("settlement.cutoff", closed_batches=closed, cutoff=cutoff.isoformat() if cutoff else None)
         return closed
 
     async def _metrics_loop(self, interval_s: float = 2.0) -> None:
@@ -261,12 +256,18 @@ class GatewayApp:
             await asyncio.sleep(interval_s)
 
     async def _cutoff_loop(self, interval_s: float = 30.0) -> None:
+        """Sweep right after each cut-off instant, and every ``interval_s`` (a missed instant, a restart)."""
+        assert self.service is not None
+        policy = self.service.config.policy
         while True:
             try:
                 await self.close_forgotten_batches()
             except Exception as exc:  # the ledger may be busy or briefly gone: try again next round
                 self.log.warning("settlement.cutoff_failed", error=type(exc).__name__)
-            await asyncio.sleep(interval_s)
+            now = self.clock.now()
+            upcoming = policy.next_cutoff(now)
+            wait = interval_s if upcoming is None else min(interval_s, (upcoming - now).total_seconds() + 0.05)
+            await asyncio.sleep(max(wait, 0.05))
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, let the relay drain briefly, close the ledger."""

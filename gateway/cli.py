@@ -1,6 +1,7 @@
 """The ``iso-gateway`` command line (typer + rich).
 
-Commands: ``serve``, ``check-config``, ``outbox status``, ``batches``. ``--config FILE.toml`` works
+Commands: ``serve``, ``check-config``, ``outbox status``, ``batches``, ``exceptions`` (and
+``exceptions resolve``). ``--config FILE.toml`` works
 before the command (for all of them) or after it (for that one). Bad settings, a broken profile or
 a missing file end with a clear message on stderr and exit code 2, never a traceback.
 
@@ -31,7 +32,7 @@ from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, unknown_en
 from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 
 if TYPE_CHECKING:
-    from gateway.core.model import BatchSummary
+    from gateway.core.model import BatchSummary, ExceptionCase
     from gateway.ports import OutboxStatus
 
 __all__ = ["app", "main"]
@@ -49,6 +50,10 @@ app = typer.Typer(
 )
 outbox_app = typer.Typer(help="The correction-event outbox.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
+exceptions_app = typer.Typer(
+    help="Cases an operator must resolve: reversal advices applied over refunds or a completion."
+)
+app.add_typer(exceptions_app, name="exceptions")
 
 ConfigOption = Annotated[
     Path | None,
@@ -391,6 +396,100 @@ def batches(
             row["currency"] or "-",
         )
     _out().print(table)
+
+
+def _exception_dict(case: ExceptionCase) -> dict[str, Any]:
+    return {
+        "id": case.id,
+        "kind": case.kind,
+        "merchant_id": case.merchant_id,
+        "terminal_id": case.terminal_id,
+        "original_rrn": case.original_rrn,
+        "summary": case.summary,
+        "details": case.details,
+        "created_at": case.created_at,
+        "status": "resolved" if case.resolved else "open",
+        "resolved_at": case.resolved_at,
+        "resolved_by": case.resolved_by,
+        "resolution": case.resolution,
+    }
+
+
+def _with_ledger(settings: Settings, work: Any) -> Any:
+    """Run ``work(ledger)`` (a coroutine function) on the ledger alone; a start failure ends with exit 2."""
+    _require_ledger_file(settings)
+    from gateway.app import StartupError, open_ledger
+
+    async def run() -> Any:
+        async with open_ledger(settings) as ledger:
+            return await work(ledger)
+
+    try:
+        return asyncio.run(run())
+    except StartupError as exc:
+        _fail(str(exc))
+
+
+@exceptions_app.callback(invoke_without_command=True)
+def exceptions(
+    ctx: typer.Context,
+    include_resolved: Annotated[bool, typer.Option("--all", help="Resolved cases too.")] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Open cases (or every case with --all), oldest first. Resolve one with `exceptions resolve ID`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _load(ctx, config)
+    cases: list[ExceptionCase] = _with_ledger(
+        settings, lambda ledger: ledger.list_exceptions(include_resolved=include_resolved)
+    )
+    rows = [_exception_dict(case) for case in cases]
+    if as_json:
+        _json(rows)
+        return
+    if not rows:
+        _out().print("no open cases" if not include_resolved else "no cases")
+        return
+    table = Table(title="Exceptions", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for name in ("id", "opened", "merchant / terminal", "original", "what happened", "status"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        status = row["status"] if row["status"] == "open" else f"resolved by {row['resolved_by']}: {row['resolution']}"
+        table.add_row(
+            str(row["id"]),
+            _when(row["created_at"]),
+            f"{row['merchant_id']} / {row['terminal_id']}",
+            row["original_rrn"] or "-",
+            row["summary"],
+            status,
+        )
+    _out().print(table)
+
+
+@exceptions_app.command("resolve")
+def resolve_exception(
+    ctx: typer.Context,
+    case_id: Annotated[int, typer.Argument(metavar="ID", help="The case's id (see `iso-gateway exceptions`).")],
+    by: Annotated[str, typer.Option("--by", help="Who resolved it (kept in the ledger).")],
+    note: Annotated[str, typer.Option("--note", help="How it was resolved (kept in the ledger).")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mark an open case resolved, with who and why."""
+    if not by.strip() or not note.strip():
+        _fail("--by and --note must not be empty: they are the record of who resolved the case and how")
+    settings = _load(ctx, config)
+    at = datetime.now(UTC)
+    case: ExceptionCase | None = _with_ledger(
+        settings, lambda ledger: ledger.resolve_exception(case_id, by=by.strip(), note=note.strip(), at=at)
+    )
+    if case is None:
+        _fail(f"no open case {case_id} (see `iso-gateway exceptions --all`)")
+    if as_json:
+        _json(_exception_dict(case))
+        return
+    _out().print(f"case {case.id} resolved by {escape(by.strip())}")
 
 
 def main() -> None:

@@ -71,10 +71,12 @@ EventType = Literal[
     "pos.reversal.unmatched",
     "pos.reversal.late",
     "pos.reversal.declined",
+    "pos.reversal.conflict",
     "pos.duplicate.replayed",
     "pos.duplicate.conflict",
     "pos.batch.settled",
     "pos.batch.mismatch",
+    "pos.batch.closed",
     "pos.upstream.reversal_queued",
     "pos.upstream.acknowledged",
     "pos.upstream.failed",
@@ -144,9 +146,16 @@ class CorrectionData(_Model):
 
     merchant_id: str = Field(description="DE42 card acceptor id")
     terminal_id: str = Field(description="DE41 card acceptor terminal id")
-    response_code: str = Field(description="DE39 answered to the terminal")
-    reason: str | None = Field(description="stable snake_case reason of a refusal, null when approved")
-    request: RequestData
+    response_code: str | None = Field(
+        description="DE39 answered to the terminal; null for what the gateway did on its own (pos.batch.closed)"
+    )
+    reason: str | None = Field(
+        description="stable snake_case reason: why a request was refused, or what happened (a late or "
+        "conflicting reversal, a batch closed by the cut-off); null when approved"
+    )
+    request: RequestData | None = Field(
+        description="the request; null for what the gateway did on its own (pos.batch.closed)"
+    )
     original: OriginalData | None = Field(description="null when no original was found")
     balance: BalanceData | None = Field(description="null when there is no original to balance")
     details: dict[str, JsonValue] = Field(
@@ -240,7 +249,9 @@ def event_subject(fact: CorrectionEvent) -> str:
     return "/".join((topic_segment(fact.merchant_id), topic_segment(fact.terminal_id), topic_segment(fact.subject_rrn)))
 
 
-def _request(info: RequestInfo) -> dict[str, Any]:
+def _request(info: RequestInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
     return {
         "mti": info.mti,
         "stan": info.stan,

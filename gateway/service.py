@@ -101,7 +101,8 @@ class GatewayService:
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)
 
-    def _render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
+    def render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
+        """An event for the outbox: (event id, topic, CloudEvents payload)."""
         event_id = new_event_id()
         topic, payload = render_event(
             event,
@@ -184,7 +185,7 @@ class GatewayService:
                 return
             send()
 
-        self.ledger.submit(request, ctx, self._render, committed, prepare)
+        self.ledger.submit(request, ctx, self.render, committed, prepare)
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
         if exc.mti is None or response_mti(exc.mti) is None:

@@ -9,7 +9,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from gateway.core.model import Batch, BatchState, BatchSummary, Kind, Reference, SettlementTotals, Txn, TxnStatus
+import orjson
+
+from gateway.core.engine import BatchClose
+from gateway.core.model import (
+    Batch,
+    BatchState,
+    BatchSummary,
+    ClosedBy,
+    ExceptionCase,
+    Kind,
+    Reference,
+    SettlementTotals,
+    Txn,
+    TxnStatus,
+)
 
 #: the txns columns a new record fills, in the order of :func:`record_values`
 TXN_COLUMNS: tuple[str, ...] = (
@@ -111,6 +125,7 @@ def txn_from_row(row: Any, created_at: datetime) -> Txn:
 
 
 def batch_from_row(row: Any, opened_at: datetime, closed_at: datetime | None) -> Batch:
+    closed_by = row["closed_by"]
     return Batch(
         id=int(row["id"]),
         merchant_id=row["merchant_id"],
@@ -119,6 +134,54 @@ def batch_from_row(row: Any, opened_at: datetime, closed_at: datetime | None) ->
         state=BatchState(row["state"]),
         opened_at=opened_at,
         closed_at=closed_at,
+        closed_by=ClosedBy(closed_by) if closed_by else None,
+        result=row["result"],
+    )
+
+
+def reconcile_values(close: BatchClose, closed_at: Any) -> tuple[Any, ...]:
+    """The values of a batch's reconciliation by a 0500, in the order of each ledger's statement:
+    closed at (kept when the cut-off closed it earlier), result, terminal totals, ledger totals, id."""
+    return (
+        closed_at,
+        close.result,
+        totals_text(close.terminal_totals),
+        totals_text(close.ledger_totals),
+        close.batch_id,
+    )
+
+
+#: the exceptions columns a new case fills, in the order of :func:`exception_values`
+EXCEPTION_COLUMNS: tuple[str, ...] = (
+    "kind", "merchant_id", "terminal_id", "original_rrn", "summary", "details", "created_at",
+)  # fmt: skip
+
+
+def exception_values(case: ExceptionCase, created_at: Any) -> tuple[Any, ...]:
+    return (
+        case.kind,
+        case.merchant_id,
+        case.terminal_id,
+        case.original_rrn,
+        case.summary,
+        orjson.dumps(case.details).decode(),
+        created_at,
+    )
+
+
+def exception_from_row(row: Any, created_at: datetime, resolved_at: datetime | None) -> ExceptionCase:
+    return ExceptionCase(
+        id=int(row["id"]),
+        kind=row["kind"],
+        merchant_id=row["merchant_id"],
+        terminal_id=row["terminal_id"],
+        original_rrn=row["original_rrn"],
+        summary=row["summary"],
+        details=orjson.loads(row["details"]),
+        created_at=created_at,
+        resolved_at=resolved_at,
+        resolved_by=row["resolved_by"],
+        resolution=row["resolution"],
     )
 
 
@@ -136,7 +199,7 @@ def summary_from_row(row: Any, batch: Batch) -> BatchSummary:
         credit_count=int(row["cc"] or 0),
         credit_amount=int(row["ca"] or 0),
         currency=row["currency"],
-        result=row["result"],
+        result=batch.result or (ClosedBy.CUTOFF.value if batch.closed_by is ClosedBy.CUTOFF else None),
     )
 
 

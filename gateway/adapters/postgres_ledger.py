@@ -39,18 +39,22 @@ from typing import Any
 import asyncpg
 
 from gateway.adapters.ledger_rows import (
+    EXCEPTION_COLUMNS,
     TXN_COLUMNS,
     LedgerClosedError,
     batch_from_row,
+    exception_from_row,
+    exception_values,
+    reconcile_values,
     record_values,
     summary_from_row,
-    totals_text,
     txn_from_row,
 )
 from gateway.core.cards import pan_digest
 from gateway.core.decide import TxnChange
 from gateway.core.engine import (
     BatchTxns,
+    CloseBatch,
     Context,
     CurrentBatch,
     FindDuplicate,
@@ -62,16 +66,22 @@ from gateway.core.engine import (
     Plan,
     Query,
     RefundVelocity,
+    StaleBatches,
+    StandingCorrections,
+    UnreconciledBatches,
+    close_batches_at_cutoff,
     process,
 )
+from gateway.core.events import CorrectionEvent
 from gateway.core.model import (
     Batch,
     BatchSummary,
+    ExceptionCase,
     Kind,
     Request,
     Txn,
 )
-from gateway.core.policy import Velocity
+from gateway.core.policy import Policy, Velocity
 from gateway.ports import LedgerDone, LedgerPrepare, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 #: versioned migrations; version N is MIGRATIONS[N - 1]: (description, SQL script)
@@ -157,6 +167,34 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE SEQUENCE rrn_blocks AS bigint MINVALUE 1 MAXVALUE 999999999 CYCLE;
         """,
     ),
+    (
+        "refund controls II: duplicate key without DE7, batch reconciliation, exceptions, corrections index",
+        """
+        DROP INDEX txns_key;
+        DROP INDEX txns_original_data;
+        CREATE INDEX txns_key ON txns (merchant_id, stan, mti_class, terminal_id, transmission_time);
+        CREATE INDEX txns_corrections ON txns (original_id) WHERE original_id IS NOT NULL;
+        ALTER TABLE batches ADD COLUMN closed_by text CHECK (closed_by IN ('settlement', 'cutoff'));
+        UPDATE batches SET closed_by = 'cutoff', result = NULL WHERE result = 'cutoff';
+        UPDATE batches SET closed_by = 'settlement' WHERE result IN ('settled', 'mismatch');
+        CREATE INDEX batches_unreconciled ON batches (merchant_id, terminal_id, id)
+            WHERE closed_by = 'cutoff' AND result IS NULL;
+        CREATE TABLE exceptions (
+            id bigserial PRIMARY KEY,
+            kind text NOT NULL,
+            merchant_id text NOT NULL,
+            terminal_id text NOT NULL,
+            original_rrn text,
+            summary text NOT NULL,
+            details text NOT NULL,
+            created_at timestamptz NOT NULL,
+            resolved_at timestamptz,
+            resolved_by text,
+            resolution text
+        );
+        CREATE INDEX exceptions_open ON exceptions (id) WHERE resolved_at IS NULL;
+        """,
+    ),
 )
 
 #: RRNs handed out in memory per sequence value
@@ -190,15 +228,11 @@ _WRITE = (
 )
 
 
-#: parameters of both: merchant, terminal, STAN, DE7, MTI class, since (see _key_fields)
-_DUPLICATE_WHERE = (
-    "merchant_id = $1 AND terminal_id = $2 AND stan = $3 AND transmission_time = $4 AND mti_class = $5 "
-    "AND created_at >= $6"
-)
+#: parameters of both: merchant, terminal, STAN, MTI class, since; the tombstone also the amount ($6)
+_DUPLICATE_WHERE = "merchant_id = $1 AND stan = $3 AND mti_class = $4 AND terminal_id = $2 AND created_at >= $5"
 _TOMBSTONE_WHERE = (
-    "merchant_id = $1 AND terminal_id = $2 AND status = 'unmatched' AND created_at >= $6 AND ("
-    " (ref_stan = $3 AND (ref_time IS NULL OR ref_time = $4) AND substr(ref_mti, 1, 3) = $5)"
-    " OR (ref_same_stan AND stan = $3))"
+    "merchant_id = $1 AND terminal_id = $2 AND status = 'unmatched' AND created_at >= $5 AND ("
+    " (ref_stan = $3 AND substr(ref_mti, 1, 3) = $4) OR (ref_same_stan AND stan = $3 AND amount = $6))"
 )
 _FIND_DUPLICATE = f"SELECT * FROM txns WHERE {_DUPLICATE_WHERE} ORDER BY id DESC LIMIT 1"
 _FIND_TOMBSTONE = f"SELECT * FROM txns WHERE {_TOMBSTONE_WHERE} ORDER BY id DESC LIMIT 1"
@@ -206,11 +240,21 @@ _FIND_DUPLICATE_AND_TOMBSTONE = (
     f"(SELECT 'duplicate' AS found, * FROM txns WHERE {_DUPLICATE_WHERE} ORDER BY id DESC LIMIT 1) UNION ALL "
     f"(SELECT 'tombstone' AS found, * FROM txns WHERE {_TOMBSTONE_WHERE} ORDER BY id DESC LIMIT 1)"
 )
+#: a batch reconciled by a 0500 (see ledger_rows.reconcile_values)
+_RECONCILE_BATCH = (
+    "UPDATE batches SET state = 'closed', closed_at = COALESCE(closed_at, $1), "
+    "closed_by = COALESCE(closed_by, 'settlement'), result = $2, terminal_totals = $3, ledger_totals = $4 "
+    "WHERE id = $5 AND result IS NULL"
+)
+_INSERT_EXCEPTION = (
+    f"INSERT INTO exceptions ({', '.join(EXCEPTION_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(EXCEPTION_COLUMNS) + 1))})"
+)
 
 
-def _key_fields(query: FindDuplicate | FindTombstone) -> tuple[str, str, str, str, str, datetime]:
-    """FindDuplicate and FindTombstone ask with the same fields, in this order."""
-    return (query.merchant_id, query.terminal_id, query.stan, query.transmission_time, query.mti_class, query.since)
+def _tombstone_fields(query: FindTombstone) -> tuple[str, str, str, str, datetime, int]:
+    """The parameters of _TOMBSTONE_WHERE (and of _DUPLICATE_WHERE, which uses the first five)."""
+    return (query.merchant_id, query.terminal_id, query.stan, query.mti_class, query.since, query.amount)
 
 
 def lock_key(*parts: str) -> int:
@@ -225,6 +269,26 @@ def lock_key(*parts: str) -> int:
 
 def _txn(row: Any) -> Txn:
     return txn_from_row(row, _utc(row["created_at"]))
+
+
+def _exception(row: Any) -> ExceptionCase:
+    resolved = row["resolved_at"]
+    return exception_from_row(row, _utc(row["created_at"]), None if resolved is None else _utc(resolved))
+
+
+def _rendered(events: list[CorrectionEvent], render: Renderer) -> tuple[list[str], list[str], list[bytes], list[str]]:
+    """Events as the outbox statements take them: ids, topics, payloads, ordering keys."""
+    event_ids: list[str] = []
+    topics: list[str] = []
+    payloads: list[bytes] = []
+    ordering_keys: list[str] = []
+    for event in events:
+        event_id, topic, payload = render(event)
+        event_ids.append(event_id)
+        topics.append(topic)
+        payloads.append(payload)
+        ordering_keys.append(f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}")
+    return event_ids, topics, payloads, ordering_keys
 
 
 def _batch(row: Any) -> Batch:
@@ -467,9 +531,12 @@ class PostgresLedger:
                 break
             if query in ahead:
                 answer = ahead.pop(query)
-            elif isinstance(query, FindDuplicate) and request.kind in (Kind.PURCHASE, Kind.PREAUTH):
-                answer, tombstone = await self._duplicate_and_tombstone(conn, query)
-                ahead[FindTombstone(*_key_fields(query))] = tombstone
+            elif isinstance(query, FindDuplicate) and request.kind not in (Kind.REVERSAL, Kind.SETTLEMENT):
+                tombstone_query = FindTombstone(
+                    query.merchant_id, query.terminal_id, query.stan, query.mti_class, request.amount or 0, query.since
+                )
+                answer, tombstone = await self._duplicate_and_tombstone(conn, tombstone_query)
+                ahead[tombstone_query] = tombstone
             else:
                 answer = await self._answer(conn, request, query)
         await self._apply(conn, plan, render)
@@ -482,9 +549,11 @@ class PostgresLedger:
             len(plan.events),
         )
 
-    async def _answer(self, conn: Any, request: Request, query: Query) -> Any:
+    async def _answer(self, conn: Any, request: Request | None, query: Query) -> Any:
         if isinstance(query, FindDuplicate):
-            row = await conn.fetchrow(_FIND_DUPLICATE, *_key_fields(query))
+            row = await conn.fetchrow(
+                _FIND_DUPLICATE, query.merchant_id, query.terminal_id, query.stan, query.mti_class, query.since
+            )
             return _txn(row) if row else None
         if isinstance(query, FindOriginal):
             return await self._find_original(conn, query)
@@ -496,10 +565,41 @@ class PostgresLedger:
             row = await conn.fetchrow("SELECT * FROM batches WHERE id = $1 FOR SHARE", query.batch_id)
             return _batch(row) if row else None
         if isinstance(query, FindTombstone):
-            row = await conn.fetchrow(_FIND_TOMBSTONE, *_key_fields(query))
+            row = await conn.fetchrow(_FIND_TOMBSTONE, *_tombstone_fields(query))
             return _txn(row) if row else None
         if isinstance(query, CurrentBatch):
-            return await self._current_batch(conn, query, exclusive=request.kind is Kind.SETTLEMENT)
+            exclusive = request is not None and request.kind is Kind.SETTLEMENT
+            return await self._current_batch(conn, query, exclusive=exclusive)
+        if isinstance(query, CloseBatch):
+            status = await conn.execute(
+                "UPDATE batches SET state = 'closed', closed_at = $1, closed_by = 'cutoff' "
+                "WHERE id = $2 AND state = 'open'",
+                query.closed_at,
+                query.batch_id,
+            )
+            return _rowcount(status) == 1
+        if isinstance(query, StaleBatches):
+            # FOR UPDATE: each is closed next (waiting for requests still writing into it)
+            rows = await conn.fetch(
+                "SELECT * FROM batches WHERE state = 'open' AND opened_at < $1 ORDER BY id FOR UPDATE",
+                query.opened_before,
+            )
+            return [_batch(row) for row in rows]
+        if isinstance(query, UnreconciledBatches):
+            rows = await conn.fetch(
+                "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 AND closed_by = 'cutoff' "
+                "AND result IS NULL ORDER BY id FOR UPDATE",
+                query.merchant_id,
+                query.terminal_id,
+            )
+            return [_batch(row) for row in rows]
+        if isinstance(query, StandingCorrections):
+            rows = await conn.fetch(
+                "SELECT * FROM txns WHERE original_id = $1 AND kind IN ('refund', 'completion') "
+                "AND status = 'approved' ORDER BY id",
+                query.original_id,
+            )
+            return [_txn(row) for row in rows]
         if isinstance(query, RefundVelocity):
             return await self._velocity(conn, query)
         if isinstance(query, NextRrn):
@@ -510,14 +610,14 @@ class PostgresLedger:
         raise TypeError(f"unknown query {type(query).__name__}")
 
     @staticmethod
-    async def _duplicate_and_tombstone(conn: Any, query: FindDuplicate) -> tuple[Txn | None, Txn | None]:
-        """A purchase's two look-ups in one round trip: an earlier copy of it, and a reversal that named it.
+    async def _duplicate_and_tombstone(conn: Any, query: FindTombstone) -> tuple[Txn | None, Txn | None]:
+        """A request's two look-ups in one round trip: an earlier copy of it, and a reversal that named it.
 
         Reading the tombstone this early is the same as reading it later: the advisory lock on this
         merchant + terminal + STAN, held since the start, keeps reversals that name it out until commit.
         """
         found: dict[str, Txn] = {}
-        for row in await conn.fetch(_FIND_DUPLICATE_AND_TOMBSTONE, *_key_fields(query)):
+        for row in await conn.fetch(_FIND_DUPLICATE_AND_TOMBSTONE, *_tombstone_fields(query)):
             found[row["found"]] = _txn(row)
         return found.get("duplicate"), found.get("tombstone")
 
@@ -548,6 +648,18 @@ class PostgresLedger:
                 kinds,
                 query.terminal_id,
             )
+        elif query.stan is not None and query.since is not None:
+            row = await conn.fetchrow(
+                "SELECT * FROM txns WHERE merchant_id = $1 AND terminal_id = $2 AND stan = $3 AND created_at >= $4 "
+                "AND ($5::text IS NULL OR mti_class = $5) AND kind = ANY($6::text[]) "
+                "ORDER BY id DESC LIMIT 1 FOR UPDATE",
+                query.merchant_id,
+                query.terminal_id,
+                query.stan,
+                query.since,
+                query.mti_class,
+                kinds,
+            )
         elif query.approval_code is not None:
             row = await conn.fetchrow(
                 "SELECT * FROM txns WHERE merchant_id = $1 AND approval_code = $2 AND pan_hmac = $3 "
@@ -555,15 +667,6 @@ class PostgresLedger:
                 query.merchant_id,
                 query.approval_code,
                 query.pan_hmac,
-                kinds,
-            )
-        elif query.stan is not None:
-            row = await conn.fetchrow(
-                "SELECT * FROM txns WHERE merchant_id = $1 AND terminal_id = $2 AND stan = $3 "
-                "AND kind = ANY($4::text[]) ORDER BY id DESC LIMIT 1 FOR UPDATE",
-                query.merchant_id,
-                query.terminal_id,
-                query.stan,
                 kinds,
             )
         else:
@@ -630,28 +733,13 @@ class PostgresLedger:
         """Write the plan: the record, its changes to earlier records and its events in one statement."""
         record = plan.record
         created = record.created_at if record is not None else datetime.now(UTC)
-        event_ids: list[str] = []
-        topics: list[str] = []
-        payloads: list[bytes] = []
-        ordering_keys: list[str] = []
-        for event in plan.events:
-            event_id, topic, payload = render(event)
-            event_ids.append(event_id)
-            topics.append(topic)
-            payloads.append(payload)
-            ordering_keys.append(f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}")
-        events = (event_ids, topics, payloads, ordering_keys)
-        close = plan.batch_close
-        if close is not None:
-            await conn.execute(
-                "UPDATE batches SET state = 'closed', closed_at = $1, result = $2, terminal_totals = $3, "
-                "ledger_totals = $4 WHERE id = $5 AND state = 'open'",
-                close.closed_at,
-                close.result,
-                totals_text(close.terminal_totals),
-                totals_text(close.ledger_totals),
-                close.batch_id,
+        events = _rendered(plan.events, render)
+        if plan.batch_closes:
+            await conn.executemany(
+                _RECONCILE_BATCH, [reconcile_values(close, close.closed_at) for close in plan.batch_closes]
             )
+        if plan.exception is not None:
+            await conn.execute(_INSERT_EXCEPTION, *exception_values(plan.exception, plan.exception.created_at))
         if record is None:  # a replay or a conflict: its event only
             if plan.events:
                 await conn.execute(_INSERT_EVENTS, *events, created)
@@ -671,19 +759,49 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------ batches
 
-    async def close_batches(self, opened_before: datetime, now: datetime) -> int:
-        """Close every open batch opened before ``opened_before`` (the settlement cut-off).
+    async def close_batches(self, policy: Policy, now: datetime, render: Renderer) -> int:
+        """The cut-off sweep (:func:`gateway.core.engine.close_batches_at_cutoff`): close every batch
+        still open past the latest cut-off, with its ``pos.batch.closed`` event. Returns how many.
 
-        The UPDATE waits for transactions still writing into those batches (they hold them FOR SHARE).
-        """
+        The batches are locked FOR UPDATE first: the sweep waits for requests still writing into them
+        (they hold them FOR SHARE)."""
+        async with self._acquire() as conn, conn.transaction():
+            steps = close_batches_at_cutoff(policy, now)
+            answer: Any = None
+            while True:
+                try:
+                    query = steps.send(answer)
+                except StopIteration as stop:
+                    events: list[CorrectionEvent] = stop.value
+                    break
+                answer = await self._answer(conn, None, query)
+            if events:
+                await conn.execute(_INSERT_EVENTS, *_rendered(events, render), now)
+        if events and self.on_events is not None:
+            self.on_events()
+        return len(events)
+
+    # ------------------------------------------------------------------ exceptions
+
+    async def list_exceptions(self, *, include_resolved: bool = False) -> list[ExceptionCase]:
+        """Cases for an operator (reversal conflicts), oldest first; open ones only unless asked."""
+        where = "" if include_resolved else " WHERE resolved_at IS NULL"
         async with self._acquire() as conn:
-            status = await conn.execute(
-                "UPDATE batches SET state = 'closed', closed_at = $1, result = 'cutoff' "
-                "WHERE state = 'open' AND opened_at < $2",
-                now,
-                opened_before,
+            rows = await conn.fetch(f"SELECT * FROM exceptions{where} ORDER BY id")
+        return [_exception(row) for row in rows]
+
+    async def resolve_exception(self, case_id: int, *, by: str, note: str, at: datetime) -> ExceptionCase | None:
+        """Mark an open case resolved, with who and why; None when there is no such open case."""
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(
+                "UPDATE exceptions SET resolved_at = $1, resolved_by = $2, resolution = $3 "
+                "WHERE id = $4 AND resolved_at IS NULL RETURNING *",
+                at,
+                by,
+                note,
+                case_id,
             )
-        return _rowcount(status)
+        return _exception(row) if row else None
 
     async def list_batches(
         self, merchant: str | None = None, terminal: str | None = None, open_only: bool = False

@@ -30,18 +30,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.adapters.ledger_rows import (
+    EXCEPTION_COLUMNS,
     TXN_COLUMNS,
     LedgerClosedError,
     batch_from_row,
+    exception_from_row,
+    exception_values,
+    reconcile_values,
     record_values,
     summary_from_row,
-    totals_text,
     txn_from_row,
 )
 from gateway.adapters.ledger_thread import LedgerThread, resolve
 from gateway.core.decide import TxnChange
 from gateway.core.engine import (
     BatchTxns,
+    CloseBatch,
     Context,
     CurrentBatch,
     FindDuplicate,
@@ -53,11 +57,16 @@ from gateway.core.engine import (
     Plan,
     Query,
     RefundVelocity,
+    StaleBatches,
+    StandingCorrections,
     Step,
+    UnreconciledBatches,
+    close_batches_at_cutoff,
     process,
 )
-from gateway.core.model import Batch, BatchSummary, Kind, Request, Txn, TxnStatus
-from gateway.core.policy import Velocity
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import Batch, BatchSummary, ExceptionCase, Kind, Request, Txn, TxnStatus
+from gateway.core.policy import Policy, Velocity
 from gateway.ports import LedgerDone, LedgerPrepare, LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 T = TypeVar("T")
@@ -141,6 +150,33 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX txns_refunds_card ON txns(merchant_id, pan_hmac, created_at) WHERE kind = 'refund';
     DROP INDEX txns_refunds_day;
     """,
+    # 3: refund controls II (issue 20): the retransmission key without DE7; batches remember what closed
+    # them and whether a 0500 reconciled them; the exceptions an operator resolves; corrections by original
+    """
+    DROP INDEX txns_key;
+    CREATE INDEX txns_key ON txns(merchant_id, stan, mti_class, terminal_id, transmission_time);
+    CREATE INDEX txns_corrections ON txns(original_id) WHERE original_id IS NOT NULL;
+    ALTER TABLE batches ADD COLUMN closed_by TEXT;
+    UPDATE batches SET closed_by = 'cutoff', result = NULL WHERE result = 'cutoff';
+    UPDATE batches SET closed_by = 'settlement' WHERE result IN ('settled', 'mismatch');
+    CREATE INDEX batches_open_since ON batches(opened_at) WHERE state = 'open';
+    CREATE INDEX batches_unreconciled ON batches(merchant_id, terminal_id, id)
+        WHERE closed_by = 'cutoff' AND result IS NULL;
+    CREATE TABLE exceptions (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        merchant_id TEXT NOT NULL,
+        terminal_id TEXT NOT NULL,
+        original_rrn TEXT,
+        summary TEXT NOT NULL,
+        details TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        resolved_at INTEGER,
+        resolved_by TEXT,
+        resolution TEXT
+    );
+    CREATE INDEX exceptions_open ON exceptions(id) WHERE resolved_at IS NULL;
+    """,
 )
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
@@ -162,6 +198,15 @@ _INSERT_PLAIN_TXN_WITH_ID = (
 )
 #: a correction's original by the RRN it quotes (``rrn`` is UNIQUE: at most one row)
 _ORIGINAL_BY_RRN = "SELECT * FROM txns WHERE rrn = ?"
+#: a batch reconciled by a 0500 (see ledger_rows.reconcile_values)
+_RECONCILE_BATCH = (
+    "UPDATE batches SET state = 'closed', closed_at = COALESCE(closed_at, ?), "
+    "closed_by = COALESCE(closed_by, 'settlement'), result = ?, terminal_totals = ?, ledger_totals = ? "
+    "WHERE id = ? AND result IS NULL"
+)
+_INSERT_EXCEPTION = (
+    f"INSERT INTO exceptions({', '.join(EXCEPTION_COLUMNS)}) VALUES ({', '.join('?' * len(EXCEPTION_COLUMNS))})"
+)
 _INSERT_OUTBOX = "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) VALUES (?, ?, ?, ?, ?)"
 _VELOCITY = (
     "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
@@ -202,7 +247,9 @@ _REFUND, _UNMATCHED = Kind.REFUND, TxnStatus.UNMATCHED
 #: queries that read no record, so that no record not yet written can change their answer (the
 #: tombstone lookup writes them itself if it asks SQLite; most purchases are answered from the
 #: ledger's set of terminals with unmatched reversals). A purchase asks three of them.
-_READ_NO_RECORD = frozenset({NextRrn, CurrentBatch, GetBatch, FindTombstone})
+_READ_NO_RECORD = frozenset(
+    {NextRrn, CurrentBatch, GetBatch, FindTombstone, CloseBatch, StaleBatches, UnreconciledBatches}
+)
 
 
 #: duplicate lookups made by one statement at most (see :meth:`SqliteLedger._find_duplicates`)
@@ -216,11 +263,11 @@ def _duplicates_sql(count: int) -> str:
     Every lookup is a search in ``txns_key``, as when made alone. The last value is the earliest
     window start of the lookups: each lookup's own start is applied to the rows found, in Python
     (rows are rarely found, and one bound value less per lookup saves more than that costs)."""
-    keys = ",".join(["(?, ?, ?, ?, ?, ?)"] * count)
+    keys = ",".join(["(?, ?, ?, ?, ?)"] * count)
     return (
-        f"WITH k(i, m, s, t, c, tid) AS (VALUES {keys}) "
+        f"WITH k(i, m, s, c, tid) AS (VALUES {keys}) "
         "SELECT txns.*, k.i AS _lookup FROM k CROSS JOIN txns ON txns.merchant_id = k.m AND txns.stan = k.s "
-        "AND txns.transmission_time = k.t AND txns.mti_class = k.c AND txns.terminal_id = k.tid "
+        "AND txns.mti_class = k.c AND txns.terminal_id = k.tid "
         "WHERE txns.created_at >= ?"
     )
 
@@ -240,15 +287,17 @@ def _original_sql(lookup: str, kinds: int) -> str:
             f"AND (? IS NULL OR mti_class = ?) AND kind IN ({marks}) "
             "ORDER BY (terminal_id = ?) DESC, id DESC LIMIT 1"
         )
+    if lookup == "recent_stan":
+        return (
+            "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? AND created_at >= ? "
+            f"AND (? IS NULL OR mti_class = ?) AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
+        )
     if lookup == "approval":
         return (
             "SELECT * FROM txns WHERE merchant_id = ? AND approval_code = ? AND pan_hmac = ? "
             f"AND kind = 'preauth' AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
         )
-    return (
-        "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
-        f"AND kind IN ({marks}) ORDER BY id DESC LIMIT 1"
-    )
+    raise ValueError(f"unknown original lookup {lookup!r}")
 
 
 def _update_txn(conn: sqlite3.Connection, change: TxnChange) -> None:
@@ -294,6 +343,12 @@ def _txn(row: sqlite3.Row) -> Txn:
     created = _dt(values["created_at"])
     assert created is not None
     return txn_from_row(values, created)
+
+
+def _exception(row: sqlite3.Row) -> ExceptionCase:
+    created = _dt(row["created_at"])
+    assert created is not None
+    return exception_from_row(row, created, _dt(row["resolved_at"]))
 
 
 def _batch(row: sqlite3.Row) -> Batch:
@@ -349,7 +404,7 @@ class _Deferred:
         self.rrns: set[str] = set()
         self.has_refund = False
         #: every record of this group by retransmission key, the latest one (written or not)
-        self.by_key: dict[tuple[str, str, str, str, str], Txn] = {}
+        self.by_key: dict[tuple[str, str, str, str], Txn] = {}
         #: ids of the records this group changed (a copy read before is out of date)
         self.changed: set[int] = set()
 
@@ -370,13 +425,11 @@ class _Deferred:
             self.rrns.add(record.rrn)
         if record.kind is _REFUND:
             self.has_refund = True
-        key = (record.merchant_id, record.terminal_id, record.stan, record.transmission_time, record.mti[:3])
-        self.by_key[key] = record
+        self.by_key[(record.merchant_id, record.terminal_id, record.stan, record.mti[:3])] = record
 
     def duplicate(self, query: FindDuplicate) -> Txn | None:
         """This group's latest record with the query's key (newer than any in the table), or None."""
-        key = (query.merchant_id, query.terminal_id, query.stan, query.transmission_time, query.mti_class)
-        record = self.by_key.get(key)
+        record = self.by_key.get((query.merchant_id, query.terminal_id, query.stan, query.mti_class))
         return record if record is not None and record.created_at >= query.since else None
 
     def hides(self, query: Query) -> bool:
@@ -463,9 +516,13 @@ class SqliteLedger:
             GetBatch: self._get_batch,
             FindTombstone: self._find_tombstone,
             CurrentBatch: self._current_batch,
+            CloseBatch: self._close_batch,
+            StaleBatches: self._stale_batches,
+            UnreconciledBatches: self._unreconciled_batches,
             RefundVelocity: self._velocity,
             NextRrn: self._next_rrn,
             BatchTxns: self._batch_txns,
+            StandingCorrections: self._standing_corrections,
         }
         self._closed = True
         #: called on the event loop after a commit that wrote outbox events
@@ -881,16 +938,9 @@ class SqliteLedger:
     @staticmethod
     def _find_duplicate(conn: sqlite3.Connection, query: FindDuplicate) -> Txn | None:
         row = conn.execute(
-            "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND stan = ? "
-            "AND transmission_time = ? AND mti_class = ? AND created_at >= ? ORDER BY id DESC LIMIT 1",
-            (
-                query.merchant_id,
-                query.terminal_id,
-                query.stan,
-                query.transmission_time,
-                query.mti_class,
-                _us(query.since),
-            ),
+            "SELECT * FROM txns WHERE merchant_id = ? AND stan = ? AND mti_class = ? AND terminal_id = ? "
+            "AND created_at >= ? ORDER BY id DESC LIMIT 1",
+            (query.merchant_id, query.stan, query.mti_class, query.terminal_id, _us(query.since)),
         ).fetchone()
         return _txn(row) if row else None
 
@@ -905,9 +955,8 @@ class SqliteLedger:
             size = 1 << (len(chunk) - 1).bit_length()
             params: list[Any] = []
             for index, query in chunk:
-                params += (index, query.merchant_id, query.stan, query.transmission_time, query.mti_class,
-                           query.terminal_id)
-            params += params[-6:] * (size - len(chunk))  # padding: the last lookup again
+                params += (index, query.merchant_id, query.stan, query.mti_class, query.terminal_id)
+            params += params[-5:] * (size - len(chunk))  # padding: the last lookup again
             params.append(_us(min(query.since for _, query in chunk)))
             latest: dict[int, sqlite3.Row] = {}
             for row in conn.execute(_duplicates_sql(size), params):
@@ -962,16 +1011,16 @@ class SqliteLedger:
         row = conn.execute(
             "SELECT * FROM txns WHERE merchant_id = ? AND terminal_id = ? AND status = 'unmatched' "
             "AND created_at >= ? AND ("
-            " (ref_stan = ? AND (ref_time IS NULL OR ref_time = ?) AND substr(ref_mti, 1, 3) = ?)"
-            " OR (ref_same_stan = 1 AND stan = ?)) ORDER BY id DESC LIMIT 1",
+            " (ref_stan = ? AND substr(ref_mti, 1, 3) = ?)"
+            " OR (ref_same_stan = 1 AND stan = ? AND amount = ?)) ORDER BY id DESC LIMIT 1",
             (
                 query.merchant_id,
                 query.terminal_id,
                 _us(query.since),
                 query.stan,
-                query.transmission_time,
                 query.mti_class,
                 query.stan,
+                query.amount,
             ),
         ).fetchone()
         return _txn(row) if row else None
@@ -998,12 +1047,15 @@ class SqliteLedger:
                 *kinds, query.terminal_id,
             )  # fmt: skip
             sql = _original_sql("original_data", len(kinds))
+        elif query.stan is not None and query.since is not None:
+            params = (
+                query.merchant_id, query.terminal_id, query.stan, _us(query.since), query.mti_class, query.mti_class,
+                *kinds,
+            )  # fmt: skip
+            sql = _original_sql("recent_stan", len(kinds))
         elif query.approval_code is not None:
             params = (query.merchant_id, query.approval_code, query.pan_hmac, *kinds)
             sql = _original_sql("approval", len(kinds))
-        elif query.stan is not None:
-            params = (query.merchant_id, query.terminal_id, query.stan, *kinds)
-            sql = _original_sql("stan", len(kinds))
         else:
             return None
         row = conn.execute(sql, params).fetchone()
@@ -1034,6 +1086,39 @@ class SqliteLedger:
         ).fetchone()
         batch = self._remember_batch(key, _batch(row))
         return batch
+
+    def _close_batch(self, conn: sqlite3.Connection, query: CloseBatch) -> bool:
+        self._forget_batches()
+        cursor = conn.execute(
+            "UPDATE batches SET state = 'closed', closed_at = ?, closed_by = 'cutoff' WHERE id = ? AND state = 'open'",
+            (_us(query.closed_at), query.batch_id),
+        )
+        return cursor.rowcount == 1
+
+    @staticmethod
+    def _stale_batches(conn: sqlite3.Connection, query: StaleBatches) -> list[Batch]:
+        rows = conn.execute(
+            "SELECT * FROM batches WHERE state = 'open' AND opened_at < ? ORDER BY id", (_us(query.opened_before),)
+        )
+        return [_batch(row) for row in rows]
+
+    @staticmethod
+    def _unreconciled_batches(conn: sqlite3.Connection, query: UnreconciledBatches) -> list[Batch]:
+        rows = conn.execute(
+            "SELECT * FROM batches WHERE merchant_id = ? AND terminal_id = ? AND closed_by = 'cutoff' "
+            "AND result IS NULL ORDER BY id",
+            (query.merchant_id, query.terminal_id),
+        )
+        return [_batch(row) for row in rows]
+
+    @staticmethod
+    def _standing_corrections(conn: sqlite3.Connection, query: StandingCorrections) -> list[Txn]:
+        rows = conn.execute(
+            "SELECT * FROM txns WHERE original_id = ? AND kind IN ('refund', 'completion') AND status = 'approved' "
+            "ORDER BY id",
+            (query.original_id,),
+        )
+        return [_txn(row) for row in rows]
 
     @staticmethod
     def _velocity(conn: sqlite3.Connection, query: RefundVelocity) -> Velocity:
@@ -1078,28 +1163,27 @@ class SqliteLedger:
                 deferred.write(conn)  # a change to a record of this group not written yet
         for change in plan.changes:
             _update_txn(conn, change)
-        close = plan.batch_close
-        if close is not None:
+        if plan.batch_closes:
             self._forget_batches()
-            conn.execute(
-                "UPDATE batches SET state = 'closed', closed_at = ?, result = ?, terminal_totals = ?, "
-                "ledger_totals = ? WHERE id = ? AND state = 'open'",
-                (
-                    _us(close.closed_at),
-                    close.result,
-                    totals_text(close.terminal_totals),
-                    totals_text(close.ledger_totals),
-                    close.batch_id,
-                ),
-            )
-        for event in plan.events:
+            conn.executemany(_RECONCILE_BATCH, [reconcile_values(close, _us(close.closed_at))
+                                                for close in plan.batch_closes])
+        if plan.exception is not None:
+            case = plan.exception
+            conn.execute(_INSERT_EXCEPTION, exception_values(case, _us(case.created_at)))
+        self._insert_events(conn, plan.events, record.created_at if record is not None else None, render)
+
+    def _insert_events(
+        self, conn: sqlite3.Connection, events: list[CorrectionEvent], created: datetime | None, render: Renderer
+    ) -> None:
+        deferred = self._deferred
+        for event in events:
             event_id, topic, payload = render(event)
             row = (
                 event_id,
                 topic,
                 payload,
                 f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}",
-                _us(record.created_at if record is not None else datetime.now(UTC)),
+                _us(created if created is not None else datetime.now(UTC)),
             )
             if deferred is not None:
                 deferred.outbox.append(row)
@@ -1108,17 +1192,20 @@ class SqliteLedger:
 
     # ------------------------------------------------------------------ batches
 
-    async def close_batches(self, opened_before: datetime, now: datetime) -> int:
-        """Close every open batch opened before ``opened_before`` (the settlement cut-off)."""
+    async def close_batches(self, policy: Policy, now: datetime, render: Renderer) -> int:
+        """The cut-off sweep (:func:`gateway.core.engine.close_batches_at_cutoff`): close every batch
+        still open past the latest cut-off, with its ``pos.batch.closed`` event. Returns how many."""
 
         def run(conn: sqlite3.Connection) -> int:
-            self._forget_batches()
-            cursor = conn.execute(
-                "UPDATE batches SET state = 'closed', closed_at = ?, result = 'cutoff' "
-                "WHERE state = 'open' AND opened_at < ?",
-                (_us(now), _us(opened_before)),
-            )
-            return cursor.rowcount
+            steps = close_batches_at_cutoff(policy, now)
+            answer: Any = None
+            try:
+                while True:
+                    answer = self._answer(conn, steps.send(answer))
+            except StopIteration as stop:
+                events: list[CorrectionEvent] = stop.value
+            self._insert_events(conn, events, now, render)
+            return len(events)
 
         return await self._call(run)
 
@@ -1155,6 +1242,30 @@ class SqliteLedger:
     async def all_txns(self) -> list[Txn]:
         """Every record in id order (for tools and tests)."""
         return await self._call(lambda conn: [_txn(r) for r in conn.execute("SELECT * FROM txns ORDER BY id")])
+
+    # ------------------------------------------------------------------ exceptions
+
+    async def list_exceptions(self, *, include_resolved: bool = False) -> list[ExceptionCase]:
+        """Cases for an operator (reversal conflicts), oldest first; open ones only unless asked."""
+
+        def run(conn: sqlite3.Connection) -> list[ExceptionCase]:
+            where = "" if include_resolved else " WHERE resolved_at IS NULL"
+            return [_exception(row) for row in conn.execute(f"SELECT * FROM exceptions{where} ORDER BY id")]
+
+        return await self._call(run)
+
+    async def resolve_exception(self, case_id: int, *, by: str, note: str, at: datetime) -> ExceptionCase | None:
+        """Mark an open case resolved, with who and why; None when there is no such open case."""
+
+        def run(conn: sqlite3.Connection) -> ExceptionCase | None:
+            row = conn.execute(
+                "UPDATE exceptions SET resolved_at = ?, resolved_by = ?, resolution = ? "
+                "WHERE id = ? AND resolved_at IS NULL RETURNING *",
+                (_us(at), by, note, case_id),
+            ).fetchone()
+            return _exception(row) if row else None
+
+        return await self._call(run)
 
     # ------------------------------------------------------------------ outbox port
 

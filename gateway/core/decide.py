@@ -49,8 +49,6 @@ class Snapshot:
 
     pan_hmac: str | None = None
     original: Txn | None = None
-    #: the original's own original (the sale behind a void, refund or completion being reversed)
-    parent: Txn | None = None
     original_batch: Batch | None = None
     #: an unmatched reversal that names this request (it arrived first)
     tombstone: Txn | None = None
@@ -80,8 +78,11 @@ def _approved(*changes: TxnChange) -> Decision:
 
 
 def decide(request: Request, snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
-    """Decide one financial request. Settlement is decided by :func:`decide_settlement`."""
+    """Decide one financial request. Settlement is decided by the engine (it is a comparison of totals)."""
     kind = request.kind
+    if snapshot.tombstone is not None and kind is not Kind.REVERSAL:
+        # the terminal reversed this very request before it arrived: whatever it is, it must not move money
+        return _declined(Reason.REVERSED_BEFORE_ARRIVAL)
     if kind is _PURCHASE or kind is _PREAUTH:
         return decide_standin(request, snapshot, policy, now)
     if kind is _VOID:
@@ -103,8 +104,6 @@ def card_expired(expiry: str, now: datetime) -> bool:
 
 def decide_standin(request: Request, snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     """Stand-in approval of purchases and pre-auths (no upstream host)."""
-    if snapshot.tombstone is not None:
-        return _declined(Reason.REVERSED_BEFORE_ARRIVAL)
     amount = request.amount or 0
     if amount <= 0:
         return _declined(Reason.INVALID_AMOUNT)
@@ -234,7 +233,11 @@ def decide_completion(request: Request, snapshot: Snapshot, policy: Policy, now:
 
 
 def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
-    """Reversals are idempotent; advices (0420/0421) are never refused."""
+    """Reversals are idempotent; advices (0420/0421) are never refused.
+
+    An advice applied while refunds or a completion stand against the original credits the card
+    beyond what it paid: its outcome is ``conflict``, for an operator to resolve (design §5).
+    """
     original = snapshot.original
     if original is None or original.kind not in REVERSIBLE_KINDS:
         if request.is_advice:
@@ -249,17 +252,21 @@ def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
     if later_activity and not request.is_advice:
         return _declined(Reason.HAS_LATER_ACTIVITY)
     late = snapshot.original_batch is not None and snapshot.original_batch.state is BatchState.CLOSED
-    outcome = "late" if late else "applied"
     partial = request.replacement_amount
+    if partial is not None and partial >= original.effective_amount:
+        # a "partial" reversal to the full amount or more reverses nothing
+        return Decision(Reason.APPROVED, outcome="late" if late else "applied")
+    partial_change = partial is not None and partial > 0 and original.kind is not Kind.VOID
+    remaining = partial if partial is not None and partial_change else 0
+    # what still stands after the reversal must cover the refunds; a completion stands on its own
+    conflict = later_activity and (original.completed or original.refunded_amount > remaining)
+    outcome = "conflict" if conflict else "late" if late else "applied"
     changes: list[TxnChange] = []
-    if partial is not None and 0 < partial < original.effective_amount and original.kind is not Kind.VOID:
+    if partial is not None and partial_change:
         changes.append(TxnChange(original.id, effective_amount=partial, reversed_after_settlement=late or None))
         if original.kind is Kind.REFUND and original.original_id is not None:
             changes.append(TxnChange(original.original_id, refunded_delta=partial - original.effective_amount))
         return Decision(Reason.APPROVED, tuple(changes), outcome=outcome)
-    if partial is not None and partial >= original.effective_amount:
-        # a "partial" reversal to the full amount or more reverses nothing
-        return Decision(Reason.APPROVED, outcome=outcome)
     changes.append(TxnChange(original.id, status=TxnStatus.REVERSED, reversed_after_settlement=late or None))
     parent_id = original.original_id
     if parent_id is not None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.core.cards import keyed_sha256, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
@@ -22,6 +22,9 @@ from gateway.core.model import (
     ORIGINAL_KINDS,
     REVERSIBLE_KINDS,
     Batch,
+    BatchState,
+    ClosedBy,
+    ExceptionCase,
     Kind,
     Request,
     SettlementTotals,
@@ -39,6 +42,8 @@ _PURCHASE, _PREAUTH, _REFUND, _REVERSAL, _SETTLEMENT = (
 )
 _APPROVED_TXN, _DECLINED_TXN, _UNMATCHED_TXN = TxnStatus.APPROVED, TxnStatus.DECLINED, TxnStatus.UNMATCHED
 _APPROVED_REASON = Reason.APPROVED
+_OPEN, _CLOSED = BatchState.OPEN, BatchState.CLOSED
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------- queries
 
@@ -55,12 +60,15 @@ class Query:
 
 @dataclass(slots=True, unsafe_hash=True)
 class FindDuplicate(Query):
-    """The earlier request with this retransmission key, or None. Answer: ``Txn | None``."""
+    """The earlier request with this retransmission key, or None. Answer: ``Txn | None``.
+
+    The key is merchant + terminal + STAN + MTI class, newer than ``since`` (design §5): DE7 is not
+    part of it, as terminals stamp a new transmission time on every repeat.
+    """
 
     merchant_id: str
     terminal_id: str
     stan: str
-    transmission_time: str
     mti_class: str
     since: datetime
 
@@ -69,9 +77,14 @@ class FindDuplicate(Query):
 class FindOriginal(Query):
     """The original a correction points at, locked for update. Answer: ``Txn | None``.
 
-    Lookup order: ``rrn`` (same merchant); else DE90 data (same merchant, same STAN, DE7 and MTI
-    class, the request's terminal first); else pre-auth approval code + card; else (reversals without
-    DE90) the latest request from the same merchant and terminal with the same STAN.
+    One of four lookups, by the fields given, always within the merchant and among ``kinds``:
+
+    - ``rrn``: the record with that RRN;
+    - ``stan`` + ``transmission_time`` (+ ``mti_class``): DE90 as sent, the request's terminal first;
+    - ``stan`` + ``since`` (+ ``mti_class`` when given): the latest record of the request's own
+      terminal with that STAN, not older than ``since`` (DE90 whose DE7 did not match, or a
+      reversal without DE90);
+    - ``approval_code`` + ``pan_hmac``: the latest pre-auth with that approval code and card.
     """
 
     merchant_id: str
@@ -83,6 +96,7 @@ class FindOriginal(Query):
     transmission_time: str | None = None
     approval_code: str | None = None
     pan_hmac: str | None = None
+    since: datetime | None = None
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -101,16 +115,15 @@ class GetBatch(Query):
 
 @dataclass(slots=True, unsafe_hash=True)
 class FindTombstone(Query):
-    """An unmatched reversal naming this request (same merchant, terminal, STAN; DE7 when it gave one).
-
-    Answer: ``Txn | None``.
-    """
+    """An unmatched reversal of the same merchant and terminal, newer than ``since``, that names this
+    request: by DE90 (same STAN and MTI class; its DE7 is not compared, as for duplicates), or without
+    DE90 (same STAN and the same amount in DE4). Answer: ``Txn | None``."""
 
     merchant_id: str
     terminal_id: str
     stan: str
-    transmission_time: str
     mti_class: str
+    amount: int
     since: datetime
 
 
@@ -122,6 +135,31 @@ class CurrentBatch(Query):
     terminal_id: str
     now: datetime
     create: bool
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class CloseBatch(Query):
+    """Close an open batch at the cut-off instant ``closed_at`` (closed by ``cutoff``, not reconciled).
+    Answer: ``bool``, whether it was still open (this transaction closed it)."""
+
+    batch_id: int
+    closed_at: datetime
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class StaleBatches(Query):
+    """Every open batch opened before ``opened_before`` (a cut-off), any terminal. Answer: ``list[Batch]``."""
+
+    opened_before: datetime
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class UnreconciledBatches(Query):
+    """The terminal's batches the cut-off closed and no 0500 reconciled yet, oldest first.
+    Answer: ``list[Batch]``."""
+
+    merchant_id: str
+    terminal_id: str
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -146,11 +184,21 @@ class BatchTxns(Query):
     batch_id: int
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class StandingCorrections(Query):
+    """The approved refunds and completions recorded against an original, in id order.
+    Answer: ``list[Txn]``."""
+
+    original_id: int
+
+
 # --------------------------------------------------------------------------- plan
 
 
 @dataclass(frozen=True, slots=True)
 class BatchClose:
+    """A batch reconciled by a 0500: closed now if still open, its result and both totals recorded."""
+
     batch_id: int
     closed_at: datetime
     result: str  #: settled | mismatch
@@ -168,11 +216,14 @@ class Plan:
     approval_code: str | None
     record: Txn | None = None
     changes: tuple[TxnChange, ...] = ()
-    batch_close: BatchClose | None = None
+    #: the batches a settlement reconciled (the open one and those the cut-off closed)
+    batch_closes: tuple[BatchClose, ...] = ()
     events: list[CorrectionEvent] = field(default_factory=list)
     replayed: bool = False
     #: the original the request was checked against, if any
     original: Txn | None = None
+    #: something applied that an operator must resolve (a reversal advice over refunds)
+    exception: ExceptionCase | None = None
 
 
 @dataclass(slots=True)
@@ -186,6 +237,8 @@ class Context:
 
 
 Step = Generator[Query, Any, Plan]
+#: a step that returns something other than a plan (a helper of :func:`process`, or the cut-off sweep)
+SubStep = Generator[Query, Any, T]
 _NEXT_RRN = NextRrn()
 _NO_REFUNDS = Velocity()  #: immutable: one value serves every request that does not look refunds up
 
@@ -209,7 +262,8 @@ def approval_code_for(rrn: str) -> str:
 
 
 def fingerprint(key: bytes, request: Request) -> str:
-    """Keyed hash of DE2, 3, 4, 49 and 90: what a retransmission must repeat exactly."""
+    """Keyed hash of DE2, 3, 4, 37, 49 and 90: what a retransmission must repeat exactly."""
+    reference = request.reference
     content = "|".join(
         (
             request.pan or "",
@@ -217,6 +271,7 @@ def fingerprint(key: bytes, request: Request) -> str:
             "" if request.amount is None else str(request.amount),
             request.currency or "",
             request.original_data or "",
+            (reference.rrn or "") if reference is not None else "",
         )
     )
     return keyed_sha256(key, content.encode())[:16].hex()
@@ -229,7 +284,7 @@ def process(request: Request, ctx: Context) -> Step:
     since = ctx.now - ctx.policy.duplicate_ttl
     mti_class = request.mti_class
     earlier: Txn | None = yield FindDuplicate(
-        request.merchant_id, request.terminal_id, request.stan, request.transmission_time, mti_class, since
+        request.merchant_id, request.terminal_id, request.stan, mti_class, since
     )
     if earlier is not None:
         return _duplicate(request, earlier, print_, ctx)
@@ -237,47 +292,94 @@ def process(request: Request, ctx: Context) -> Step:
     if kind is _SETTLEMENT:
         return (yield from _settlement(request, pan_hmac, print_, ctx))
 
+    #: events of batches this request found past the cut-off (closed now, before it is decided)
+    events: list[CorrectionEvent] = []
     original: Txn | None = None
-    parent: Txn | None = None
     original_batch: Batch | None = None
     tombstone: Txn | None = None
     velocity = _NO_REFUNDS
-    if kind is _PURCHASE or kind is _PREAUTH:
+    if kind is not _REVERSAL:
         tombstone = yield FindTombstone(
-            request.merchant_id,
-            request.terminal_id,
-            request.stan,
-            request.transmission_time,
-            mti_class,
-            since,
+            request.merchant_id, request.terminal_id, request.stan, mti_class, request.amount or 0, since
         )
-    else:
-        original = yield _find_original(request, pan_hmac)
-        if original is not None:
-            original_batch = (yield GetBatch(original.batch_id)) if original.batch_id is not None else None
-            if kind is _REVERSAL and original.original_id is not None:
-                parent = yield GetTxn(original.original_id)
+    if kind is not _PURCHASE and kind is not _PREAUTH:
+        original = yield from _find_original(request, pan_hmac, since)
+        if original is not None and original.batch_id is not None:
+            original_batch = yield GetBatch(original.batch_id)
+            original_batch = yield from _close_if_past_cutoff(original_batch, ctx, events)
     if kind is _REFUND and ctx.policy.velocity_limited:
-        day_start = ctx.now.replace(hour=0, minute=0, second=0, microsecond=0)
+        day_start = ctx.policy.day_start(ctx.now)
         velocity = yield RefundVelocity(request.merchant_id, request.terminal_id, pan_hmac, day_start)
 
-    snapshot = Snapshot(pan_hmac, original, parent, original_batch, tombstone, velocity)
+    snapshot = Snapshot(pan_hmac, original, original_batch, tombstone, velocity)
     decision = decide(request, snapshot, ctx.policy, ctx.now)
-    batch: Batch | None = yield CurrentBatch(
-        request.merchant_id, request.terminal_id, ctx.now, create=kind is not _REVERSAL
-    )
+    batch = yield from _open_batch(request, ctx, events)
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
     approval = approval_code_for(rrn) if rrn is not None and decision.reason is _APPROVED_REASON else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
-    plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original)
+    plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original, events=events)
     kind_name = _EVENT_KINDS.get(kind)
     if kind_name is not None:
         if decision.repeat:
             kind_name = "duplicate"
         after = _apply_changes(original, decision.changes) if original is not None else None
-        plan.events.append(_event(kind_name, decision.outcome, request, record, after or original))
+        details: dict[str, object] = {}
+        if decision.outcome == "conflict" and original is not None and after is not None:
+            standing: list[Txn] = yield StandingCorrections(original.id)
+            details = _conflict_details(original, after, standing, late=bool(original_batch and
+                                                                               original_batch.state is _CLOSED))
+            plan.exception = _conflict_case(request, original, details, ctx.now)
+        plan.events.append(_event(kind_name, decision.outcome, request, record, after or original, details=details))
     return plan
+
+
+def _open_batch(request: Request, ctx: Context, events: list[CorrectionEvent]) -> SubStep[Batch | None]:
+    """The terminal's open batch for this request's record: a new one when the cut-off passed since the
+    open one began (that one is closed first). Reversals open none (they belong with their original)."""
+    create = request.kind is not _REVERSAL
+    batch: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create)
+    if batch is None:
+        return None
+    checked = yield from _close_if_past_cutoff(batch, ctx, events)
+    if checked is batch:
+        return batch
+    reopened: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create)
+    return reopened
+
+
+def _close_if_past_cutoff(batch: Batch | None, ctx: Context, events: list[CorrectionEvent]) -> SubStep[Batch | None]:
+    """``batch`` as it stands at ``ctx.now``: an open batch opened before the latest cut-off is closed
+    at that cut-off now, whatever the background sweep did yet (design §5: the cut-off is effective
+    from its instant). Returns the batch unchanged when nothing was past it."""
+    if batch is None or batch.state is not _OPEN:
+        return batch
+    cutoff = ctx.policy.last_cutoff(ctx.now)
+    if cutoff is None or batch.opened_at >= cutoff:
+        return batch
+    yield from _close_at_cutoff(batch, cutoff, events)
+    return replace(batch, state=BatchState.CLOSED, closed_at=cutoff, closed_by=ClosedBy.CUTOFF)
+
+
+def _close_at_cutoff(batch: Batch, cutoff: datetime, events: list[CorrectionEvent]) -> SubStep[None]:
+    closed: bool = yield CloseBatch(batch.id, cutoff)
+    if closed:  # else another transaction closed it first, and published its event
+        txns: list[Txn] = yield BatchTxns(batch.id)
+        events.append(_batch_closed_event(batch, cutoff, ledger_totals(txns)))
+
+
+def close_batches_at_cutoff(policy: Policy, now: datetime) -> SubStep[list[CorrectionEvent]]:
+    """The cut-off sweep: close every batch still open though the latest cut-off passed since it
+    opened (terminals that forgot to settle, and were silent since), with a ``pos.batch.closed``
+    event each. Requests close their own terminal's batches themselves (:func:`process`)."""
+    events: list[CorrectionEvent] = []
+    cutoff = policy.last_cutoff(now)
+    if cutoff is None:
+        return events
+    stale: list[Batch] = yield StaleBatches(cutoff)
+    for batch in stale:
+        yield from _close_at_cutoff(batch, cutoff, events)
+    return events
 
 
 #: what each correction may point at (a void or refund finds refunds and voids too, to refuse them clearly)
@@ -289,26 +391,33 @@ _ORIGINAL_KINDS_FOR = {
 }
 
 
-def _find_original(request: Request, pan_hmac: str | None) -> FindOriginal:
+def _find_original(request: Request, pan_hmac: str | None, since: datetime) -> SubStep[Txn | None]:
+    """The original a correction names (design §4 and §5, "Reversal" and "Duplicates")."""
     ref = request.reference
+    if ref is None:  # an unreferenced refund
+        return None
     merchant, terminal, kinds = request.merchant_id, request.terminal_id, _ORIGINAL_KINDS_FOR[request.kind]
-    if ref is None:
-        return FindOriginal(merchant, terminal, kinds)
+    reversal = request.kind is _REVERSAL
+    found: Txn | None
     if ref.rrn is not None:
-        return FindOriginal(merchant, terminal, kinds, rrn=ref.rrn)
-    if ref.stan is not None:
-        return FindOriginal(
-            merchant,
-            terminal,
-            kinds,
-            mti_class=(ref.mti or "")[:3] or None,
-            stan=ref.stan,
-            transmission_time=ref.transmission_time,
+        found = yield FindOriginal(merchant, terminal, kinds, rrn=ref.rrn)
+    elif ref.stan is not None:  # DE90: MTI + STAN + DE7 as sent, else MTI + STAN on this terminal lately
+        mti_class = ref.mti[:3] if ref.mti else None
+        found = yield FindOriginal(
+            merchant, terminal, kinds, mti_class=mti_class, stan=ref.stan, transmission_time=ref.transmission_time
         )
-    if ref.approval_code is not None:
-        return FindOriginal(merchant, terminal, kinds, approval_code=ref.approval_code, pan_hmac=pan_hmac)
-    # a reversal without DE90: the latest request of this terminal with the same STAN
-    return FindOriginal(merchant, terminal, kinds, stan=request.stan)
+        if found is None or (reversal and found.terminal_id != terminal):
+            found = yield FindOriginal(merchant, terminal, kinds, mti_class=mti_class, stan=ref.stan, since=since)
+    elif ref.approval_code is not None:
+        found = yield FindOriginal(merchant, terminal, kinds, approval_code=ref.approval_code, pan_hmac=pan_hmac)
+    else:
+        # a reversal without DE90: this terminal's latest request with its STAN, recent, of the same amount
+        found = yield FindOriginal(merchant, terminal, kinds, stan=request.stan, since=since)
+        if found is not None and found.amount != request.amount:
+            return None
+    if found is not None and reversal and found.terminal_id != terminal:
+        return None  # a terminal reverses only its own requests
+    return found
 
 
 def _record(
@@ -373,6 +482,38 @@ def _apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     return after
 
 
+#: the reason a conflict's event and exception give (the reversal itself is approved: 00)
+CONFLICT_REASON = "credited_beyond_original"
+
+
+def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: bool) -> dict[str, object]:
+    """What an operator needs to resolve a reversal advice applied over refunds or a completion."""
+    remaining = 0 if after.status is TxnStatus.REVERSED else after.effective_amount
+    refunds = [txn for txn in standing if txn.kind is Kind.REFUND]
+    completions = [txn for txn in standing if txn.kind is Kind.COMPLETION]
+    return {
+        "reversed_amount": before.effective_amount - remaining,
+        "refunded_amount": before.refunded_amount,
+        "completed_amount": sum(txn.effective_amount for txn in completions),
+        #: what the card got back beyond what still stands of the original
+        "credited_beyond": max(0, before.refunded_amount - remaining),
+        "after_settlement": late,
+        "refunds": [_txn_line(txn) for txn in refunds],
+        "completions": [_txn_line(txn) for txn in completions],
+    }
+
+
+def _conflict_case(request: Request, original: Txn, details: dict[str, object], now: datetime) -> ExceptionCase:
+    standing = "a completion" if original.completed else f"{details['refunded_amount']} refunded"
+    summary = (
+        f"reversal advice {request.mti} STAN {request.stan} reversed {details['reversed_amount']} of "
+        f"{original.kind} {original.rrn or original.stan} over {standing}"
+    )
+    return ExceptionCase(
+        0, "reversal_conflict", request.merchant_id, request.terminal_id, original.rrn, summary, details, now
+    )
+
+
 def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Plan:
     if earlier.fingerprint != print_:
         code = ctx.response_code(Reason.DUPLICATE_CONFLICT.value)
@@ -386,23 +527,33 @@ def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Pla
 
 
 def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Context) -> Step:
+    """A 0500 reconciles every batch of the terminal that no 0500 reconciled yet: the open one and those
+    the cut-off closed (the terminal does not know about the cut-off, its totals cover them all)."""
     totals = request.totals or SettlementTotals(0, 0, 0, 0)
-    batch: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create=False)
-    txns: list[Txn] = (yield BatchTxns(batch.id)) if batch is not None else []
+    events: list[CorrectionEvent] = []
+    current: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create=False)
+    current = yield from _close_if_past_cutoff(current, ctx, events)
+    if current is not None and current.state is not _OPEN:
+        current = None  # closed by the cut-off just now: it is among the unreconciled ones below
+    batches: list[Batch] = yield UnreconciledBatches(request.merchant_id, request.terminal_id)
+    if current is not None:
+        batches = [*batches, current]
+    txns: list[Txn] = []
+    for batch in batches:
+        txns += yield BatchTxns(batch.id)
     ledger = ledger_totals(txns)
     matched = ledger == totals
     reason = Reason.APPROVED if matched else Reason.SETTLEMENT_MISMATCH
+    result = "settled" if matched else "mismatch"
     code = ctx.response_code(reason.value)
-    decision = Decision(reason, outcome="settled" if matched else "mismatch")
-    record = _record(request, decision, code, None, None, pan_hmac, print_, None, batch, ctx)
-    close = (
-        BatchClose(batch.id, ctx.now, "settled" if matched else "mismatch", totals, ledger)
-        if batch is not None
-        else None
-    )
-    plan = Plan(code, reason, None, None, record, batch_close=close)
+    decision = Decision(reason, outcome=result)
+    last = batches[-1] if batches else None
+    record = _record(request, decision, code, None, None, pan_hmac, print_, None, last, ctx)
+    closes = tuple(BatchClose(batch.id, ctx.now, result, totals, ledger) for batch in batches)
+    plan = Plan(code, reason, None, None, record, batch_closes=closes, events=events)
     details: dict[str, object] = {
-        "batch": batch.batch_no if batch is not None else None,
+        "batch": last.batch_no if last is not None else None,
+        "batches": [batch.batch_no for batch in batches],
         "terminal_totals": _totals_dict(totals),
         "ledger_totals": _totals_dict(ledger),
     }
@@ -410,6 +561,26 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
         details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
     plan.events.append(_event("batch", decision.outcome, request, record, None, code=code, details=details))
     return plan
+
+
+def _batch_closed_event(batch: Batch, cutoff: datetime, totals: SettlementTotals) -> CorrectionEvent:
+    """``pos.batch.closed``: the gateway closed a batch at the cut-off, on its own (no request, no answer)."""
+    return CorrectionEvent(
+        kind="batch",
+        outcome="closed",
+        merchant_id=batch.merchant_id,
+        terminal_id=batch.terminal_id,
+        response_code=None,
+        reason=ClosedBy.CUTOFF.value,
+        subject_rrn=f"batch-{batch.batch_no}",
+        request=None,
+        details={
+            "batch": batch.batch_no,
+            "opened_at": batch.opened_at.isoformat(),
+            "closed_at": cutoff.isoformat(),
+            "ledger_totals": _totals_dict(totals),
+        },
+    )
 
 
 def ledger_totals(txns: list[Txn]) -> SettlementTotals:
@@ -472,7 +643,7 @@ def balance_info(txn: Txn) -> BalanceInfo:
     )
 
 
-def _event_reason(outcome: str, record: Txn | None, code: str | None) -> str | None:
+def _event_reason(kind: str, outcome: str, record: Txn | None) -> str | None:
     if record is not None and record.reason is not None:
         return record.reason
     if outcome == "late":
@@ -480,7 +651,7 @@ def _event_reason(outcome: str, record: Txn | None, code: str | None) -> str | N
     if outcome == "unmatched":
         return Reason.REVERSAL_UNMATCHED.value
     if outcome == "conflict":
-        return Reason.DUPLICATE_CONFLICT.value
+        return CONFLICT_REASON if kind == "reversal" else Reason.DUPLICATE_CONFLICT.value
     return None
 
 
@@ -508,7 +679,7 @@ def _event(
         merchant_id=request.merchant_id,
         terminal_id=request.terminal_id,
         response_code=code or (source.response_code if source is not None else "00"),
-        reason=_event_reason(outcome, record, code),
+        reason=_event_reason(kind, outcome, record),
         subject_rrn=(original.rrn if original is not None and original.rrn else rrn) or request.stan,
         request=info,
         original=original_info(original) if original is not None else None,
@@ -518,8 +689,10 @@ def _event(
 
 
 __all__ = [
+    "CONFLICT_REASON",
     "BatchClose",
     "BatchTxns",
+    "CloseBatch",
     "Context",
     "CurrentBatch",
     "FindDuplicate",
@@ -531,7 +704,11 @@ __all__ = [
     "Plan",
     "Query",
     "RefundVelocity",
+    "StaleBatches",
+    "StandingCorrections",
+    "UnreconciledBatches",
     "approval_code_for",
+    "close_batches_at_cutoff",
     "fingerprint",
     "ledger_totals",
     "process",

@@ -57,13 +57,13 @@ class CorrectionEvent:
     """One correction fact. ``type`` is ``pos.<kind>.<outcome>``."""
 
     kind: str  #: void, refund, completion, reversal, duplicate, batch, upstream
-    outcome: str  #: approved, declined, applied, unmatched, late, replayed, conflict, settled, mismatch
+    outcome: str  #: approved, declined, applied, unmatched, late, replayed, conflict, settled, mismatch, closed
     merchant_id: str  #: DE42
     terminal_id: str  #: DE41
-    response_code: str  #: DE39 answered to the terminal
+    response_code: str | None  #: DE39 answered to the terminal; None for the gateway's own acts (a cut-off)
     reason: str | None
     subject_rrn: str  #: the original's RRN when known, else the request's own
-    request: RequestInfo
+    request: RequestInfo | None  #: None for the gateway's own acts (a batch closed by the cut-off)
     original: OriginalInfo | None = None
     balance: BalanceInfo | None = None
     #: kind-specific details (for example batch totals), JSON-compatible values only

@@ -57,6 +57,13 @@ class BatchState(StrEnum):
     CLOSED = "closed"
 
 
+class ClosedBy(StrEnum):
+    """What closed a batch: the terminal's 0500, or the daily cut-off (a terminal that forgot)."""
+
+    SETTLEMENT = "settlement"
+    CUTOFF = "cutoff"
+
+
 @dataclass(slots=True)
 class Reference:
     """How a correction points at its original (design section 4).
@@ -100,7 +107,8 @@ class Request:
     mti: str
     processing_code: str  #: DE3
     stan: str  #: DE11
-    transmission_time: str  #: DE7, MMDDhhmmss
+    #: DE7, MMDDhhmmss; "" when the terminal sent none (many never do: the ledger keeps the receipt time)
+    transmission_time: str
     merchant_id: str  #: DE42
     terminal_id: str  #: DE41
     amount: int | None = None  #: DE4, minor units
@@ -202,6 +210,10 @@ class Batch:
     state: BatchState
     opened_at: datetime
     closed_at: datetime | None = None
+    closed_by: ClosedBy | None = None
+    #: "settled" or "mismatch" once a 0500 reconciled it; None before (a batch the cut-off closed
+    #: stays unreconciled until the terminal's next 0500)
+    result: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +231,9 @@ class BatchSummary:
     credit_count: int
     credit_amount: int
     currency: str | None
-    result: str | None = None  #: "settled" or "mismatch" once closed by a 0500, "cutoff" by the cut-off
+    #: "settled" or "mismatch" once reconciled by a 0500; "cutoff" for a batch the cut-off closed and no
+    #: 0500 reconciled yet; None while open
+    result: str | None = None
 
 
 def balance_status(txn: Txn) -> str:
@@ -240,3 +254,29 @@ def balance_status(txn: Txn) -> str:
     if txn.effective_amount < txn.amount:
         return "partially_reversed"
     return "approved"
+
+
+@dataclass(slots=True)
+class ExceptionCase:
+    """Something the gateway had to apply that an operator must look at and resolve.
+
+    Today one kind: ``reversal_conflict``, a reversal advice (which cannot be refused) applied over
+    refunds or a completion that stand against its original, so the card is credited beyond what it
+    paid. ``details`` holds JSON-compatible values only (amounts, RRNs, masked PANs).
+    """
+
+    id: int  #: the ledger's; 0 until recorded
+    kind: str
+    merchant_id: str
+    terminal_id: str
+    original_rrn: str | None
+    summary: str  #: one line for listings
+    details: dict[str, object]
+    created_at: datetime
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    resolution: str | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self.resolved_at is not None

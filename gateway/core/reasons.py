@@ -69,9 +69,18 @@ RULES: tuple[Rule, ...] = (
     Rule("any", "terminal is on the allow-list (when one is configured)", Reason.TERMINAL_NOT_ALLOWED, "58"),
     Rule("any", "fields are present and well-formed", Reason.FORMAT_ERROR, "30"),
     Rule(
-        "any", "a retransmission repeats the content of the first (DE2, 3, 4, 49, 90)", Reason.DUPLICATE_CONFLICT, "94"
+        "any",
+        "a retransmission (same merchant, terminal, STAN and MTI class within the duplicate window; DE7 is not "
+        "part of it) repeats the content of the first (DE2, 3, 4, 37, 49, 90)",
+        Reason.DUPLICATE_CONFLICT,
+        "94",
     ),
-    Rule("purchase, preauth", "not reversed before it arrived", Reason.REVERSED_BEFORE_ARRIVAL, "12"),
+    Rule(
+        "purchase, preauth, void, refund, completion",
+        "not reversed before it arrived (no unmatched reversal of the same terminal named it)",
+        Reason.REVERSED_BEFORE_ARRIVAL,
+        "12",
+    ),
     Rule("purchase, preauth", "amount > 0", Reason.INVALID_AMOUNT, "13"),
     Rule("purchase, preauth", "PAN passes the Luhn check", Reason.LUHN_FAILED, "14"),
     Rule("purchase, preauth", "card not expired (DE14)", Reason.EXPIRED_CARD, "54"),
@@ -83,7 +92,10 @@ RULES: tuple[Rule, ...] = (
     Rule("void", "not already reversed", Reason.ALREADY_REVERSED, "12"),
     Rule("void", "no refund or completion against it", Reason.HAS_LATER_ACTIVITY, "12"),
     Rule("void", "same terminal as the original", Reason.TERMINAL_MISMATCH, "12"),
-    Rule("void", "original's batch still open (else use a refund)", Reason.BATCH_SETTLED, "12"),
+    Rule(
+        "void", "original's batch still open: not settled, not past the cut-off (else use a refund)",
+        Reason.BATCH_SETTLED, "12",
+    ),
     Rule("void", "same card", Reason.PAN_MISMATCH, "14"),
     Rule("void", "same currency", Reason.CURRENCY_MISMATCH, "12"),
     Rule("void", "amount equals the original's", Reason.AMOUNT_MISMATCH, "64"),
@@ -98,8 +110,14 @@ RULES: tuple[Rule, ...] = (
     Rule("refund", "amount > 0", Reason.INVALID_AMOUNT, "13"),
     Rule("refund", "amount <= original - approved refunds", Reason.EXCEEDS_REFUNDABLE, "64"),
     Rule("refund", "within policy.refund_window_days of the original", Reason.REFUND_WINDOW_EXPIRED, "12"),
-    Rule("refund", "daily refund count per terminal and per card", Reason.REFUND_VELOCITY_COUNT, "65"),
-    Rule("refund", "daily refund amount per terminal and per card", Reason.REFUND_VELOCITY_AMOUNT, "61"),
+    Rule(
+        "refund", "daily (settlement time zone) refund count per terminal and per card",
+        Reason.REFUND_VELOCITY_COUNT, "65",
+    ),
+    Rule(
+        "refund", "daily (settlement time zone) refund amount per terminal and per card",
+        Reason.REFUND_VELOCITY_AMOUNT, "61",
+    ),
     Rule("completion", "pre-auth found (same merchant)", Reason.ORIGINAL_NOT_FOUND, "25"),
     Rule("completion", "pre-auth approved", Reason.ORIGINAL_NOT_APPROVED, "12"),
     Rule("completion", "original is a pre-auth", Reason.NOT_COMPLETABLE, "12"),
@@ -113,7 +131,8 @@ RULES: tuple[Rule, ...] = (
     Rule("completion", "amount <= pre-auth x (1 + completion_tolerance_pct/100)", Reason.AMOUNT_MISMATCH, "64"),
     Rule(
         "reversal",
-        "original found (0400 only; advices are accepted and leave a tombstone)",
+        "original found, from the same terminal: by DE90, else by STAN within the duplicate window with DE4 "
+        "equal to the original's amount (0400 only; advices are accepted and leave a tombstone)",
         Reason.REVERSAL_UNMATCHED,
         "25",
     ),
@@ -123,7 +142,13 @@ RULES: tuple[Rule, ...] = (
         Reason.HAS_LATER_ACTIVITY,
         "12",
     ),
-    Rule("settlement", "terminal totals equal the ledger's for the open batch", Reason.SETTLEMENT_MISMATCH, "95"),
+    Rule(
+        "settlement",
+        "terminal totals equal the ledger's for every batch of the terminal no 0500 reconciled yet (the open "
+        "one and those the cut-off closed)",
+        Reason.SETTLEMENT_MISMATCH,
+        "95",
+    ),
     Rule("any", "the message type is supported", Reason.UNSUPPORTED_MESSAGE, "12"),
     Rule("any", "the ledger is reachable", Reason.SYSTEM_ERROR, "96"),
 )

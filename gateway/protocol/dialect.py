@@ -32,16 +32,18 @@ _BY_MTI_AND_PURPOSE: dict[tuple[str, str], Kind] = {
 }
 _REVERSAL_CLASSES = frozenset({"040", "042"})
 _NETWORK_CLASSES = frozenset({"080"})
-#: fields every request of a kind must carry (the PAN is checked separately)
-_REQUIRED: dict[Kind, tuple[int, ...]] = {
+#: fields every request of a kind must carry (the PAN, DE2 or DE35, is checked separately). DE7 is not
+#: among them: many terminals never send it (the ledger keeps the time of receipt); when sent it is
+#: echoed, and a reversal's DE90 may quote it. docs/profiles.md lists the same (a test keeps them equal).
+REQUIRED_FIELDS: dict[Kind, tuple[int, ...]] = {
     Kind.NETWORK: (11, 70),
-    Kind.PREAUTH: (3, 4, 7, 11, 41, 42, 49),
-    Kind.PURCHASE: (3, 4, 7, 11, 41, 42, 49),
-    Kind.COMPLETION: (3, 4, 7, 11, 41, 42, 49),
-    Kind.VOID: (3, 4, 7, 11, 41, 42, 49),
-    Kind.REFUND: (3, 4, 7, 11, 41, 42, 49),
-    Kind.REVERSAL: (3, 7, 11, 41, 42),
-    Kind.SETTLEMENT: (3, 7, 11, 41, 42, 74, 76, 86, 88),
+    Kind.PREAUTH: (3, 4, 11, 41, 42, 49),
+    Kind.PURCHASE: (3, 4, 11, 41, 42, 49),
+    Kind.COMPLETION: (3, 4, 11, 41, 42, 49),
+    Kind.VOID: (3, 4, 11, 41, 42, 49),
+    Kind.REFUND: (3, 4, 11, 41, 42, 49),
+    Kind.REVERSAL: (3, 11, 41, 42),
+    Kind.SETTLEMENT: (3, 11, 41, 42, 74, 76, 86, 88),
 }
 _NEEDS_PAN = frozenset({Kind.PREAUTH, Kind.PURCHASE, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
 #: the kinds that point at an original (see :func:`_reference`)
@@ -99,7 +101,7 @@ def classify(message: Message) -> Request:
                 raise DialectError("missing", 3)
             raise UnsupportedMessage(f"MTI {mti} with processing code {processing_code[:2]!r}")
         kind = found
-    for number in _REQUIRED[kind]:
+    for number in REQUIRED_FIELDS[kind]:
         if not fields.get(number):
             raise DialectError("missing", number)
     pan = fields.get(2)
@@ -121,7 +123,7 @@ def classify(message: Message) -> Request:
         mti,
         processing_code,
         fields.get(11, ""),  # stan
-        fields.get(7, ""),  # transmission_time
+        fields.get(7, ""),  # transmission_time: "" when not sent
         fields.get(42, "").strip(),  # merchant_id
         fields.get(41, "").strip(),  # terminal_id
         _amount(fields.get(4), 4),  # amount

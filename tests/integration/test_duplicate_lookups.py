@@ -54,8 +54,7 @@ async def test_each_lookup_of_a_group_is_answered_as_alone(tmp_path: Path) -> No
         since = now - timedelta(days=1)
 
         def key(txn: Txn, *, mti_class: str | None = None) -> FindDuplicate:
-            return FindDuplicate(txn.merchant_id, txn.terminal_id, txn.stan, txn.transmission_time,
-                                 mti_class or txn.mti[:3], since)
+            return FindDuplicate(txn.merchant_id, txn.terminal_id, txn.stan, mti_class or txn.mti[:3], since)
 
         queries: list[Query] = [key(txn) for txn in txns]  # 40: one statement of 32, one of 8
         queries.insert(5, GetTxn(txns[0].id))  # not a duplicate lookup: None
@@ -64,8 +63,8 @@ async def test_each_lookup_of_a_group_is_answered_as_alone(tmp_path: Path) -> No
         queries += [key(txn) for txn in txns[30:33]]  # a last statement of 4 (3 padded to 4)
         # a window that starts after the record, in a statement whose other windows include it: the
         # statement reads rows from the earliest window start, each lookup keeps those inside its own
-        queries.insert(40, FindDuplicate(txns[6].merchant_id, txns[6].terminal_id, txns[6].stan,
-                                         txns[6].transmission_time, txns[6].mti[:3], now + timedelta(hours=1)))
+        queries.insert(40, FindDuplicate(txns[6].merchant_id, txns[6].terminal_id, txns[6].stan, txns[6].mti[:3],
+                                         now + timedelta(hours=1)))
 
         def both(conn: sqlite3.Connection) -> tuple[list[Txn | None], list[Txn | None]]:
             alone = [

@@ -11,7 +11,7 @@ import itertools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -665,15 +665,21 @@ async def test_the_url_may_name_the_schema_as_a_server_setting(postgres_url: str
         assert ledger.schema == postgres_schema
 
 
-async def test_the_cutoff_closes_batches_opened_before_it(postgres_url: str, postgres_schema: str) -> None:
-    till = Till()
+async def test_the_cutoff_sweep_closes_batches_opened_before_it_with_an_event_each(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    policy = replace(POLICY, cutoff=time(23, 30))  # UTC; START is 09:00
+    till = Till(policy)
     async with _ledger(postgres_url, postgres_schema) as ledger:
         await ledger.process(till.sale(100), till.ctx(), _render)
         await ledger.process(till.sale(100, terminal=T2), till.ctx(), _render)
-        assert await ledger.close_batches(START, START + timedelta(hours=1)) == 0
-        assert await ledger.close_batches(till.now + timedelta(seconds=1), START + timedelta(hours=1)) == 2
+        assert await ledger.close_batches(policy, START + timedelta(hours=1), _render) == 0
+        after = START.replace(hour=23, minute=31)
+        assert await ledger.close_batches(policy, after, _render) == 2
+        assert await ledger.close_batches(policy, after, _render) == 0  # once only
         batches = await ledger.list_batches()
         assert await ledger.list_batches(open_only=True) == []
+        assert (await ledger.status()).pending == 2  # one pos.batch.closed each
     assert {(b.terminal_id, b.state.value, b.result) for b in batches} == {
         (T1, "closed", "cutoff"),
         (T2, "closed", "cutoff"),

@@ -6,11 +6,12 @@ import asyncio
 import json
 from datetime import UTC, datetime, time
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from brokers import collect_messages
 from harness import FakeClock, IsoClient, gateway_settings, running_gateway
 
-from gateway.app import last_cutoff
+from gateway.core.policy import Policy
 
 
 async def test_a_batch_settles_with_00_then_voids_answer_12_refunds_00_and_wrong_totals_95(
@@ -74,8 +75,19 @@ async def test_the_daily_cutoff_closes_forgotten_batches_so_yesterdays_sale_cann
         await pos.close()
 
 
-def test_the_last_cutoff_is_computed_in_the_configured_time_zone() -> None:
+def test_the_last_and_next_cutoff_are_computed_in_the_configured_time_zone() -> None:
+    policy = Policy(timezone=ZoneInfo("Europe/Paris"), cutoff=time(23, 30))
     now = datetime(2026, 11, 22, 22, 40, tzinfo=UTC)  # 23:40 in Paris
-    assert last_cutoff(now, time(23, 30), "Europe/Paris") == datetime(2026, 11, 22, 22, 30, tzinfo=UTC)
+    assert policy.last_cutoff(now) == datetime(2026, 11, 22, 22, 30, tzinfo=UTC)
+    assert policy.next_cutoff(now) == datetime(2026, 11, 23, 22, 30, tzinfo=UTC)
     earlier = datetime(2026, 11, 22, 22, 0, tzinfo=UTC)  # 23:00 in Paris
-    assert last_cutoff(earlier, time(23, 30), "Europe/Paris") == datetime(2026, 11, 21, 22, 30, tzinfo=UTC)
+    assert policy.last_cutoff(earlier) == datetime(2026, 11, 21, 22, 30, tzinfo=UTC)
+    assert policy.next_cutoff(earlier) == datetime(2026, 11, 22, 22, 30, tzinfo=UTC)
+    assert Policy().last_cutoff(now) is None and Policy().next_cutoff(now) is None
+
+
+def test_the_settlement_day_starts_at_local_midnight() -> None:
+    shanghai = Policy(timezone=ZoneInfo("Asia/Shanghai"))
+    # 07:30 UTC on the 22nd is 15:30 in Shanghai: its day began at 16:00 UTC on the 21st, not 00:00 UTC
+    assert shanghai.day_start(datetime(2026, 11, 22, 7, 30, tzinfo=UTC)) == datetime(2026, 11, 21, 16, 0, tzinfo=UTC)
+    assert Policy().day_start(datetime(2026, 11, 22, 7, 30, tzinfo=UTC)) == datetime(2026, 11, 22, tzinfo=UTC)

@@ -50,7 +50,7 @@ ORIGINAL = OriginalInfo(
 )
 
 #: (kind, outcome) -> response code, reason, whether an original is known, details
-_SHAPES: dict[str, tuple[str, str | None, bool, dict[str, object]]] = {
+_SHAPES: dict[str, tuple[str | None, str | None, bool, dict[str, object]]] = {
     "pos.void.approved": ("00", None, True, {}),
     "pos.void.declined": ("12", "batch_settled", True, {}),
     "pos.refund.approved": ("00", None, True, {}),
@@ -61,6 +61,12 @@ _SHAPES: dict[str, tuple[str, str | None, bool, dict[str, object]]] = {
     "pos.reversal.unmatched": ("00", "original_not_found", False, {"tombstone": True}),
     "pos.reversal.late": ("00", "reversed_after_settlement", True, {}),
     "pos.reversal.declined": ("12", "has_later_activity", True, {}),
+    "pos.reversal.conflict": (
+        "00",
+        "credited_beyond_original",
+        True,
+        {"reversed_amount": 1234, "refunded_amount": 500, "credited_beyond": 500, "refunds": []},
+    ),
     "pos.duplicate.replayed": ("00", None, True, {"replayed_mti": "0210"}),
     "pos.duplicate.conflict": ("94", "duplicate_conflict", True, {}),
     "pos.batch.settled": (
@@ -81,6 +87,15 @@ _SHAPES: dict[str, tuple[str, str | None, bool, dict[str, object]]] = {
             "batch": "000001",
             "terminal_totals": {"credits_count": 1, "credits_amount": 500, "debits_count": 3, "debits_amount": 9000},
             "ledger_totals": {"credits_count": 2, "credits_amount": 700, "debits_count": 3, "debits_amount": 9000},
+        },
+    ),
+    "pos.batch.closed": (
+        None,
+        "cutoff",
+        False,
+        {
+            "batch": "000001",
+            "ledger_totals": {"credits_count": 1, "credits_amount": 500, "debits_count": 3, "debits_amount": 9000},
         },
     ),
     "pos.upstream.reversal_queued": ("00", None, True, {"attempts": 0}),
@@ -109,7 +124,7 @@ def fact_for(event_type: str, *, pan: str | None = MASKED_PAN) -> CorrectionEven
         response_code=response_code,
         reason=reason,
         subject_rrn=ORIGINAL.rrn if has_original else request.rrn or "",
-        request=request,
+        request=None if outcome == "closed" else request,  # the gateway closed it on its own
         original=ORIGINAL if has_original else None,
         balance=BalanceInfo(1234, 500, 0, 734, "partially_refunded") if has_original else None,
         details=details,
@@ -125,8 +140,8 @@ def committed_schema(event_type: str) -> dict[str, Any]:
     return loaded
 
 
-def test_the_sixteen_design_types_and_the_declined_reversal_each_have_a_sample_here() -> None:
-    assert len(EVENT_TYPES) == 17
+def test_the_eighteen_design_types_and_the_declined_reversal_each_have_a_sample_here() -> None:
+    assert len(EVENT_TYPES) == 19
     assert set(_SHAPES) == set(EVENT_TYPES)
 
 
