@@ -230,7 +230,11 @@ def _free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, tmp_path: Path, mqtt_url: str, profile: str = "iso87-binary") -> None:
+    """``python -m gateway serve`` on a free port; ``env`` adds or overrides environment variables."""
+
+    def __init__(
+        self, tmp_path: Path, mqtt_url: str, profile: str = "iso87-binary", env: dict[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         self.log_path = tmp_path / f"gateway-{profile}.log"
         self.db = tmp_path / "ledger.db"
@@ -243,6 +247,7 @@ class GatewayProcess:
             "GATEWAY_MQTT_TOPIC_PREFIX": f"e2e/{tmp_path.name}",
             "GATEWAY_PAN_HMAC_KEY": "e2e-key",
             "GATEWAY_LOG_FORMAT": "json",
+            **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
 
