@@ -5,6 +5,9 @@ process (``tests/harness.py``: SQLite ledger in a temporary directory, the sessi
 free port); the test reads its events with aiomqtt on the gateway's own topic prefix. Records "in the
 past" are seeded into the ledger file with the gateway's own ledger and engine before the process
 starts, under the same PAN key, so that cards compare equal.
+
+Two tests go beyond the audit's list: a completion overtaken by its reversal (finding 1 for the third
+kind the design names) and a pre-auth completed twice once the void of its completion is reversed.
 """
 
 from __future__ import annotations
@@ -312,6 +315,30 @@ async def test_a_void_whose_reversal_advice_arrived_first_is_declined_and_change
             lambda e: e.type == "pos.void.declined" and e.data.get("reason") == "reversed_before_arrival",
         )
         assert (await pos.void(sale[37], 7_500))[39] == "00"  # the sale still stands, unvoided
+
+
+async def test_a_completion_whose_reversal_advice_arrived_first_is_declined_and_leaves_the_pre_auth_open(
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    # not in the audit's list: the same hole for the third kind design section 5 names
+    proc = gateway()
+    async with terminal(proc) as pos, events_of(proc) as events:
+        preauth = await pos.preauth(10_000)
+        stan, sent_at = pos.next_stan(), stamp(datetime.now(UTC))
+        advice = fields_of(pos, "000000", 10_000)
+        advice[90] = original_data("0220", stan, sent_at)
+        mti, answer = await pos.send("0420", advice)
+        assert (mti, answer[39]) == ("0430", "00")
+
+        completion = {**fields_of(pos, "000000", 10_000, stan=stan), 7: sent_at}
+        completion[90] = original_data("0100", preauth[11], preauth[7])
+        mti, late = await pos.send("0220", completion)
+        assert (mti, late[39]) == ("0230", "12"), f"the overtaken completion was answered {late[39]}"
+        await events.wait_for(
+            "pos.completion.declined (reversed_before_arrival)",
+            lambda e: e.type == "pos.completion.declined" and e.data.get("reason") == "reversed_before_arrival",
+        )
+        assert (await pos.complete(preauth, 10_000))[39] == "00"  # the pre-auth is still open
 
 
 # =========================================================================== 2. retransmission with a new DE7
@@ -622,3 +649,21 @@ async def test_a_purchase_and_a_refund_without_de7_are_approved_and_answered_wit
         mti, refunded = await read_answer(pos)
         assert (mti, refunded["39"]) == ("0210", "00"), f"a refund without DE7: {refunded['39']}"
         assert "7" not in refunded
+
+
+# =========================================================================== beyond the audit
+
+
+async def test_a_pre_auth_whose_completion_came_back_by_reversing_its_void_cannot_be_completed_twice(
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    proc = gateway()
+    async with terminal(proc) as pos:
+        preauth = await pos.preauth(10_000)
+        completion = await pos.complete(preauth, 10_000)
+        assert completion[39] == "00"
+        void = await pos.void(completion[37], 10_000)
+        assert void[39] == "00"  # the pre-auth may be completed again ...
+        assert (await pos.reverse(void))[39] == "00"  # ... until the void is reversed: the completion stands again
+        again = await pos.complete(preauth, 10_000)
+        assert again[39] == "12", f"a second completion of one 100.00 pre-auth was answered {again[39]}"
