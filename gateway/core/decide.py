@@ -49,6 +49,9 @@ class Snapshot:
 
     pan_hmac: str | None = None
     original: Txn | None = None
+    #: for a reversal of a void: the record the void voided, and when that is a completion, its pre-auth
+    voided: Txn | None = None
+    voided_preauth: Txn | None = None
     original_batch: Batch | None = None
     #: an unmatched reversal that names this request (it arrived first)
     tombstone: Txn | None = None
@@ -249,6 +252,11 @@ def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
         # declined, or voided already: nothing stands that could be reversed
         return Decision(Reason.APPROVED, outcome="applied")
     later_activity = original.refunded_amount > 0 or original.completed
+    preauth = snapshot.voided_preauth
+    if preauth is not None and (preauth.completed or preauth.status is not TxnStatus.APPROVED):
+        # reversing a completion's void re-opens that completion: the pre-auth was completed again, voided
+        # or reversed since, so it would be captured twice
+        later_activity = True
     if later_activity and not request.is_advice:
         return _declined(Reason.HAS_LATER_ACTIVITY)
     late = snapshot.original_batch is not None and snapshot.original_batch.state is BatchState.CLOSED
@@ -259,7 +267,9 @@ def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
     partial_change = partial is not None and partial > 0 and original.kind is not Kind.VOID
     remaining = partial if partial is not None and partial_change else 0
     # what still stands after the reversal must cover the refunds; a completion stands on its own
-    conflict = later_activity and (original.completed or original.refunded_amount > remaining)
+    conflict = later_activity and (
+        original.completed or original.refunded_amount > remaining or original.kind is Kind.VOID
+    )
     outcome = "conflict" if conflict else "late" if late else "applied"
     changes: list[TxnChange] = []
     if partial is not None and partial_change:
@@ -272,6 +282,8 @@ def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
     if parent_id is not None:
         if original.kind is Kind.VOID:
             changes.append(TxnChange(parent_id, status=TxnStatus.APPROVED))
+            if preauth is not None and not conflict:
+                changes.append(TxnChange(preauth.id, completed=True))  # its completion stands again
         elif original.kind is Kind.REFUND:
             changes.append(TxnChange(parent_id, refunded_delta=-original.effective_amount))
         elif original.kind is Kind.COMPLETION:

@@ -296,6 +296,8 @@ def process(request: Request, ctx: Context) -> Step:
     events: list[CorrectionEvent] = []
     original: Txn | None = None
     original_batch: Batch | None = None
+    voided: Txn | None = None
+    voided_preauth: Txn | None = None
     tombstone: Txn | None = None
     velocity = _NO_REFUNDS
     if kind is not _REVERSAL:
@@ -307,11 +309,15 @@ def process(request: Request, ctx: Context) -> Step:
         if original is not None and original.batch_id is not None:
             original_batch = yield GetBatch(original.batch_id)
             original_batch = yield from _close_if_past_cutoff(original_batch, ctx, events)
+        if kind is _REVERSAL and original is not None and original.kind is Kind.VOID and original.original_id:
+            voided = yield GetTxn(original.original_id)
+            if voided is not None and voided.kind is Kind.COMPLETION and voided.original_id is not None:
+                voided_preauth = yield GetTxn(voided.original_id)
     if kind is _REFUND and ctx.policy.velocity_limited:
         day_start = ctx.policy.day_start(ctx.now)
         velocity = yield RefundVelocity(request.merchant_id, request.terminal_id, pan_hmac, day_start)
 
-    snapshot = Snapshot(pan_hmac, original, original_batch, tombstone, velocity)
+    snapshot = Snapshot(pan_hmac, original, voided, voided_preauth, original_batch, tombstone, velocity)
     decision = decide(request, snapshot, ctx.policy, ctx.now)
     batch = yield from _open_batch(request, ctx, events)
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
@@ -326,9 +332,11 @@ def process(request: Request, ctx: Context) -> Step:
         after = _apply_changes(original, decision.changes) if original is not None else None
         details: dict[str, object] = {}
         if decision.outcome == "conflict" and original is not None and after is not None:
-            standing: list[Txn] = yield StandingCorrections(original.id)
-            details = _conflict_details(original, after, standing, late=bool(original_batch and
-                                                                               original_batch.state is _CLOSED))
+            # what stands against the original, or against the pre-auth whose completion's void it reverses
+            credited = voided_preauth or original
+            standing: list[Txn] = yield StandingCorrections(credited.id)
+            late = original_batch is not None and original_batch.state is _CLOSED
+            details = _conflict_details(original, after, standing, late=late)
             plan.exception = _conflict_case(request, original, details, ctx.now)
         plan.events.append(_event(kind_name, decision.outcome, request, record, after or original, details=details))
     return plan

@@ -310,3 +310,28 @@ async def test_a_duplicate_window_shorter_than_an_old_sale_still_lets_refunds_us
     clock.advance(days=25)
     assert (await pos.refund(sale[37], 1))[39] == "64"
     _ = timedelta
+
+
+async def test_reversing_a_completions_void_completes_the_preauth_again_so_it_cannot_be_captured_twice(
+    gateway: GatewayApp, pos: IsoClient
+) -> None:
+    preauth = await pos.preauth(10_000)
+    completion = await pos.complete(preauth, 10_000)
+    void = await pos.void(completion[37], 10_000)
+    assert void[39] == "00"
+    assert (await pos.reverse({**void, 3: "020000"}, original_mti="0200"))[39] == "00"
+    assert (await pos.complete(preauth, 10_000))[39] == "12"  # already completed, by the re-opened one
+
+
+async def test_a_void_reversal_advice_after_the_preauth_was_completed_again_raises_a_conflict(
+    gateway: GatewayApp, pos: IsoClient
+) -> None:
+    preauth = await pos.preauth(10_000)
+    completion = await pos.complete(preauth, 10_000)
+    void = await pos.void(completion[37], 10_000)
+    assert (await pos.complete(preauth, 9_000))[39] == "00"
+    assert (await pos.reverse({**void, 3: "020000"}, original_mti="0200"))[39] == "12"  # a 0400 is refused
+    assert (await pos.reverse({**void, 3: "020000"}, mti="0420", original_mti="0200"))[39] == "00"
+    assert gateway.ledger is not None
+    [case] = await gateway.ledger.list_exceptions()
+    assert case.details["completed_amount"] == 9_000
