@@ -337,7 +337,7 @@ def process(request: Request, ctx: Context) -> Step:
             standing: list[Txn] = yield StandingCorrections(credited.id)
             late = original_batch is not None and original_batch.state is _CLOSED
             details = _conflict_details(original, after, standing, late=late)
-            plan.exception = _conflict_case(request, original, details, ctx.now)
+            plan.exception = _conflict_case(request, credited, details, ctx.now)
         plan.events.append(_event(kind_name, decision.outcome, request, record, after or original, details=details))
     return plan
 
@@ -511,14 +511,19 @@ def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: boo
     }
 
 
-def _conflict_case(request: Request, original: Txn, details: dict[str, object], now: datetime) -> ExceptionCase:
-    standing = "a completion" if original.completed else f"{details['refunded_amount']} refunded"
+def _conflict_case(request: Request, credited: Txn, details: dict[str, object], now: datetime) -> ExceptionCase:
+    """The operator's case about ``credited``: the original the card was credited beyond (for a reversed
+    completion's void, the pre-auth now captured twice)."""
+    if credited.kind is Kind.PREAUTH:
+        standing = f"{details['completed_amount']} completed"
+    else:
+        standing = f"{details['refunded_amount']} refunded"
     summary = (
-        f"reversal advice {request.mti} STAN {request.stan} reversed {details['reversed_amount']} of "
-        f"{original.kind} {original.rrn or original.stan} over {standing}"
+        f"reversal advice {request.mti} STAN {request.stan} reversed {details['reversed_amount']}; "
+        f"{credited.kind} {credited.rrn or credited.stan} stands with {standing}"
     )
     return ExceptionCase(
-        0, "reversal_conflict", request.merchant_id, request.terminal_id, original.rrn, summary, details, now
+        0, "reversal_conflict", request.merchant_id, request.terminal_id, credited.rrn, summary, details, now
     )
 
 
