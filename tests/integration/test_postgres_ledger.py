@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,9 @@ def _de90(original: Request) -> Reference:
 class Script:
     """Runs a labelled sequence of requests through one ledger and keeps what it answered."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, till: Till | None = None) -> None:
         self.ledger = ledger
-        self.till = Till()
+        self.till = till or Till()
         self.sent: dict[str, Request] = {}
         self.results: dict[str, LedgerResult] = {}
         self.trace: list[tuple[str, str, str, bool, int]] = []
@@ -151,16 +152,27 @@ class Script:
         reference = _de90(self.sent[of])
         return await self.send(label, self.till.request(Kind.COMPLETION, "0220", "000000", amount, reference=reference))
 
-    async def reverse(self, label: str, of: str, *, advice: bool = False, partial: int | None = None) -> LedgerResult:
+    async def reverse(
+        self,
+        label: str,
+        of: str,
+        *,
+        advice: bool = False,
+        partial: int | None = None,
+        terminal: str | None = None,
+        by_stan: bool = False,
+        amount: int | None = None,
+    ) -> LedgerResult:
         original = self.sent[of]
         request = self.till.request(
             Kind.REVERSAL,
             "0420" if advice else "0400",
             original.processing_code,
-            original.amount,
-            terminal=original.terminal_id,
-            reference=_de90(original),
+            original.amount if amount is None else amount,
+            terminal=terminal or original.terminal_id,
+            reference=Reference(same_stan=True) if by_stan else _de90(original),
             replacement_amount=partial,
+            stan=original.stan if by_stan else None,
         )
         return await self.send(label, request)
 
@@ -224,6 +236,71 @@ async def scripted_business_day(script: Script) -> None:
     await s.sale("sale_new_batch", 700)
     s.till.now += timedelta(days=31)
     await s.refund("refund_out_of_window", "sale_new_batch", 100)
+
+
+async def scripted_refund_controls_ii(script: Script) -> None:
+    """Issue 20's sequences: corrections overtaken by their reversal, repeats with a new DE7, reversals
+    from another terminal or by STAN alone, an advice over refunds, a cut-off crossed between requests."""
+    s = script
+    await s.sale("sale1", 10_000)
+    late_refund = s.till.refund(s.rrn("sale1"), 2_000)
+    s.sent["late_refund"] = late_refund
+    await s.reverse("reverse_late_refund", "late_refund", advice=True)
+    await s.send("late_refund_arrives", late_refund)
+    await s.refund("refund1", "sale1", 4_000)
+    await s.retransmit("refund1_new_de7", "refund1", transmission_time="1122235959")
+    await s.retransmit("refund1_other_amount", "refund1", amount=4_001, transmission_time="1122235958")
+    await s.reverse("reverse_other_terminal", "sale1", terminal=T2)
+    await s.reverse("reverse_by_stan_wrong_amount", "sale1", by_stan=True, amount=9_999)
+    await s.sale("sale2", 5_000)
+    await s.refund("refund2", "sale2", 5_000)
+    await s.reverse("advice_over_refund", "sale2", advice=True)
+    await s.sale("sale3", 3_000)
+    s.till.now = s.till.now.replace(hour=23, minute=30, second=1)  # the cut-off (23:30 UTC) just passed
+    await s.void("void_after_cutoff", "sale3", 3_000)
+    await s.refund("refund3", "sale3", 1_000)
+    # before the cut-off: sale1 and sale3 (sale2 reversed), refund1 and refund2; after it: refund3
+    await s.settle("settle_across_the_cutoff", T1, SettlementTotals(3, 10_000, 2, 13_000))
+    await s.sale("sale4", 700)
+    await s.settle("settle_again", T1, SettlementTotals(0, 0, 1, 700))
+
+
+async def test_issue_20_sequences_get_the_same_answers_balances_and_cases_as_the_sqlite_ledger(
+    tmp_path: Path, postgres_url: str, postgres_schema: str
+) -> None:
+    till = partial(Till, replace(POLICY, cutoff=time(23, 30)))
+
+    async def run(ledger: Ledger) -> tuple[Script, list[tuple[object, ...]], list[tuple[object, ...]], list[str]]:
+        script = Script(ledger, till())
+        await scripted_refund_controls_ii(script)
+        cases: list[tuple[object, ...]] = [
+            (c.kind, c.original_rrn == script.rrn("sale2"), c.details["reversed_amount"], c.details["refunded_amount"],
+             c.details["credited_beyond"], [line["amount"] for line in c.details["refunds"]])  # type: ignore[union-attr]
+            for c in await ledger.list_exceptions()
+        ]  # fmt: skip
+        topics = [row.topic for row in await ledger.pending(1000)]
+        return script, _stored(await ledger.all_txns()), cases, topics
+
+    async with SqliteLedger(tmp_path / "ledger.db", synchronous="OFF") as sqlite:
+        lite, lite_txns, lite_cases, lite_topics = await run(sqlite)
+    async with _ledger(postgres_url, postgres_schema) as pg:
+        post, pg_txns, pg_cases, pg_topics = await run(pg)
+
+    assert post.trace == lite.trace
+    assert (pg_txns, pg_cases, pg_topics) == (lite_txns, lite_cases, lite_topics)
+    answers = {label: (code, reason) for label, code, reason, _, _ in post.trace}
+    assert answers["late_refund_arrives"] == ("12", "reversed_before_arrival")
+    assert answers["refund1_new_de7"] == ("00", "approved") and post.results["refund1_new_de7"].replayed
+    assert answers["refund1_other_amount"] == ("94", "duplicate_conflict")
+    assert answers["reverse_other_terminal"] == ("25", "reversal_unmatched")
+    assert answers["reverse_by_stan_wrong_amount"] == ("25", "reversal_unmatched")
+    assert answers["advice_over_refund"] == ("00", "approved")
+    assert answers["void_after_cutoff"] == ("12", "batch_settled")
+    assert answers["settle_across_the_cutoff"][0] == "00"
+    assert answers["settle_again"][0] == "00"
+    assert pg_cases == [("reversal_conflict", True, 5_000, 5_000, 5_000, [5_000])]
+    assert sum(topic.endswith("/batch/closed") for topic in pg_topics) == 1
+    assert sum(topic.endswith("/reversal/conflict") for topic in pg_topics) == 1
 
 
 def _stored(txns: list[Txn]) -> list[tuple[object, ...]]:
