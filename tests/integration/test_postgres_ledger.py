@@ -275,7 +275,7 @@ async def test_issue_20_sequences_get_the_same_answers_balances_and_cases_as_the
         await scripted_refund_controls_ii(script)
         cases: list[tuple[object, ...]] = [
             (c.kind, c.original_rrn == script.rrn("sale2"), c.details["reversed_amount"], c.details["refunded_amount"],
-             c.details["credited_beyond"], [line["amount"] for line in c.details["refunds"]])  # type: ignore[union-attr]
+             c.details["credited_beyond"], [line["amount"] for line in c.details["refunds"]])  # type: ignore[attr-defined]
             for c in await ledger.list_exceptions()
         ]  # fmt: skip
         topics = [row.topic for row in await ledger.pending(1000)]
