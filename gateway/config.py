@@ -55,7 +55,7 @@ class StandInSettings(BaseModel):
 
 
 class VelocitySettings(BaseModel):
-    """Daily refund limits (UTC day); ``None`` switches a limit off."""
+    """Daily refund limits (a day in the settlement time zone); ``None`` switches a limit off."""
 
     terminal_daily_count: int | None = Field(default=None, ge=0)
     terminal_daily_amount: int | None = Field(default=None, ge=0)
@@ -77,7 +77,7 @@ class PolicySettings(BaseModel):
 
 
 class SettlementSettings(BaseModel):
-    """Daily cut-off that closes batches terminals forgot to settle."""
+    """Daily cut-off that closes batches terminals forgot to settle; its time zone is every "day"'s."""
 
     cutoff: time | None = Field(default=None, description="Local time of day, e.g. 23:30; off when unset")
     timezone: str = "UTC"

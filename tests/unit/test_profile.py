@@ -405,3 +405,18 @@ def test_a_header_of_length_zero_cannot_have_a_value(tmp_path: Path) -> None:
 
     with pytest.raises(ProfileError, match=r"fields\.h\.value: a header of max_len 0 has no value"):
         load_profile(path)
+
+
+def test_docs_profiles_md_lists_the_fields_each_request_must_carry_as_the_dialect_checks_them() -> None:
+    from gateway.core.model import Kind
+    from gateway.protocol.dialect import REQUIRED_FIELDS
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "profiles.md").read_text()
+    table = text[text.index("<!-- required-fields"):text.index("<!-- /required-fields -->")]
+    rows = re.findall(r"^\| ([a-z -]+) \| [^|]+ \| ([0-9, ]+) \| (yes|no) \|$", table, re.M)
+    names = {"network management": Kind.NETWORK, "pre-authorization": Kind.PREAUTH, "purchase": Kind.PURCHASE,
+             "pre-auth completion": Kind.COMPLETION, "void": Kind.VOID, "refund": Kind.REFUND,
+             "reversal": Kind.REVERSAL, "settlement": Kind.SETTLEMENT}  # fmt: skip
+    documented = {names[name]: tuple(int(n) for n in fields.split(", ")) for name, fields, _ in rows}
+    assert documented == REQUIRED_FIELDS
+    assert all(7 not in fields for fields in REQUIRED_FIELDS.values())
