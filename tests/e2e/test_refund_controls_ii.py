@@ -271,50 +271,35 @@ def zone_with_midnight_at(utc_hour: int) -> str:
 # =========================================================================== 1. reversal overtook a correction
 
 
-async def test_a_refund_whose_reversal_advice_arrived_first_is_declined_and_changes_nothing(
-    gateway: Callable[..., GatewayProcess],
-) -> None:
-    proc = gateway()
-    async with terminal(proc) as pos, events_of(proc) as events:
-        sale = await pos.sale(10_000)
-        assert sale[39] == "00"
-        stan, sent_at = pos.next_stan(), stamp(datetime.now(UTC))
-        advice = fields_of(pos, "200000", 6_000)
-        advice[90] = original_data("0200", stan, sent_at)
-        mti, answer = await pos.send("0420", advice)
-        assert (mti, answer[39]) == ("0430", "00")
-
-        refund = {**fields_of(pos, "200000", 6_000, stan=stan), 7: sent_at, 37: sale[37]}
-        mti, late = await pos.send("0200", refund)
-        assert (mti, late[39]) == ("0210", "12"), f"the overtaken refund was answered {late[39]}"
-        await events.wait_for(
-            "pos.refund.declined (reversed_before_arrival)",
-            lambda e: e.type == "pos.refund.declined" and e.data.get("reason") == "reversed_before_arrival",
-        )
-        assert (await pos.refund(sale[37], 10_000))[39] == "00"  # the sale's whole balance is still there
-
-
-async def test_a_void_whose_reversal_advice_arrived_first_is_declined_and_changes_nothing(
-    gateway: Callable[..., GatewayProcess],
+@pytest.mark.parametrize(
+    ("processing_code", "kind", "after"),
+    [
+        ("200000", "refund", "refund"),  # the sale's whole balance is still there
+        ("020000", "void", "void"),  # the sale still stands, unvoided
+    ],
+)
+async def test_a_refund_or_void_whose_reversal_advice_arrived_first_is_declined_and_changes_nothing(
+    gateway: Callable[..., GatewayProcess], processing_code: str, kind: str, after: str
 ) -> None:
     proc = gateway()
     async with terminal(proc) as pos, events_of(proc) as events:
         sale = await pos.sale(7_500)
         assert sale[39] == "00"
         stan, sent_at = pos.next_stan(), stamp(datetime.now(UTC))
-        advice = fields_of(pos, "020000", 7_500)
+        advice = fields_of(pos, processing_code, 7_500)
         advice[90] = original_data("0200", stan, sent_at)
         mti, answer = await pos.send("0420", advice)
         assert (mti, answer[39]) == ("0430", "00")
 
-        void = {**fields_of(pos, "020000", 7_500, stan=stan), 7: sent_at, 37: sale[37]}
-        mti, late = await pos.send("0200", void)
-        assert (mti, late[39]) == ("0210", "12"), f"the overtaken void was answered {late[39]}"
+        late_request = {**fields_of(pos, processing_code, 7_500, stan=stan), 7: sent_at, 37: sale[37]}
+        mti, late = await pos.send("0200", late_request)
+        assert (mti, late[39]) == ("0210", "12"), f"the overtaken {kind} was answered {late[39]}"
         await events.wait_for(
-            "pos.void.declined (reversed_before_arrival)",
-            lambda e: e.type == "pos.void.declined" and e.data.get("reason") == "reversed_before_arrival",
+            f"pos.{kind}.declined (reversed_before_arrival)",
+            lambda e: e.type == f"pos.{kind}.declined" and e.data.get("reason") == "reversed_before_arrival",
         )
-        assert (await pos.void(sale[37], 7_500))[39] == "00"  # the sale still stands, unvoided
+        follow_up = pos.refund if after == "refund" else pos.void
+        assert (await follow_up(sale[37], 7_500))[39] == "00"
 
 
 async def test_a_completion_whose_reversal_advice_arrived_first_is_declined_and_leaves_the_pre_auth_open(
