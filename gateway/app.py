@@ -17,6 +17,7 @@ import asyncpg
 
 from gateway.adapters.postgres_ledger import PostgresLedger
 from gateway.adapters.sqlite_ledger import SWITCH_INTERVAL_S, SqliteLedger
+from gateway.adapters.tcp import Limits
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port, unknown_environment
 from gateway.core.policy import Policy
 from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
@@ -58,6 +59,41 @@ def build_ledger(settings: Settings) -> Ledger:
     if path is None:
         return PostgresLedger(settings.ledger_url)
     return SqliteLedger(path)
+
+
+def build_limits(settings: Settings) -> Limits:
+    limits = settings.limits
+    return Limits(
+        max_connections=settings.max_connections,
+        reserved=min(
+            limits.reserved if limits.reserved is not None else settings.max_connections // 10,
+            settings.max_connections - 1,
+        ),
+        per_address=limits.per_address,
+        idle_timeout_s=settings.idle_timeout_s,
+        frame_timeout_s=limits.frame_timeout_s,
+        handshake_timeout_s=limits.handshake_timeout_s,
+        write_timeout_s=limits.write_timeout_s,
+        in_flight=limits.in_flight,
+        in_flight_total=limits.in_flight_total,
+        unsent_bytes=limits.unsent_bytes,
+    )
+
+
+class CertificateTerminals:
+    """The terminals a verified client certificate may act as: the one its subject CN names, and those
+    ``GATEWAY_TLS__CLIENT_TERMINALS`` maps its CN or subject alternative names (DNS, URI) to."""
+
+    def __init__(self, mapping: dict[str, list[str]]) -> None:
+        self.mapping = {name: frozenset(terminals) for name, terminals in mapping.items()}
+
+    def __call__(self, certificate: dict[str, Any]) -> frozenset[str]:
+        names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+        terminals = set(names)
+        names += [value for kind, value in certificate.get("subjectAltName", ()) if kind in ("DNS", "URI")]
+        for name in names:
+            terminals |= self.mapping.get(name, frozenset())
+        return frozenset(terminals)
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -141,9 +177,9 @@ class GatewayApp:
                 self.profile.framing,
                 host=host,
                 port=port,
-                idle_timeout_s=settings.idle_timeout_s,
-                max_connections=settings.max_connections,
+                limits=build_limits(settings),
                 ssl_context=_ssl_context(settings),
+                certificate_terminals=CertificateTerminals(settings.tls.client_terminals),
                 logger=self.log,
                 recorder=self.metrics,
             )
@@ -273,6 +309,8 @@ class GatewayApp:
         """Stop accepting, finish in-flight requests, let the relay drain briefly, close the ledger."""
         if self.server is not None:
             await self.server.stop()
+        if self.service is not None:
+            await self.service.drain_answered()
         if self.relay is not None and self.ledger is not None:
             # give the relay a moment to publish what the last requests wrote
             with contextlib.suppress(Exception):

@@ -1,7 +1,7 @@
 """The ``iso-gateway`` command line (typer + rich).
 
-Commands: ``serve``, ``check-config``, ``outbox status``, ``batches``, ``exceptions`` (and
-``exceptions resolve``). ``--config FILE.toml`` works
+Commands: ``serve``, ``check-config``, ``outbox status``, ``batches``, ``transactions --unanswered``,
+``exceptions`` (and ``exceptions resolve``). ``--config FILE.toml`` works
 before the command (for all of them) or after it (for that one). Bad settings, a broken profile or
 a missing file end with a clear message on stderr and exit code 2, never a traceback.
 
@@ -16,7 +16,7 @@ import asyncio
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -32,7 +32,7 @@ from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, unknown_en
 from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 
 if TYPE_CHECKING:
-    from gateway.core.model import BatchSummary, ExceptionCase
+    from gateway.core.model import BatchSummary, ExceptionCase, Txn
     from gateway.ports import OutboxStatus
 
 __all__ = ["app", "main"]
@@ -395,6 +395,61 @@ def batches(
             f"{row['credit_count']} / {row['credit_amount']}",
             row["currency"] or "-",
         )
+    _out().print(table)
+
+
+def _txn_dict(txn: Txn) -> dict[str, Any]:
+    return {
+        "id": txn.id,
+        "created_at": txn.created_at,
+        "merchant_id": txn.merchant_id,
+        "terminal_id": txn.terminal_id,
+        "kind": str(txn.kind),
+        "mti": txn.mti,
+        "stan": txn.stan,
+        "rrn": txn.rrn,
+        "amount": txn.amount,
+        "currency": txn.currency,
+        "pan": txn.pan_masked,
+        "response_code": txn.response_code,
+        "status": str(txn.status),
+    }
+
+
+@app.command()
+def transactions(
+    ctx: typer.Context,
+    unanswered: Annotated[
+        bool, typer.Option("--unanswered", help="Only records whose answer is not known to have been written.")
+    ] = False,
+    older_than: Annotated[
+        float, typer.Option(help="Seconds a record must be old (younger ones may still be on their way).")
+    ] = 10.0,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Recorded requests not known to have been answered: the gateway committed them, but the
+    connection was gone, or the process stopped, before their answer was written. Terminals reverse
+    such requests (0400/0420), which the ledger matches as any other."""
+    if not unanswered:
+        _fail("only `transactions --unanswered` is implemented; see `iso-gateway batches` for totals")
+    settings = _load(ctx, config)
+    before = datetime.now(UTC) - timedelta(seconds=older_than)
+    found: list[Txn] = _with_ledger(settings, lambda ledger: ledger.unanswered(before))
+    rows = [_txn_dict(txn) for txn in found]
+    if as_json:
+        _json(rows)
+        return
+    if not rows:
+        _out().print("no unanswered records")
+        return
+    table = Table(title="Recorded, not known to be answered", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False)  # fmt: skip
+    for name in ("recorded", "merchant / terminal", "kind", "stan", "rrn", "amount", "status"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(_when(row["created_at"]), f"{row['merchant_id']} / {row['terminal_id']}", row["kind"],
+                      row["stan"], row["rrn"] or "-", f"{row['amount']} {row['currency']}", row["status"])  # fmt: skip
     _out().print(table)
 
 

@@ -112,6 +112,24 @@ class TlsSettings(BaseModel):
     cert: Path | None = None
     key: Path | None = None
     client_ca: Path | None = Field(default=None, description="Require client certificates signed by this CA")
+    #: certificate name (subject CN, or a DNS or URI subject alternative name) -> the terminals it may
+    #: act as ("TERMID", "MERCHANT/TERMID" or "*"); a certificate may always act as the terminal its CN names
+    client_terminals: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class LimitsSettings(BaseModel):
+    """What hostile or broken clients can cost (docs/operations.md, "Limits")."""
+
+    reserved: int | None = Field(
+        default=None, ge=0, description="Connection slots kept for proven terminals (default: 10% of max_connections)"
+    )
+    per_address: int = Field(default=250, ge=1, description="Connections from one source address")
+    frame_timeout_s: float = Field(default=10.0, gt=0, description="A frame must be complete this long after it began")
+    handshake_timeout_s: float = Field(default=10.0, gt=0, description="TLS handshake deadline")
+    write_timeout_s: float = Field(default=30.0, gt=0, description="Close a client that takes no answers this long")
+    in_flight: int = Field(default=128, ge=1, description="Requests in flight per connection before it is not read")
+    in_flight_total: int = Field(default=4096, ge=1, description="Requests in flight in all before none is read")
+    unsent_bytes: int = Field(default=65536, ge=1024, description="Unsent answers per connection before it is not read")
 
 
 class Settings(BaseSettings):
@@ -144,6 +162,7 @@ class Settings(BaseSettings):
     settlement: SettlementSettings = Field(default_factory=SettlementSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -69,6 +69,9 @@ class LedgerResult:
     approval_code: str | None  #: DE38
     replayed: bool  #: a retransmission answered from the stored response
     events: int  #: correction events written to the outbox
+    #: the record answered: the new one, or the first one for a replay; None when nothing is recorded
+    #: (a duplicate conflict). Marked answered once the answer is written (see Ledger.mark_answered).
+    txn_id: int | None = None
 
 
 #: how a ledger tells its caller a request is settled: ``(result, None)`` once it is durable,

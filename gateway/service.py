@@ -8,8 +8,9 @@ Decode (codec), understand (dialect), decide and record (ledger driving the pure
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -20,7 +21,6 @@ from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import new_event_id, render_event
-from gateway.logs import REQUEST_LINE_KEYS, info_writer, request_line_writer
 from gateway.ports import Clock, LedgerDone, LedgerPrepare, LedgerResult, Renderer
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
@@ -46,6 +46,10 @@ class Ledger(Protocol):
         in place of ``done`` (see :data:`gateway.ports.LedgerPrepare`)."""
         ...
 
+    async def mark_answered(self, txn_ids: Sequence[int]) -> None:
+        """Record that these records' answers were written to their terminals."""
+        ...
+
 
 class Recorder(Protocol):
     """Where per-request figures go (Prometheus metrics in production)."""
@@ -55,6 +59,27 @@ class Recorder(Protocol):
 
 class FrameRejectedError(Exception):
     """A frame that cannot be answered at all (no readable request MTI): costs the connection."""
+
+
+@dataclass(slots=True)
+class Peer:
+    """What the service and the TCP server share about one connection."""
+
+    address: str  #: host:port of the client
+    #: the terminals a verified client certificate binds the connection to ("TERMID", "MERCHANT/TERMID"
+    #: or "*"); None without a certificate. Requests for any other terminal are refused (58).
+    bound_terminals: frozenset[str] | None = None
+    #: set once the connection sent a request the service accepted from an allowed terminal (or had a
+    #: client certificate): the server keeps slots for such connections
+    proven: bool = False
+
+
+def _listed(entries: frozenset[str], merchant_id: str, terminal_id: str) -> bool:
+    return "*" in entries or terminal_id in entries or f"{merchant_id}/{terminal_id}" in entries
+
+
+#: answered records are marked in the ledger this often, together (one statement for many)
+ANSWERED_FLUSH_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +111,7 @@ class GatewayService:
         clock: Clock | None = None,
         logger: Any = None,
         recorder: Recorder | None = None,
+        answered_flush_s: float = ANSWERED_FLUSH_S,
     ) -> None:
         self.profile = profile
         self.codec = Codec(profile)
@@ -93,10 +119,12 @@ class GatewayService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.log = logger
-        #: the ``message.processed`` line: with extra fields (format errors), and without
-        self._log_processed = info_writer(logger) if logger is not None else None
-        self._log_request = request_line_writer(logger, "message.processed") if logger is not None else None
         self.recorder = recorder
+        #: records whose answers were written, not yet marked in the ledger
+        self._answered: list[int] = []
+        self._answered_flush: asyncio.TimerHandle | None = None
+        self._answered_flush_s = answered_flush_s
+        self._marking: set[asyncio.Task[None]] = set()
 
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)
@@ -119,14 +147,24 @@ class GatewayService:
         Raises :class:`FrameRejectedError` when the frame is not even a readable request.
         """
         answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self.handle_nowait(payload, answer.set_result, answer.set_exception)
+
+        def reply(data: bytes | None) -> bool:
+            answer.set_result(data)
+            return True
+
+        self.handle_nowait(payload, reply, answer.set_exception)
         return await answer
 
     def handle_nowait(
-        self, payload: bytes, reply: Callable[[bytes | None], None], fail: Callable[[BaseException], None]
+        self,
+        payload: bytes,
+        reply: Callable[[bytes | None], bool],
+        fail: Callable[[BaseException], None],
+        peer: Peer | None = None,
     ) -> None:
         """Answer one frame without a task of its own: ``reply`` gets the answer (None: no answer), now or
-        when the ledger has committed; ``fail`` gets an exception that must cost the connection.
+        when the ledger has committed, and says whether it could be written (False: the connection is
+        gone, the record stays unanswered); ``fail`` gets an exception that must cost the connection.
 
         Raises :class:`FrameRejectedError` at once when the frame is not even a readable request.
         """
@@ -152,10 +190,15 @@ class GatewayService:
             reply(self._answer(message, request, Reason.APPROVED, started))
             return
         allowed = self.config.allowed_terminals  # empty: every terminal
-        terminal = request.terminal_id
-        if allowed and terminal not in allowed and f"{request.merchant_id}/{terminal}" not in allowed:
+        merchant, terminal = request.merchant_id, request.terminal_id
+        bound = peer.bound_terminals if peer is not None else None
+        if (allowed and not _listed(allowed, merchant, terminal)) or (
+            bound is not None and not _listed(bound, merchant, terminal)
+        ):
             reply(self._answer(message, request, Reason.TERMINAL_NOT_ALLOWED, started))
             return
+        if peer is not None:
+            peer.proven = True
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
 
         def prepare(result: LedgerResult) -> Callable[[], None]:
@@ -167,7 +210,8 @@ class GatewayService:
                 try:
                     self._account(message, request, result.response_code, result.reason, started,
                                   rrn=result.rrn, replayed=result.replayed)
-                    reply(data)
+                    if reply(data) and result.txn_id is not None:
+                        self._mark_answered(result.txn_id)
                 except Exception as exc:  # a bug past the ledger: the connection pays, never the server
                     fail(exc)
 
@@ -186,6 +230,36 @@ class GatewayService:
             send()
 
         self.ledger.submit(request, ctx, self.render, committed, prepare)
+
+    def _mark_answered(self, txn_id: int) -> None:
+        self._answered.append(txn_id)
+        if self._answered_flush is None:
+            self._answered_flush = asyncio.get_running_loop().call_later(self._answered_flush_s, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.flush_answered())
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
+    async def flush_answered(self) -> None:
+        """Mark the records answered since the last flush (also at shutdown). A failure only leaves
+        them listed as unanswered, which an operator can check: nothing is answered twice."""
+        if self._answered_flush is not None:
+            self._answered_flush.cancel()
+            self._answered_flush = None
+        ids, self._answered = self._answered, []
+        if ids:
+            try:
+                await self.ledger.mark_answered(ids)
+            except Exception as exc:
+                self._warn("ledger.mark_answered_failed", error=type(exc).__name__, records=len(ids))
+
+    async def drain_answered(self) -> None:
+        """At shutdown, before the ledger closes: every mark made so far is written."""
+        await self.flush_answered()
+        for task in list(self._marking):
+            with contextlib.suppress(Exception):
+                await task
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
         if exc.mti is None or response_mti(exc.mti) is None:
@@ -237,26 +311,26 @@ class GatewayService:
         kind = str(request.kind) if request is not None else "unknown"  # a StrEnum: str() is its value
         if self.recorder is not None:
             self.recorder.request_done(message.mti, kind, code, elapsed)
-        if self._log_request is None or self._log_processed is None:
+        if self.log is None:
             return
         fields = message.fields
-        values = (
-            message.mti,
-            kind,
-            fields.get(42),  # merchant
-            fields.get(41),  # terminal
-            fields.get(11),  # stan
-            rrn,
-            code,
-            None if reason_text == "approved" else reason_text,
-            replayed or None,
-            round(elapsed * 1000, 3),  # latency_ms
-            request.masked_pan if request is not None else None,
+        # neighbouring values are read together for split card numbers (gateway.logs): the wire's text
+        # (DE41 then DE42, as on the wire) is kept apart from the gateway's own numbers (STAN, RRN, codes)
+        self.log.info(
+            "message.processed",
+            mti=message.mti,
+            terminal=fields.get(41),
+            merchant=fields.get(42),
+            kind=kind,
+            stan=fields.get(11),
+            reason=None if reason_text == "approved" else reason_text,
+            rrn=rrn,
+            replayed=replayed or None,
+            response_code=code,
+            latency_ms=round(elapsed * 1000, 3),
+            pan=request.masked_pan if request is not None else None,
+            **(extra or {}),
         )
-        if extra:
-            self._log_processed("message.processed", {**dict(zip(REQUEST_LINE_KEYS, values, strict=True)), **extra})
-        else:
-            self._log_request(*values)
 
     def _warn(self, event: str, **fields: Any) -> None:
         if self.log is not None:

@@ -50,9 +50,10 @@ def purchase(stan: str) -> Message:
 
 
 def service_on(ledger: Ledger, recorder: Recorder | None = None) -> GatewayService:
-    """The gateway's service over ``ledger``, without a server around it."""
+    """The gateway's service over ``ledger``, without a server around it (answered records are marked
+    only when the test calls ``flush_answered``: the ledger runs no job the test did not ask for)."""
     config = ServiceConfig("test", "test/corrections", b"test-key", Policy())
-    return GatewayService(load_profile("iso87-binary"), ledger, config, recorder=recorder)
+    return GatewayService(load_profile("iso87-binary"), ledger, config, recorder=recorder, answered_flush_s=3600)
 
 
 def hold_commits(ledger: SqliteLedger, patch: Any) -> tuple[threading.Event, threading.Event]:

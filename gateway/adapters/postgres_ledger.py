@@ -195,6 +195,13 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX exceptions_open ON exceptions (id) WHERE resolved_at IS NULL;
         """,
     ),
+    (
+        "answered: whether a record's answer was written to its terminal",
+        """
+        ALTER TABLE txns ADD COLUMN answered boolean NOT NULL DEFAULT false;
+        UPDATE txns SET answered = true;
+        """,
+    ),
 )
 
 #: RRNs handed out in memory per sequence value
@@ -224,7 +231,7 @@ _WRITE = (
     " INSERT INTO outbox (event_id, topic, payload, ordering_key, created_at) "
     + _EVENTS_SELECT.format(first="$37", second="$38", third="$39", fourth="$40", created="$23")
     + " RETURNING id"
-    f") INSERT INTO txns ({_TXN_COLUMNS}) VALUES ({', '.join(f'${n}' for n in range(1, 31))})"
+    f") INSERT INTO txns ({_TXN_COLUMNS}) VALUES ({', '.join(f'${n}' for n in range(1, 31))}) RETURNING id"
 )
 
 
@@ -547,6 +554,7 @@ class PostgresLedger:
             plan.approval_code,
             plan.replayed,
             len(plan.events),
+            plan.answered_id,
         )
 
     async def _answer(self, conn: Any, request: Request | None, query: Query) -> Any:
@@ -745,7 +753,7 @@ class PostgresLedger:
                 await conn.execute(_INSERT_EVENTS, *events, created)
             return
         changes = _merge_changes(plan.changes)
-        await conn.execute(
+        record.id = await conn.fetchval(
             _WRITE,
             *record_values(record, record.created_at),
             [change.txn_id for change in changes],
@@ -780,6 +788,21 @@ class PostgresLedger:
         if events and self.on_events is not None:
             self.on_events()
         return len(events)
+
+    # ------------------------------------------------------------------ answers
+
+    async def mark_answered(self, txn_ids: Sequence[int]) -> None:
+        """Record that these records' answers were written to their terminals."""
+        async with self._acquire() as conn:
+            await conn.execute("UPDATE txns SET answered = true WHERE id = ANY($1::bigint[])", list(txn_ids))
+
+    async def unanswered(self, recorded_before: datetime) -> list[Txn]:
+        """Records not known to have been answered, recorded before ``recorded_before`` (oldest first)."""
+        async with self._acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM txns WHERE NOT answered AND created_at < $1 ORDER BY id", recorded_before
+            )
+        return [_txn(row) for row in rows]
 
     # ------------------------------------------------------------------ exceptions
 

@@ -177,6 +177,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX exceptions_open ON exceptions(id) WHERE resolved_at IS NULL;
     """,
+    # 4: whether a record's answer was written to its terminal (issue 21): a record is born unanswered
+    # and marked once its answer is written; those from before this version count as answered
+    """
+    ALTER TABLE txns ADD COLUMN answered INTEGER NOT NULL DEFAULT 0;
+    UPDATE txns SET answered = 1;
+    """,
 )
 
 _INSERT_TXN = f"INSERT INTO txns({', '.join(TXN_COLUMNS)}) VALUES ({', '.join('?' * len(TXN_COLUMNS))})"
@@ -873,6 +879,7 @@ class SqliteLedger:
             plan.approval_code,
             plan.replayed,
             len(plan.events),
+            plan.answered_id,
         )
 
     def _run_decisions(self, conn: sqlite3.Connection, group: list[_Job]) -> list[tuple[Any, Exception | None]]:
@@ -1154,7 +1161,7 @@ class SqliteLedger:
             if deferred is not None:
                 deferred.add(record, values)
             else:
-                conn.execute(_INSERT_TXN, values)
+                record.id = conn.execute(_INSERT_TXN, values).lastrowid or 0
             if record.status is _UNMATCHED:
                 self._note_tombstone(record.merchant_id, record.terminal_id)
         if deferred is not None and plan.changes:
@@ -1242,6 +1249,30 @@ class SqliteLedger:
     async def all_txns(self) -> list[Txn]:
         """Every record in id order (for tools and tests)."""
         return await self._call(lambda conn: [_txn(r) for r in conn.execute("SELECT * FROM txns ORDER BY id")])
+
+    # ------------------------------------------------------------------ answers
+
+    async def mark_answered(self, txn_ids: Sequence[int]) -> None:
+        """Record that these records' answers were written to their terminals."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(txn_ids), 500):
+                chunk = txn_ids[start:start + 500]
+                conn.execute(f"UPDATE txns SET answered = 1 WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+        # bookkeeping: a power cut may undo a mark, and the record is then listed as unanswered (safe)
+        await self._call(run, durable=False)
+
+    async def unanswered(self, recorded_before: datetime) -> list[Txn]:
+        """Records not known to have been answered, recorded before ``recorded_before`` (oldest first)."""
+
+        def run(conn: sqlite3.Connection) -> list[Txn]:
+            rows = conn.execute(
+                "SELECT * FROM txns WHERE answered = 0 AND created_at < ? ORDER BY id", (_us(recorded_before),)
+            )
+            return [_txn(row) for row in rows]
+
+        return await self._call(run)
 
     # ------------------------------------------------------------------ exceptions
 

@@ -1,12 +1,23 @@
-"""The asyncio TCP server: connections, framing and concurrency around the service.
+"""The asyncio TCP server: connections, framing, limits and back-pressure around the service.
 
-Each connection feeds a :class:`~gateway.protocol.framing.FrameBuffer`; every complete frame goes to
-the service at once (no task per frame: the service calls back when the ledger has committed), so
-several requests per connection are in flight and their answers go back in the order they finish
-(terminals match them by STAN). Answers finished together leave in one write. A framing error, or a
-frame that is not a readable request, closes that connection only. Idle connections are closed by a
-sweeper; over the connection limit a new connection is closed at once. Shutdown stops accepting,
-lets in-flight requests finish, then closes the connections.
+Each connection feeds a :class:`~gateway.protocol.framing.FrameBuffer`; complete frames go to the
+service at once (no task per frame: the service calls back when the ledger has committed), so several
+requests per connection are in flight and their answers go back in the order they finish (terminals
+match them by STAN). Answers finished together leave in one write.
+
+What a hostile or broken client can cost is bounded (docs/operations.md, "Limits"):
+
+- a frame that cannot be framed or read stops that connection's reading at once: nothing read after
+  it is decided; the answers of requests already being decided are still written, then it closes;
+- reading stops while a connection has too many requests in flight, while its unsent answers exceed
+  ``limits.unsent_bytes`` (the client does not read), or while the whole server has too many
+  requests in flight; a client that reads nothing for ``limits.write_timeout_s`` is closed;
+- a frame must be complete ``limits.frame_timeout_s`` after its first byte, a TLS handshake within
+  ``limits.handshake_timeout_s`` (handshakes count as connections), and a connection without a
+  complete frame for ``idle_timeout_s`` is closed (bytes alone do not keep it open);
+- connections per source address are capped, and ``limits.reserved`` of the slots are kept for
+  *proven* connections (a verified client certificate, or a request the service accepted from an
+  allowed terminal): when the unproven ones fill the rest, the oldest unproven one makes room.
 """
 
 from __future__ import annotations
@@ -16,21 +27,24 @@ import contextlib
 import itertools
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from gateway.protocol.framing import Frame, FrameBuffer, FramingError, encode_frame, reply_tpdu
+from gateway.protocol.framing import FrameBuffer, FramingError, encode_frame, reply_tpdu
 from gateway.protocol.profile import Framing
-from gateway.service import FrameRejectedError
+from gateway.service import FrameRejectedError, Peer
 
 
 class Service(Protocol):
     def handle_nowait(
-        self, payload: bytes, reply: Callable[[bytes | None], None], fail: Callable[[BaseException], None]
+        self,
+        payload: bytes,
+        reply: Callable[[bytes | None], bool],
+        fail: Callable[[BaseException], None],
+        peer: Peer | None = None,
     ) -> None: ...
-
-#: stop reading from a connection while this many of its requests are in flight
-_MAX_IN_FLIGHT = 128
 
 
 class ConnectionRecorder(Protocol):
@@ -41,18 +55,49 @@ class ConnectionRecorder(Protocol):
     def frame_rejected(self, reason: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one connection, and all of them, may hold (defaults: docs/configuration.md)."""
+
+    max_connections: int = 1000
+    #: slots only proven connections may take (see the module docstring)
+    reserved: int = 100
+    per_address: int = 250
+    idle_timeout_s: float = 300.0
+    frame_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    write_timeout_s: float = 30.0
+    #: requests in flight on one connection before it is no longer read
+    in_flight: int = 128
+    #: requests in flight on the whole server before connections are no longer read
+    in_flight_total: int = 4096
+    #: answers written but not yet taken by the client, per connection, before it is no longer read
+    unsent_bytes: int = 64 * 1024
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: TerminalServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
         self.buffer = FrameBuffer(server.framing)
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self.last_activity = time.monotonic()
+        self.peer = Peer("?")
+        self.address = "?"
+        self.opened = time.monotonic()
+        #: the last complete frame received or answer written (idle timeout)
+        self.last_activity = self.opened
+        #: when the frame being received began (its deadline), None between frames
+        self.frame_started: float | None = None
+        #: since when the client has not been taking its answers (its deadline), None while it does
+        self.write_blocked: float | None = None
+        self.handshaking = False
+        #: a call to take frames that waited for room is scheduled
+        self.more_scheduled = False
         #: requests of this connection not answered yet
         self.pending = 0
+        #: no more frames are taken; the connection closes once its pending answers are written
         self.closing = False
-        self.paused = False
+        self.reading = True
         self.frames = 0
         #: answers finished in this loop iteration, written together by one flush
         self.outgoing: list[bytes] = []
@@ -63,65 +108,119 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        server = self.server
-        if len(server.connections) >= server.max_connections or server.stopping:
-            server.log_event("connection.refused", peer=self.peer, reason="connection limit")
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self.peer = Peer(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+        limits = self.server.limits
+        self.transport.set_write_buffer_limits(high=limits.unsent_bytes, low=limits.unsent_bytes // 4)
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            self.server.log_event("connection.refused", peer=self.peer.address, reason=refusal)
             self.transport.abort()
+            self.transport = None
             return
-        server.connections.add(self)
-        if server.recorder is not None:
-            server.recorder.connection_opened()
-        server.log_event("connection.opened", conn=self.id, peer=self.peer)
+        self.server.log_event("connection.opened", conn=self.id, peer=self.peer.address)
+        if self.server.ssl_context is not None:
+            self.handshaking = True
+            self.transport.pause_reading()  # the ClientHello is for the TLS layer, not for the framing
+            self.server.start_tls(self)
+
+    def tls_ready(self, transport: asyncio.Transport, certificate: dict[str, Any] | None) -> None:
+        self.transport = transport
+        limits = self.server.limits
+        transport.set_write_buffer_limits(high=limits.unsent_bytes, low=limits.unsent_bytes // 4)
+        self.handshaking = False
+        self.last_activity = time.monotonic()
+        if certificate is not None:
+            self.peer.bound_terminals = self.server.terminals_of(certificate)
+            self.peer.proven = True
+        self.server.log_event("connection.tls", level="debug", conn=self.id, certificate=certificate is not None)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_activity = time.monotonic()
-        try:
-            frames = self.buffer.feed(data)
-        except FramingError as exc:
-            for frame in exc.frames:
-                self._dispatch(frame)
-            self._reject(exc.reason, label="framing")
-            return
-        for frame in frames:
-            self._dispatch(frame)
+        if self.frame_started is None:
+            self.frame_started = time.monotonic()
+        self._take_frames(data)
 
     def eof_received(self) -> bool | None:
         # half-close: finish what is in flight, then close
         self.closing = True
-        if not self.pending and not self.outgoing and self.transport is not None:
-            self.transport.close()
+        self._close_when_done()
         return True
 
+    def pause_writing(self) -> None:
+        self.write_blocked = time.monotonic()
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = None
+        self.update_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        server = self.server
-        if self in server.connections:
-            server.connections.discard(self)
-            if server.recorder is not None:
-                server.recorder.connection_closed()
-            server.log_event("connection.closed", conn=self.id, peer=self.peer, frames=self.frames)
+        self.server.forget(self)
         self.closing = True
         self.transport = None
 
     # frames ---------------------------------------------------------------------
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _take_frames(self, data: bytes) -> None:
+        """Decide the frames received so far, as many as the limits allow now (the rest wait)."""
+        try:
+            room = max(0, self.server.limits.in_flight - self.pending)
+            frames = self.buffer.feed(data, room)
+        except FramingError as exc:
+            for frame in exc.frames:
+                if self.closing:
+                    break
+                self._dispatch(frame.payload, frame.tpdu)
+            self._reject(exc.reason, label="framing")
+            return
+        for frame in frames:
+            if self.closing:  # a frame before this one closed the connection: nothing after it is decided
+                return
+            self._dispatch(frame.payload, frame.tpdu)
+        if not self.buffer.buffered:
+            self.frame_started = None
+        elif frames:  # the bytes left over begin the next frame (or are frames waiting for room)
+            self.frame_started = time.monotonic()
+        self.update_reading()
+
+    def _dispatch(self, payload: bytes, tpdu: bytes | None) -> None:
         self.frames += 1
         self.pending += 1
-        self.server.in_flight += 1
-        if self.pending >= _MAX_IN_FLIGHT and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        self.last_activity = time.monotonic()
+        self.server.request_started()
         try:
-            self.server.service.handle_nowait(frame.payload, lambda data: self._reply(frame, data), self._fail)
+            self.server.service.handle_nowait(payload, lambda data: self._reply(tpdu, data), self._fail, self.peer)
         except FrameRejectedError as exc:
             self._finished()
             self._reject(f"unreadable message: {exc}", label="unreadable")
         except Exception as exc:  # the per-request boundary: log, close this connection only
             self._finished()
             self._crashed(exc)
+
+    def update_reading(self) -> None:
+        """Read while nothing holds this connection back; else let TCP push back on the client."""
+        transport = self.transport
+        if transport is None or self.handshaking:
+            return
+        server = self.server
+        wanted = not (
+            self.closing
+            or self.pending >= server.limits.in_flight
+            or self.write_blocked is not None
+            or server.in_flight >= server.limits.in_flight_total
+        )
+        if wanted == self.reading:
+            return
+        self.reading = wanted
+        if wanted:
+            server.throttled.discard(self)
+            transport.resume_reading()
+        else:
+            if server.in_flight >= server.limits.in_flight_total:
+                server.throttled.add(self)
+            transport.pause_reading()
 
     def _fail(self, exc: BaseException) -> None:
         self._finished()
@@ -134,21 +233,31 @@ class _Connection(asyncio.Protocol):
     def _finished(self) -> None:
         self.pending -= 1
         self.server.request_finished()
-        if self.paused and self.pending < _MAX_IN_FLIGHT // 2 and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        if self.closing and not self.pending and self.transport is not None and not self.outgoing:
-            self.transport.close()
+        if not self.closing and self.buffer.buffered and not self.more_scheduled:
+            # frames that waited for room: taken in a later callback, not from inside this one
+            self.more_scheduled = True
+            asyncio.get_running_loop().call_soon(self._take_more)
+        self.update_reading()
+        self._close_when_done()
 
-    def _reply(self, frame: Frame, response: bytes | None) -> None:
+    def _take_more(self) -> None:
+        self.more_scheduled = False
+        if not self.closing and self.transport is not None:
+            self._take_frames(b"")
+
+    def _reply(self, tpdu: bytes | None, response: bytes | None) -> bool:
+        """Queue one answer for this loop iteration's write; False when it cannot be written (the
+        connection is gone): the caller's request stays unanswered."""
         transport = self.transport
+        delivered = response is None
         if response is not None and transport is not None and not transport.is_closing():
-            tpdu = reply_tpdu(frame.tpdu) if frame.tpdu is not None else None
             if not self.outgoing:
                 # answers completed by the same group commit leave in one write (one syscall)
                 asyncio.get_running_loop().call_soon(self._flush)
-            self.outgoing.append(encode_frame(self.server.framing, response, tpdu))
+            self.outgoing.append(encode_frame(self.server.framing, response, reply_tpdu(tpdu) if tpdu else None))
+            delivered = True
         self._finished()
+        return delivered
 
     def _flush(self) -> None:
         transport = self.transport
@@ -157,18 +266,28 @@ class _Connection(asyncio.Protocol):
             return
         transport.write(b"".join(data) if len(data) > 1 else data[0])
         self.last_activity = time.monotonic()
-        if self.closing and not self.pending:
-            transport.close()
+        self._close_when_done()
+
+    def _close_when_done(self) -> None:
+        if self.closing and not self.pending and not self.outgoing and self.transport is not None:
+            self.transport.close()  # after the answers already written (close flushes)
 
     def _reject(self, reason: str, *, label: str) -> None:
         server = self.server
-        server.log_event("connection.rejected", level="warning", conn=self.id, peer=self.peer, reason=reason)
+        server.log_event("connection.rejected", level="warning", conn=self.id, peer=self.peer.address, reason=reason)
         if server.recorder is not None:
             server.recorder.frame_rejected(label)
         self.closing = True
+        self.frame_started = None
+        self.update_reading()
+        self._close_when_done()
+
+    def drop(self, event: str, **fields: Any) -> None:
+        """Close at once, unwritten answers included (deadlines, eviction)."""
+        self.server.log_event(event, conn=self.id, peer=self.peer.address, **fields)
+        self.closing = True
         if self.transport is not None:
-            # answers already in flight for earlier frames are dropped with the connection
-            self.transport.close()
+            self.transport.abort()
 
 
 class TerminalServer:
@@ -181,9 +300,9 @@ class TerminalServer:
         *,
         host: str = "127.0.0.1",
         port: int = 8583,
-        idle_timeout_s: float = 300.0,
-        max_connections: int = 1000,
+        limits: Limits | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        certificate_terminals: Callable[[dict[str, Any]], frozenset[str]] | None = None,
         logger: Any = None,
         recorder: ConnectionRecorder | None = None,
     ) -> None:
@@ -191,18 +310,25 @@ class TerminalServer:
         self.framing = framing
         self.host = host
         self.port = port
-        self.idle_timeout_s = idle_timeout_s
-        self.max_connections = max_connections
+        self.limits = limits or Limits()
         self.ssl_context = ssl_context
+        self._certificate_terminals = certificate_terminals
         self.log = logger
         self.recorder = recorder
-        self.connections: set[_Connection] = set()
+        #: every connection from TCP accept on, TLS handshakes in progress included, oldest first
+        self.connections: dict[_Connection, None] = {}
+        self.per_address: Counter[str] = Counter()
+        #: connections that have not proven themselves yet (some may have since: see ``admit``), oldest first
+        self.unproven: dict[_Connection, None] = {}
+        #: connections not read because the server as a whole has too many requests in flight
+        self.throttled: set[_Connection] = set()
         #: requests received and not answered yet, over all connections
         self.in_flight = 0
         self._all_answered: asyncio.Event | None = None
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
 
     @property
@@ -211,8 +337,82 @@ class TerminalServer:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
+    # admission ------------------------------------------------------------------
+
+    def admit(self, conn: _Connection) -> str | None:
+        """Take ``conn`` in, or say why not. A full pool of unproven connections makes room by
+        closing its oldest member: a real terminal proves itself with its first request, a flood
+        of connections that never do only pushes its own out."""
+        limits = self.limits
+        if self.stopping:
+            return "shutting down"
+        if self.per_address[conn.address] >= limits.per_address:
+            return "connections per address"
+        unproven = self.unproven
+        if len(unproven) >= limits.max_connections - limits.reserved or len(self.connections) >= limits.max_connections:
+            # drop those that proved themselves since they came (amortised: only when the pool looks full)
+            self.unproven = unproven = {c: None for c in unproven if not c.peer.proven}
+        if len(unproven) >= limits.max_connections - limits.reserved or len(self.connections) >= limits.max_connections:
+            if not unproven:
+                return "connection limit"
+            oldest = next(iter(unproven))
+            oldest.drop("connection.evicted", reason="room for a new connection; it never sent an accepted request")
+            self.forget(oldest)
+        self.connections[conn] = None
+        unproven[conn] = None
+        self.per_address[conn.address] += 1
+        if self.recorder is not None:
+            self.recorder.connection_opened()
+        return None
+
+    def forget(self, conn: _Connection) -> None:
+        if conn not in self.connections:
+            return
+        del self.connections[conn]
+        self.unproven.pop(conn, None)
+        self.throttled.discard(conn)
+        self.per_address[conn.address] -= 1
+        if self.per_address[conn.address] <= 0:
+            del self.per_address[conn.address]
+        if self.recorder is not None:
+            self.recorder.connection_closed()
+        self.log_event("connection.closed", conn=conn.id, peer=conn.peer.address, frames=conn.frames)
+
+    def start_tls(self, conn: _Connection) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(conn))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: _Connection) -> None:
+        plain, context = conn.transport, self.ssl_context
+        assert plain is not None and context is not None
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                plain, conn, context, server_side=True, ssl_handshake_timeout=self.limits.handshake_timeout_s
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            conn.drop("connection.tls_failed", reason=type(exc).__name__)
+            self.forget(conn)
+            return
+        if secure is None:  # the connection went away during the handshake
+            self.forget(conn)
+            return
+        conn.tls_ready(secure, secure.get_extra_info("peercert") or None)
+
+    def terminals_of(self, certificate: dict[str, Any]) -> frozenset[str]:
+        """The terminals a verified client certificate may act as (see ``certificate_terminals``)."""
+        return self._certificate_terminals(certificate) if self._certificate_terminals else frozenset({"*"})
+
+    # requests -------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
     def request_finished(self) -> None:
         self.in_flight -= 1
+        if self.throttled and self.in_flight < self.limits.in_flight_total // 2:
+            for conn in list(self.throttled):
+                conn.update_reading()
         if self.in_flight == 0 and self._all_answered is not None:
             self._all_answered.set()
 
@@ -223,25 +423,27 @@ class TerminalServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self, next(self._ids)),
-            self.host,
-            self.port,
-            ssl=self.ssl_context,
-            reuse_address=True,
-            backlog=1024,
+            lambda: _Connection(self, next(self._ids)), self.host, self.port, reuse_address=True, backlog=1024
         )
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        interval = min(1.0, self.idle_timeout_s / 2)
+        """Close connections past a deadline: idle, a frame not completed, answers not taken."""
+        limits = self.limits
+        interval = min(1.0, limits.idle_timeout_s / 2, limits.frame_timeout_s / 2, limits.write_timeout_s / 2)
         while True:
             await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.idle_timeout_s
+            now = time.monotonic()
+            frame_s = limits.frame_timeout_s
             for conn in list(self.connections):
-                if conn.last_activity < deadline and not conn.pending and conn.transport is not None:
-                    self.log_event("connection.idle_timeout", conn=conn.id, peer=conn.peer)
-                    conn.closing = True
-                    conn.transport.close()
+                if conn.closing and conn.transport is None:
+                    continue
+                if conn.write_blocked is not None and now - conn.write_blocked > limits.write_timeout_s:
+                    conn.drop("connection.write_timeout", unsent=len(conn.outgoing))
+                elif conn.frame_started is not None and conn.reading and now > conn.frame_started + frame_s:
+                    conn.drop("connection.frame_timeout")
+                elif not conn.pending and now - conn.last_activity > limits.idle_timeout_s:
+                    conn.drop("connection.idle_timeout")
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, finish in-flight requests (up to ``grace_s``), close every connection."""
@@ -254,8 +456,7 @@ class TerminalServer:
                 await self._sweeper
         for conn in list(self.connections):
             conn.closing = True
-            if conn.transport is not None:
-                conn.transport.pause_reading()
+            conn.update_reading()
         if self.in_flight:
             self._all_answered = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -265,6 +466,8 @@ class TerminalServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+        for task in list(self._handshakes):
+            task.cancel()
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):

@@ -224,6 +224,13 @@ class Plan:
     original: Txn | None = None
     #: something applied that an operator must resolve (a reversal advice over refunds)
     exception: ExceptionCase | None = None
+    #: for a replay: the first request's record, whose answer this one repeats
+    replay_of: int | None = None
+
+    @property
+    def answered_id(self) -> int | None:
+        """The record this plan's answer answers (the ledger gives a new record its id when it writes it)."""
+        return self.record.id if self.record is not None else self.replay_of
 
 
 @dataclass(slots=True)
@@ -534,7 +541,7 @@ def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Pla
         plan.events.append(_event("duplicate", "conflict", request, None, None, earlier=earlier, code=code))
         return plan
     reason = Reason(earlier.reason) if earlier.reason else Reason.APPROVED
-    plan = Plan(earlier.response_code, reason, earlier.rrn, earlier.approval_code, replayed=True)
+    plan = Plan(earlier.response_code, reason, earlier.rrn, earlier.approval_code, replayed=True, replay_of=earlier.id)
     plan.events.append(_event("duplicate", "replayed", request, None, None, earlier=earlier))
     return plan
 

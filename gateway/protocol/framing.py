@@ -83,8 +83,9 @@ class FrameBuffer:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add received bytes; return every frame they complete, in order (often none)."""
+    def feed(self, data: bytes, limit: int | None = None) -> list[Frame]:
+        """Add received bytes; return the frames complete so far, in order (often none), at most
+        ``limit`` of them: the others stay buffered for a later call (``feed(b"", limit)``)."""
         if self._broken is not None:
             raise FramingError(f"the stream is unusable after an earlier error ({self._broken})")
         buf = self._buf
@@ -94,7 +95,7 @@ class FrameBuffer:
         end = len(buf)
         pos = 0
         try:
-            while end - pos >= hsize:
+            while end - pos >= hsize and (limit is None or len(frames) < limit):
                 body_start = pos + hsize
                 body = self._body_length(buf[pos:body_start])
                 body_end = body_start + body
