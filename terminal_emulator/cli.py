@@ -249,6 +249,25 @@ def _pan(value: str | None) -> str | None:
 AmountOpt = Annotated[str | None, typer.Option("--amount", help="Amount in major units, e.g. 12.34.")]
 PanOpt = Annotated[str | None, typer.Option("--pan", help=f"Card number (default test card {DEFAULT_PAN}).")]
 RrnOpt = Annotated[str | None, typer.Option("--rrn", help="RRN (DE37) of the original transaction.")]
+LastOpt = Annotated[
+    bool, typer.Option("--last", help="Refer to the latest approved sale (purchase or completion) in the journal.")
+]
+
+
+def _check_reference(rrn: str | None, last: bool) -> None:
+    if rrn is not None and last:
+        raise typer.BadParameter("give --rrn or --last, not both", param_hint="--last")
+
+
+def _reference(terminal: Terminal, rrn: str | None, last: bool) -> str | None:
+    """The RRN a void or refund refers to: ``--rrn``, or with ``--last`` the RRN of the journal's
+    latest approved purchase or completion (so a script never has to copy an RRN by hand)."""
+    if not last:
+        return rrn
+    record = terminal.journal.last("purchase", "completion", status="approved")
+    if record is None or record.rrn is None:
+        raise UsageError("--last: the journal holds no approved purchase or completion; make a sale first")
+    return record.rrn
 
 
 @app.command()
@@ -295,32 +314,50 @@ def complete(
 
 
 @app.command()
-def void(ctx: typer.Context, rrn: RrnOpt = None, amount: AmountOpt = None, pan: PanOpt = None) -> None:
-    """Void (0200, 020000, DE37 = original RRN); amount from the journal unless given."""
+def void(
+    ctx: typer.Context, rrn: RrnOpt = None, last: LastOpt = False, amount: AmountOpt = None, pan: PanOpt = None
+) -> None:
+    """Void (0200, 020000, DE37 = original RRN, or with --last the latest sale's); amount from the
+    journal unless given."""
     s = _settings(ctx)
-    original = _require(rrn, "--rrn")
+    _check_reference(rrn, last)
+    if not last:
+        _require(rrn, "--rrn")
     value = _amount(amount, s.currency)
     card = _pan(pan)
-    _run_terminal(s, lambda t: t.void(original, amount=value, pan=card))
+
+    async def go(t: Terminal) -> Exchange:
+        original = _reference(t, rrn, last)
+        assert original is not None
+        return await t.void(original, amount=value, pan=card)
+
+    _run_terminal(s, go)
 
 
 @app.command()
 def refund(
     ctx: typer.Context,
     rrn: RrnOpt = None,
+    last: LastOpt = False,
     amount: AmountOpt = None,
     pan: PanOpt = None,
     by_original_data: Annotated[
         bool, typer.Option("--by-original-data", help="Reference the original by DE90 instead of DE37.")
     ] = False,
 ) -> None:
-    """Refund (0200, 200000) by RRN, or unreferenced without --rrn."""
+    """Refund (0200, 200000) by RRN or of the latest sale (--last), or unreferenced without either."""
     s = _settings(ctx)
+    _check_reference(rrn, last)
     value = _amount(amount, s.currency)
     card = _pan(pan)
-    if rrn is None and value is None:
+    if rrn is None and not last and value is None:
         raise typer.BadParameter("an unreferenced refund needs an amount", param_hint="--amount")
-    _run_terminal(s, lambda t: t.refund(rrn, amount=value, pan=card, by_original_data=by_original_data))
+
+    async def go(t: Terminal) -> Exchange:
+        original = _reference(t, rrn, last)
+        return await t.refund(original, amount=value, pan=card, by_original_data=by_original_data)
+
+    _run_terminal(s, go)
 
 
 @app.command()
