@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, unknown_environment
-from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, requested_log_format, unknown_environment
 
 if TYPE_CHECKING:
     from gateway.core.model import BatchSummary
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
-#: Dialects the gateway can serve (``gateway.app`` refuses the others at start the same way).
 #: Exit code for unusable settings, profile or files (as click uses for usage errors).
 EXIT_CONFIG = 2
 
@@ -121,49 +119,65 @@ def _hide_secrets(text: str) -> str:
     return text
 
 
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(setting, problem) per error: the environment variable (or, for an unknown key of the
+    file, the key), what is wrong and the value given (secrets and URL passwords hidden)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        dotted = ".".join(str(part) for part in loc) or "(settings)"
+        if error["type"] == "extra_forbidden":
+            problems.append((dotted, "unknown setting (see docs/configuration.md)"))
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        shown = ""
+        if loc and loc[0] != "pan_hmac_key" and isinstance(given, str | int | float | bool):
+            value = repr(_hide_secrets(str(given)))
+            shown = "" if f"got {value}" in message else f" (got {value})"
+        problems.append((env_name(loc), f"{message}{shown}"))
+    return problems
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem: the setting, its environment variable, what is wrong and the value
     given (secrets and URL passwords hidden)."""
     lines = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
-        dotted = ".".join(str(part) for part in loc) or "(settings)"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            lines.append(f"  {dotted}: unknown setting (see docs/configuration.md)")
-            continue
-        given = error.get("input")
-        shown = ""
-        if loc and loc[0] != "pan_hmac_key" and isinstance(given, str | int | float | bool):
-            shown = f" (got {_hide_secrets(str(given))!r})"
-        lines.append(f"  {dotted} ({env_name(loc)}): {message}{shown}")
+    for error, (setting, problem) in zip(exc.errors(include_url=False), validation_problems(exc), strict=True):
+        dotted = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        lines.append(f"  {dotted}: {problem}" if setting == dotted else f"  {dotted} ({setting}): {problem}")
     return "invalid settings:\n" + "\n".join(lines)
 
 
-def _load(ctx: typer.Context, config: Path | None) -> Settings:
+class _SettingsProblems(Exception):
+    """The settings cannot be read: (setting, problem) pairs, and the text other commands print."""
+
+    def __init__(self, problems: list[tuple[str, str]], text: str) -> None:
+        super().__init__(text)
+        self.problems = problems
+        self.text = text
+
+
+def _read(ctx: typer.Context, config: Path | None) -> Settings:
     if config is None:
         root = ctx.find_root().obj
         config = root.config if isinstance(root, _Root) else None
     try:
         return load_settings(config)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        raise _SettingsProblems([("--config", str(exc))], str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
-        _fail(f"{config}: not valid TOML: {exc}")
+        problem = f"{config}: not valid TOML: {exc}"
+        raise _SettingsProblems([("--config", problem)], problem) from None
     except ValidationError as exc:
-        _fail(describe_validation_error(exc))
+        raise _SettingsProblems(validation_problems(exc), describe_validation_error(exc)) from None
 
 
-def _check_files(settings: Settings) -> list[str]:
-    """Certificate and key files named in the settings that do not exist."""
-    problems = []
-    for group_name in ("tls", "mqtt"):
-        group = getattr(settings, group_name)
-        for field in type(group).model_fields:
-            value = getattr(group, field)
-            if isinstance(value, Path) and not value.is_file():
-                problems.append(f"{group_name}.{field} ({env_name((group_name, field))}): no such file: {value}")
-    return problems
+def _load(ctx: typer.Context, config: Path | None) -> Settings:
+    try:
+        return _read(ctx, config)
+    except _SettingsProblems as exc:
+        _fail(exc.text)
 
 
 def flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -209,32 +223,44 @@ def _age(then: datetime | None, now: datetime) -> str:
 @app.command()
 def serve(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the gateway in the foreground until SIGTERM or SIGINT (then: stop accepting, finish
-    in-flight requests, close the ledger, exit 0)."""
-    settings = _load(ctx, config)
+    in-flight requests, close the ledger, exit 0). A start-up failure, settings included, is one
+    ``gateway.start_failed`` log line naming the setting, and exit code 2."""
     from gateway.app import serve as run
 
+    try:
+        settings = _read(ctx, config)
+    except _SettingsProblems as exc:
+        raise typer.Exit(_start_failed(exc.problems)) from None
     raise typer.Exit(run(settings))
+
+
+def _start_failed(problems: list[tuple[str, str]]) -> int:
+    """Log the settings' problems as ``serve`` logs any start-up failure: one line."""
+    from gateway.logs import configure_logging, flush_logs, get_logger
+
+    configure_logging("info", requested_log_format())
+    setting, detail = problems[0]
+    more = {"problems": [f"{s}: {d}" for s, d in problems]} if len(problems) > 1 else {}
+    get_logger("gateway").error("gateway.start_failed", setting=setting, detail=detail, **more)
+    flush_logs()
+    return EXIT_CONFIG
 
 
 @app.command("check-config")
 def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Print the effective settings (secrets hidden) and check the wire profile and files they name."""
+    """Print the effective settings (secrets hidden), and check without starting anything what
+    ``serve`` checks as it starts: the wire profile, certificate files, the ledger's place, the
+    addresses it listens on and the MQTT broker it would use. Exit code 2 on any problem."""
     settings = _load(ctx, config)
-    from gateway.protocol.profile import ProfileError, load_profile
+    from gateway.startup import preflight
 
-    try:
-        profile = load_profile(settings.profile)
-    except ProfileError as exc:
-        _fail(f"wire profile (GATEWAY_PROFILE={settings.profile}): {exc}")
-    if profile.dialect not in IMPLEMENTED_DIALECTS:
-        _fail(
-            f"wire profile {profile.name!r} (GATEWAY_PROFILE) uses dialect {profile.dialect!r}; "
-            f"this release implements {', '.join(IMPLEMENTED_DIALECTS)} only"
-        )
-    problems = _check_files(settings)
-    if problems:
-        _fail("missing files:\n  " + "\n  ".join(problems))
-
+    found = asyncio.run(preflight(settings))
+    if found.problems:
+        for problem in found.problems:
+            _err().print(f"[bold red]error:[/] {escape(problem.setting)}: {escape(problem.detail)}", markup=True)
+        raise typer.Exit(EXIT_CONFIG)
+    profile = found.profile
+    assert profile is not None
     data = settings.redacted()
     profile_info = {
         "name": profile.name,
@@ -252,7 +278,7 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
             markup=True,
         )
     if as_json:
-        _json({"settings": data, "profile": profile_info})
+        _json({"settings": data, "profile": profile_info, "checks": found.findings})
         return
     rows = [(env_name(loc), _show(value)) for loc, value in flatten(data)]
     width = max(len(name) for name, _ in rows)
@@ -266,6 +292,9 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
         f"{len(profile.fields)} fields) from {escape(str(profile.source))}",
         markup=True,
     )
+    for part in ("listen", "metrics", "tls", "ledger", "mqtt"):
+        if part in found.findings:
+            out.print(f"{part}: ok ({found.findings[part]})", markup=False, soft_wrap=True)
 
 
 def _require_ledger_file(settings: Settings) -> None:
