@@ -26,7 +26,7 @@ from .masking import mask_pan
 from .messages import DEFAULT_PAN
 from .money import AmountError, format_minor, parse_major
 from .profile import ProfileError, WireProfile, load_profile
-from .scenario import Scenario, ScenarioError, Step, StepResult, load_scenario, run_scenario
+from .scenario import Scenario, ScenarioError, ScenarioResult, Step, StepResult, load_scenario, run_scenario
 from .terminal import Exchange, Terminal
 
 __all__ = ["app", "main"]
@@ -440,16 +440,24 @@ def scenario(
     except (ScenarioError, UsageError) as exc:
         raise _fail(str(exc), 2) from None
     failed = 0
-    for sc in scenarios:
-        if not asyncio.run(_play(s, sc, profile)):
+    for number, sc in enumerate(scenarios, start=1):
+        result = asyncio.run(_play(s, sc, profile))
+        if not result.passed:
             failed += 1
+        if result.stopped is not None and number < len(scenarios):
+            # the next scenarios would meet the same connection: stop with one line, not a page of them
+            if not s.json:
+                typer.echo(f"stopped: {len(scenarios) - number} more scenario(s) not played")
+            raise typer.Exit(1)
     if not s.json and len(scenarios) > 1:
         typer.echo(f"{len(scenarios) - failed}/{len(scenarios)} scenarios passed")
     if failed:
         raise typer.Exit(1)
 
 
-async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
+async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> ScenarioResult:
+    played = 0
+
     def on_exchange(step: Step, exchange: Exchange) -> None:
         if s.json:
             _emit(s, exchange)
@@ -457,9 +465,16 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
             _emit(s, exchange, prefix="    ")
 
     def on_step(result: StepResult) -> None:
+        nonlocal played
+        played += 1
         if s.json:
             typer.echo(json.dumps({"step": result.step.label, "passed": result.passed,
-                                   "failures": result.failures}, separators=(",", ":")))
+                                   "failures": result.failures, "stopped": result.stopped}, separators=(",", ":")))
+            return
+        if result.stopped:
+            left = len(sc.steps) - played
+            later = f"; {left} later step(s) not played" if left else ""
+            typer.echo(f"  [STOPPED] {result.step.label}: {'; '.join(result.failures)}{later}")
             return
         mark = "ok" if result.passed else "FAILED"
         typer.echo(f"  [{mark}] {result.step.label}")
@@ -473,12 +488,12 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
         on_exchange=on_exchange, on_step=on_step,
     )
     if s.json:
-        typer.echo(json.dumps({"scenario": sc.name, "tid": result.tid, "passed": result.passed},
-                              separators=(",", ":")))
+        typer.echo(json.dumps({"scenario": sc.name, "tid": result.tid, "passed": result.passed,
+                               "stopped": result.stopped}, separators=(",", ":")))
     else:
         verdict = "PASSED" if result.passed else "FAILED"
         typer.echo(f"{verdict}: {sc.name} (terminal {result.tid})\n")
-    return result.passed
+    return result
 
 
 # --- load ---------------------------------------------------------------------------------------

@@ -163,3 +163,18 @@ async def test_last_without_a_sale_in_the_journal_or_with_rrn_is_a_usage_error(t
         assert code == 2
         assert "--rrn or --last" in err
     assert host.messages == []
+
+
+async def test_a_scenario_stops_at_the_first_connection_failure_with_one_clear_line(tmp_path: Path) -> None:
+    async with StubHost(PROFILE) as host:
+        port = host.port  # closed again: nothing listens there
+    code, out, err = await run_cli("--port", str(port), "scenario", "double_refund", "demo")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "scenario: Double refund",
+        f"  [STOPPED] sale: cannot connect to 127.0.0.1:{port}: connection refused; 3 later step(s) not played",
+    ]
+    assert "stopped: 1 more scenario(s) not played" in lines
+    assert "has no value" not in out
+    assert "scenario: A day at the till" not in out  # the next scenario is not played against the same dead host
