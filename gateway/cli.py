@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import orjson
 import typer
 from pydantic import ValidationError
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, requested_log_format, unknown_environment
+from gateway.tables import Column, render_table
 
 if TYPE_CHECKING:
     from gateway.core.model import BatchSummary
@@ -395,31 +395,27 @@ def batches(
     if not rows:
         _out().print("no batches")
         return
-    table = Table(
-        title="Batches (amounts in minor units)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-        show_edge=False,
-    )
-    # identifiers never wrap; on a narrow terminal dates wrap at the space
-    for name, min_width in (("merchant\nterminal", None), ("batch", None), ("state", 6), ("opened", 10),
-                            ("closed", 10), ("debits", 8), ("credits", 8), ("cur", None)):  # fmt: skip
-        table.add_column(name, no_wrap=min_width is None, min_width=min_width)
-    for row in rows:
-        state = f"{row['state']} ({row['result']})" if row["result"] else row["state"]
-        table.add_row(
-            f"{row['merchant_id']}\n{row['terminal_id']}",
+    names = ("merchant", "terminal", "batch", "state", "opened", "closed", "debits", "credits", "cur")
+    columns = [Column(name, right=name in ("debits", "credits")) for name in names]
+    cells = [
+        [
+            row["merchant_id"],
+            row["terminal_id"],
             row["batch_no"],
-            state,
+            f"{row['state']} ({row['result']})" if row["result"] else row["state"],
             _when(row["opened_at"]),
             _when(row["closed_at"]),
             f"{row['debit_count']} / {row['debit_amount']}",
             f"{row['credit_count']} / {row['credit_amount']}",
             row["currency"] or "-",
-        )
-    _out().print(table)
+        ]
+        for row in rows
+    ]
+    out = _out()
+    width = out.width if out.is_terminal else None  # a pipe or a file: one line per batch, however long
+    lines = render_table("Batches (amounts in minor units)", columns, cells, width=width, heading=2)
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -168,7 +168,7 @@ async def test_last_without_a_sale_in_the_journal_or_with_rrn_is_a_usage_error(t
 async def test_a_scenario_stops_at_the_first_connection_failure_with_one_clear_line(tmp_path: Path) -> None:
     async with StubHost(PROFILE) as host:
         port = host.port  # closed again: nothing listens there
-    code, out, err = await run_cli("--port", str(port), "scenario", "double_refund", "demo")
+    code, out, _ = await run_cli("--port", str(port), "scenario", "double_refund", "demo")
     assert code == 1
     lines = out.splitlines()
     assert lines[:2] == [
