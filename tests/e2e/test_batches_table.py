@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import termios
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ BIG = 9_999_999_999  # 99,999,999.99: a total as wide as a real merchant's
 
 
 @pytest.fixture(scope="module")
-def ledger_env(tmp_path_factory: pytest.TempPathFactory, mqtt_broker_url: str) -> Iterator[dict[str, str]]:
+def ledger_env(tmp_path_factory: pytest.TempPathFactory, mqtt_broker_url: str) -> dict[str, str]:
     """A ledger with a batch closed on a mismatch and an open one with a big sale."""
     import asyncio
 
@@ -43,7 +42,7 @@ def ledger_env(tmp_path_factory: pytest.TempPathFactory, mqtt_broker_url: str) -
     finally:
         proc.kill()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k not in ("COLUMNS", "LINES")}
-    yield {**env, "GATEWAY_LEDGER_URL": f"sqlite:///{proc.db}"}
+    return {**env, "GATEWAY_LEDGER_URL": f"sqlite:///{proc.db}"}
 
 
 def in_terminal(env: dict[str, str], columns: int) -> str:

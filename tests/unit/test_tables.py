@@ -47,6 +47,7 @@ def test_every_value_is_printed_whole_and_no_line_is_wider_than_the_width(table:
         for value in row:
             assert any(value in line for line in lines), value  # on one line, not broken across two
     assert "…" not in text
-    longest_pair = max(len(f"{column.name} {value}") for row in table for column, value in zip(COLUMNS, row))
+    pairs = [f"{column.name} {value}" for row in table for column, value in zip(COLUMNS, row, strict=True)]
+    longest_pair = max(len(pair) for pair in pairs)
     for line in lines:
         assert len(line) <= max(width, len("    ") + longest_pair), line
