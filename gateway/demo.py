@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+from collections.abc import Sized
 from pathlib import Path
 
 import aiomqtt
@@ -128,12 +129,24 @@ async def _play(console: Console, settings: Settings, ledger: Path) -> list[tupl
         show("settle", await pos.settle())
     console.print(table)
 
-    await asyncio.sleep(0.5)  # let the relay publish the last events
+    await _all_events_received(app, events)
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
         await listener
     await app.stop()
     return events
+
+
+async def _all_events_received(app: GatewayApp, events: Sized, limit_s: float = 15) -> None:
+    """Wait until the outbox is empty and every event the broker acknowledged reached the subscriber
+    (at most ``limit_s``: on a very busy machine the table then shows what came)."""
+    assert app.ledger is not None and app.relay is not None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit_s):
+            while True:  # the relay and the subscriber signal nothing: look every 50 ms
+                if not (await app.ledger.status()).pending and len(events) >= app.relay.stats.published:
+                    return
+                await asyncio.sleep(0.05)
 
 
 def _show_events(console: Console, events: list[tuple[str, dict[str, object]]]) -> None:

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 from brokers import missing_service, port_accepts, wait_until
@@ -212,8 +213,21 @@ class Tour:
             wait_until(lambda: subscribed(process.pid, 1883) or process.poll() is not None, 10, "mosquitto_sub")
             assert process.poll() is None, terminal.text()
 
+    def refund_events(self) -> list[dict[str, Any]]:
+        """The refund events of this run's sale that ``mosquitto_sub`` printed, in order."""
+        assert self.events is not None
+        rrn = sale_rrn(self)
+        return [
+            event
+            for line in self.events.text().splitlines()
+            if line.startswith("pos/corrections/MERCHANT0000001/TERM0001/refund/")
+            and (event := json.loads(line.split(" ", 1)[1]))["subject"].endswith(f"/{rrn}")
+        ]
+
     def stop_gateway(self) -> None:
         assert self.gateway is not None
+        # as a person would, once the second terminal showed the tour's two refund events
+        wait_until(lambda: len(self.refund_events()) >= 2, 15, "the refund events on mosquitto_sub")
         self.gateway.process.send_signal(signal.SIGINT)  # Ctrl-C
         assert self.gateway.process.wait(timeout=30) == 0, self.gateway.text()
 
@@ -302,16 +316,11 @@ def test_the_readme_quick_start_and_tour_work_as_written_in_a_fresh_clone_twice_
             (broker,) = [line for line in log if line["event"] == "mqtt.broker"]
             assert broker["mode"] == "local", broker  # the machine's Mosquitto, not a second broker
             rrn = sale_rrn(tour)
-            refunds = [
-                json.loads(line.split(" ", 1)[1])
-                for line in tour.events.text().splitlines()
-                if line.startswith("pos/corrections/MERCHANT0000001/TERM0001/refund/")
-            ]
-            ours = [event for event in refunds if event["subject"].endswith(f"/{rrn}")]
+            ours = tour.refund_events()
             assert [(e["type"], e["data"]["request"]["amount"]) for e in ours] == [
                 ("pos.refund.approved", 6000),
                 ("pos.refund.declined", 5000),
-            ], f"run {run}: mosquitto_sub saw {refunds}"
+            ], f"run {run}: mosquitto_sub saw {tour.events.text()}"
             assert "gateway log: demo-output/gateway.log" in tour.outputs["make demo"]
             assert "TERM0001" in tour.outputs[".venv/bin/iso-gateway batches --open"]
             rrns.append(rrn)
