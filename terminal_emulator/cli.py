@@ -249,9 +249,7 @@ def _pan(value: str | None) -> str | None:
 AmountOpt = Annotated[str | None, typer.Option("--amount", help="Amount in major units, e.g. 12.34.")]
 PanOpt = Annotated[str | None, typer.Option("--pan", help=f"Card number (default test card {DEFAULT_PAN}).")]
 RrnOpt = Annotated[str | None, typer.Option("--rrn", help="RRN (DE37) of the original transaction.")]
-LastOpt = Annotated[
-    bool, typer.Option("--last", help="Refer to the latest approved sale (purchase or completion) in the journal.")
-]
+LastOpt = Annotated[bool, typer.Option("--last", help="Refer to the journal's latest approved sale or completion.")]
 
 
 def _check_reference(rrn: str | None, last: bool) -> None:
@@ -260,11 +258,10 @@ def _check_reference(rrn: str | None, last: bool) -> None:
 
 
 def _reference(terminal: Terminal, rrn: str | None, last: bool) -> str | None:
-    """The RRN a void or refund refers to: ``--rrn``, or with ``--last`` the RRN of the journal's
-    latest approved purchase or completion (so a script never has to copy an RRN by hand)."""
+    """``--rrn``, or with ``--last`` the journal's latest sale's (a script never copies an RRN)."""
     if not last:
         return rrn
-    record = terminal.journal.last("purchase", "completion", status="approved")
+    record = terminal.journal.last_sale()
     if record is None or record.rrn is None:
         raise UsageError("--last: the journal holds no approved purchase or completion; make a sale first")
     return record.rrn

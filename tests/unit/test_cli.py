@@ -260,3 +260,15 @@ def test_a_validation_error_never_shows_the_hmac_key_value() -> None:
     text = describe_validation_error(caught.value)
     assert "12345" not in text
     assert "pan_hmac_key (GATEWAY_PAN_HMAC_KEY)" in text
+
+
+def test_batches_and_outbox_status_of_a_file_that_is_no_ledger_fail_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes = write(tmp_path / "notes.db", "not a ledger\n")
+    monkeypatch.setenv("GATEWAY_LEDGER_URL", f"sqlite:///{notes}")
+    for args in (("batches",), ("outbox", "status")):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert result.stderr.startswith("error: GATEWAY_LEDGER_URL: cannot open the ledger")
+        assert "Traceback" not in result.output

@@ -353,3 +353,15 @@ def test_dependencies_and_named_volumes_exist(compose: dict[str, Any], services:
                 assert (REPO / source).is_file(), f"{name} mounts missing {source}"
             else:
                 assert source in declared_volumes, f"{name} uses undeclared volume {source}"
+
+
+def test_the_readme_says_what_the_compose_stack_needs() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    docker = readme.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+    assert "Compose v2" in docker and "docker compose up --build" in docker
+    for variable, default in env_example().items():
+        if variable.endswith("_PORT"):
+            assert default in docker, f"the README does not name the host port {default} ({variable})"
+    needed = (".env.example", "ISO_BIND", "GATEWAY_PAN_HMAC_KEY", "10001", "--profile postgres", "--profile scale")
+    for word in needed:
+        assert word in docker, word
