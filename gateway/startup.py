@@ -55,6 +55,8 @@ class StartupError(Exception):
 
 def describe_os_error(exc: OSError) -> str:
     """``address already in use``, ``permission denied``: the system's words, without Python's wrapping."""
+    if isinstance(exc, socket.gaierror):  # a name that does not resolve: its errno is no errno
+        return (exc.strerror or str(exc)).lower()
     if exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
