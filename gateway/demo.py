@@ -37,7 +37,9 @@ SHOWN_LINES = 3
 
 async def _collect(url: str, into: list[tuple[str, dict[str, object]]], ready: asyncio.Event) -> None:
     host, port = url.removeprefix("mqtt://").rsplit(":", 1)
-    async with aiomqtt.Client(host, int(port), identifier="iso-gateway-demo") as client:
+    # not "iso-gateway-demo", the relay's own client id: a broker disconnects one of two clients
+    # with one id, and amqtt then sent the subscription's messages to the relay (no events shown)
+    async with aiomqtt.Client(host, int(port), identifier="iso-gateway-demo-watcher") as client:
         await client.subscribe("pos/corrections/#", qos=1)
         ready.set()
         async for message in client.messages:

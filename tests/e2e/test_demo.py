@@ -30,6 +30,9 @@ def test_the_demo_keeps_its_log_events_and_ledger_in_its_folder_and_shows_a_few_
         assert f"  {line}" in out.splitlines()  # shown whole, as written
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert {"pos.refund.approved", "pos.refund.declined", "pos.batch.settled"} <= {e["event"]["type"] for e in events}
+    published = sum(line["count"] for line in lines if line["event"] == "outbox.published")
+    assert len({e["event"]["id"] for e in events}) == published  # every event the relay published came
+    assert f"correction events received ({len(events)})" in out
     assert (folder / "ledger.db").is_file()
     assert "4761739001010119" not in (folder / "gateway.log").read_text()
 
