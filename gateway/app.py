@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
-import ssl
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -16,17 +16,24 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from gateway.adapters.postgres_ledger import PostgresLedger
-from gateway.adapters.sqlite_ledger import SWITCH_INTERVAL_S, SqliteLedger
+from gateway.adapters.sqlite_ledger import MIGRATIONS, SWITCH_INTERVAL_S, SqliteLedger
 from gateway.adapters.tcp import Limits
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port, unknown_environment
 from gateway.core.policy import Policy
-from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
-from gateway.protocol.profile import Profile, load_profile
+from gateway.protocol.profile import Profile
 from gateway.service import GatewayService, ServiceConfig, SystemClock
+from gateway.startup import (
+    BrokerChoice,
+    StartupError,
+    check_mqtt_settings,
+    check_sqlite_location,
+    checked_profile,
+    choose_broker,
+    describe_os_error,
+    terminal_tls,
+)
 
-
-class StartupError(Exception):
-    """The gateway cannot start with these settings (the message says why)."""
+__all__ = ["GatewayApp", "StartupError", "build_ledger", "build_policy", "open_ledger", "run_gateway", "serve"]
 
 
 def build_policy(settings: Settings) -> Policy:
@@ -96,18 +103,6 @@ class CertificateTerminals:
         return frozenset(terminals)
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    tls = settings.tls
-    if tls.cert is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    if tls.client_ca is not None:
-        context.load_verify_locations(str(tls.client_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 class GatewayApp:
     """Everything the gateway runs: ledger, broker, relay, service, TCP server, background tasks."""
 
@@ -133,76 +128,78 @@ class GatewayApp:
         return int(self.server.bound_port)
 
     async def start(self) -> None:
-        from gateway.adapters.mqtt import OutboxRelay
+        """Check the settings and start, in an order where whatever can fail fails before anything
+        shows outside: the checks of :mod:`gateway.startup`, the MQTT broker (found or started), the
+        terminal and metrics listeners (bound, not yet accepting), the ledger; then the relay, and
+        terminals last. A failure raises :class:`StartupError` naming the setting, and stops again
+        what was started (no relay connection left half-open for a broker to complain about)."""
         from gateway.adapters.tcp import TerminalServer
         from gateway.metrics import Metrics
 
         settings = self.settings
-        try:
-            self.profile = load_profile(settings.profile)
-        except Exception as exc:
-            raise StartupError(str(exc)) from exc
-        if self.profile.dialect not in IMPLEMENTED_DIALECTS:
-            raise StartupError(
-                f"profile {self.profile.name!r} uses dialect {self.profile.dialect!r}; "
-                f"this release implements {', '.join(IMPLEMENTED_DIALECTS)} only"
-            )
-        if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
-            self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
+        self.profile = checked_profile(settings)
+        ssl_context = terminal_tls(settings)
+        check_mqtt_settings(settings)
+        sqlite_path = settings.sqlite_path()
+        if sqlite_path is not None:
+            check_sqlite_location(sqlite_path, len(MIGRATIONS))
         self.metrics = Metrics()
         self.ledger = build_ledger(settings)
+        self.service = GatewayService(
+            self.profile,
+            self.ledger,
+            ServiceConfig(
+                instance_id=settings.instance_id,
+                topic_prefix=settings.mqtt_topic_prefix,
+                pan_key=settings.pan_hmac_key.get_secret_value().encode(),
+                policy=build_policy(settings),
+                allowed_terminals=frozenset(settings.allowed_terminals),
+            ),
+            clock=self.clock,
+            logger=self.log,
+            recorder=self.metrics,
+        )
+        host, port = split_host_port(settings.listen, 8583)
+        self.server = TerminalServer(
+            self.service,
+            self.profile.framing,
+            host=host,
+            port=port,
+            limits=build_limits(settings),
+            ssl_context=ssl_context,
+            certificate_terminals=CertificateTerminals(settings.tls.client_terminals),
+            logger=self.log,
+            recorder=self.metrics,
+        )
         try:
-            await self.ledger.open()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StartupError(f"cannot open the ledger {settings.redacted()['ledger_url']}: {exc}") from exc
-        try:
-            await self._start_events()
-            self.service = GatewayService(
-                self.profile,
-                self.ledger,
-                ServiceConfig(
-                    instance_id=settings.instance_id,
-                    topic_prefix=settings.mqtt_topic_prefix,
-                    pan_key=settings.pan_hmac_key.get_secret_value().encode(),
-                    policy=build_policy(settings),
-                    allowed_terminals=frozenset(settings.allowed_terminals),
-                ),
-                clock=self.clock,
-                logger=self.log,
-                recorder=self.metrics,
-            )
-            host, port = split_host_port(settings.listen, 8583)
-            self.server = TerminalServer(
-                self.service,
-                self.profile.framing,
-                host=host,
-                port=port,
-                limits=build_limits(settings),
-                ssl_context=_ssl_context(settings),
-                certificate_terminals=CertificateTerminals(settings.tls.client_terminals),
-                logger=self.log,
-                recorder=self.metrics,
-            )
+            choice = await choose_broker(settings)
+            await self._start_broker(choice)
             try:
-                await self.server.start()
+                await self.server.start(serve=False)
             except OSError as exc:
-                raise StartupError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from exc
-            m_host = "127.0.0.1"
-            self.ledger.on_commit = self.metrics.ledger_committed
-            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
+                reason = describe_os_error(exc)
+                raise StartupError("GATEWAY_LISTEN", f"cannot listen on {settings.listen}: {reason}") from None
             if settings.metrics_listen:
                 m_host, m_port = split_host_port(settings.metrics_listen, 9108)
                 try:
                     self.metrics_server = self.metrics.serve(m_host, m_port)
                 except OSError as exc:
-                    raise StartupError(f"cannot serve metrics on {settings.metrics_listen}: {exc}") from exc
+                    reason = describe_os_error(exc)
+                    where = settings.metrics_listen
+                    raise StartupError("GATEWAY_METRICS_LISTEN", f"cannot listen on {where}: {reason}") from None
+            await self._open_ledger()
+            self._start_relay()
+            self.ledger.on_commit = self.metrics.ledger_committed
+            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
             if settings.settlement.cutoff is not None:
                 self._tasks.append(asyncio.create_task(self._cutoff_loop(), name="settlement-cutoff"))
+            await self.server.serve()
         except BaseException:
-            await self._close_events()
-            await self.ledger.close()
+            await self._undo_start()
             raise
-        _ = OutboxRelay  # imported above so a missing MQTT stack fails at start, not later
+        self.log.info("mqtt.broker", mode=choice.mode, url=_hide(self.mqtt_url or ""), detail=choice.detail)
+        if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
+            self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
         self.log.info(
             "gateway.started",
             listen=f"{host}:{self.port}",
@@ -216,26 +213,37 @@ class GatewayApp:
         if unknown:
             self.log.warning("config.unknown_variables", names=unknown, detail="ignored; check their spelling")
 
-    async def _start_events(self) -> None:
+    async def _start_broker(self, choice: BrokerChoice) -> None:
+        """Start the embedded broker if ``choice`` says so; remember the URL the relay publishes to."""
         from gateway.adapters.broker import BrokerError, EmbeddedBroker
+
+        if choice.embedded_at is None:
+            self.mqtt_url = choice.url
+            return
+        self.broker = EmbeddedBroker(*choice.embedded_at)
+        try:
+            await self.broker.start()
+        except BrokerError as exc:
+            self.broker = None
+            raise StartupError("GATEWAY_MQTT__EMBEDDED_LISTEN", str(exc)) from None
+        self.mqtt_url = self.broker.url
+
+    async def _open_ledger(self) -> None:
+        assert self.ledger is not None
+        try:
+            await self.ledger.open()
+        except Exception as exc:
+            raise ledger_error(self.settings, exc) from exc
+
+    def _start_relay(self) -> None:
         from gateway.adapters.mqtt import OutboxRelay
 
         settings = self.settings
-        assert self.ledger is not None
-        url = settings.mqtt_url
-        if url == "embedded":
-            host, port = split_host_port(settings.mqtt.embedded_listen, 1883)
-            self.broker = EmbeddedBroker(host, port)
-            try:
-                await self.broker.start()
-            except BrokerError as exc:
-                raise StartupError(str(exc)) from exc
-            url = self.broker.url
-        self.mqtt_url = url
+        assert self.ledger is not None and self.mqtt_url is not None
         mqtt = settings.mqtt
         self.relay = OutboxRelay(
             self.ledger,
-            url=url,
+            url=self.mqtt_url,
             client_id=f"iso-gateway-{settings.instance_id}",
             clock=self.clock,
             batch_size=mqtt.batch_size,
@@ -249,6 +257,17 @@ class GatewayApp:
         self.ledger.on_events = self.relay.notify
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
 
+    async def _undo_start(self) -> None:
+        """Stop what a failed :meth:`start` started, quietly (the failure is what gets reported)."""
+        with contextlib.suppress(Exception):
+            if self.server is not None:
+                await self.server.stop(grace_s=0)
+        await self._close_events()
+        self._close_metrics_server()
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                await self.ledger.close()
+
     async def _close_events(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -260,6 +279,11 @@ class GatewayApp:
             with contextlib.suppress(Exception):
                 await self.broker.stop()
             self.broker = None
+
+    def _close_metrics_server(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     async def close_forgotten_batches(self) -> int:
         """Close every open batch opened before the latest settlement cut-off, with a ``pos.batch.closed``
@@ -309,8 +333,9 @@ class GatewayApp:
         """Stop accepting, finish in-flight requests, let the relay drain briefly, close the ledger."""
         if self.server is not None:
             await self.server.stop()
-        if self.service is not None:
-            await self.service.drain_answered()
+        if self.service is not None and self.ledger is not None:
+            with contextlib.suppress(Exception):  # the ledger may have failed to open
+                await self.service.drain_answered()
         if self.relay is not None and self.ledger is not None:
             # give the relay a moment to publish what the last requests wrote
             with contextlib.suppress(Exception):
@@ -319,9 +344,7 @@ class GatewayApp:
                         break
                     await asyncio.sleep(0.05)
         await self._close_events()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
+        self._close_metrics_server()
         if self.ledger is not None:
             await self.ledger.close()
         self.log.info("gateway.stopped")
@@ -374,7 +397,7 @@ def serve(settings: Settings) -> int:
         try:
             await run_gateway(settings, stop)
         except StartupError as exc:
-            log.error("gateway.start_failed", detail=str(exc))
+            log.error("gateway.start_failed", setting=exc.setting, detail=exc.detail)
             return 2
         return 0
 
@@ -388,11 +411,27 @@ def serve(settings: Settings) -> int:
         flush_logs()
 
 
+def ledger_error(settings: Settings, exc: Exception) -> StartupError:
+    """What opening the ledger raised, as the start-up problem of ``GATEWAY_LEDGER_URL``."""
+    where = settings.redacted()["ledger_url"]
+    if isinstance(exc, OSError):
+        reason = describe_os_error(exc)
+    elif isinstance(exc, sqlite3.Error | asyncpg.PostgresError | asyncpg.InterfaceError | RuntimeError | ValueError):
+        reason = str(exc) or type(exc).__name__
+    else:
+        raise exc  # a bug, not a setting: let it show with its traceback
+    return StartupError("GATEWAY_LEDGER_URL", f"cannot open the ledger {where}: {reason}")
+
+
 @contextlib.asynccontextmanager
 async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    """The ledger alone, for command-line tools (outbox status, batches)."""
+    """The ledger alone, for command-line tools (outbox status, batches); a ledger that cannot be
+    opened raises :class:`StartupError`."""
     ledger = build_ledger(settings)
-    await ledger.open()
+    try:
+        await ledger.open()
+    except Exception as exc:
+        raise ledger_error(settings, exc) from exc
     try:
         yield ledger
     finally:

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import orjson
 import typer
 from pydantic import ValidationError
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, unknown_environment
-from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, requested_log_format, unknown_environment
+from gateway.tables import Column, render_table
 
 if TYPE_CHECKING:
     from gateway.core.model import BatchSummary, ExceptionCase, Txn
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
-#: Dialects the gateway can serve (``gateway.app`` refuses the others at start the same way).
 #: Exit code for unusable settings, profile or files (as click uses for usage errors).
 EXIT_CONFIG = 2
 
@@ -126,49 +124,65 @@ def _hide_secrets(text: str) -> str:
     return text
 
 
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(setting, problem) per error: the environment variable (or, for an unknown key of the
+    file, the key), what is wrong and the value given (secrets and URL passwords hidden)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        dotted = ".".join(str(part) for part in loc) or "(settings)"
+        if error["type"] == "extra_forbidden":
+            problems.append((dotted, "unknown setting (see docs/configuration.md)"))
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        shown = ""
+        if loc and loc[0] != "pan_hmac_key" and isinstance(given, str | int | float | bool):
+            value = repr(_hide_secrets(str(given)))
+            shown = "" if f"got {value}" in message else f" (got {value})"
+        problems.append((env_name(loc), f"{message}{shown}"))
+    return problems
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem: the setting, its environment variable, what is wrong and the value
     given (secrets and URL passwords hidden)."""
     lines = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
-        dotted = ".".join(str(part) for part in loc) or "(settings)"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            lines.append(f"  {dotted}: unknown setting (see docs/configuration.md)")
-            continue
-        given = error.get("input")
-        shown = ""
-        if loc and loc[0] != "pan_hmac_key" and isinstance(given, str | int | float | bool):
-            shown = f" (got {_hide_secrets(str(given))!r})"
-        lines.append(f"  {dotted} ({env_name(loc)}): {message}{shown}")
+    for error, (setting, problem) in zip(exc.errors(include_url=False), validation_problems(exc), strict=True):
+        dotted = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        lines.append(f"  {dotted}: {problem}" if setting == dotted else f"  {dotted} ({setting}): {problem}")
     return "invalid settings:\n" + "\n".join(lines)
 
 
-def _load(ctx: typer.Context, config: Path | None) -> Settings:
+class _SettingsProblems(Exception):
+    """The settings cannot be read: (setting, problem) pairs, and the text other commands print."""
+
+    def __init__(self, problems: list[tuple[str, str]], text: str) -> None:
+        super().__init__(text)
+        self.problems = problems
+        self.text = text
+
+
+def _read(ctx: typer.Context, config: Path | None) -> Settings:
     if config is None:
         root = ctx.find_root().obj
         config = root.config if isinstance(root, _Root) else None
     try:
         return load_settings(config)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        raise _SettingsProblems([("--config", str(exc))], str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
-        _fail(f"{config}: not valid TOML: {exc}")
+        problem = f"{config}: not valid TOML: {exc}"
+        raise _SettingsProblems([("--config", problem)], problem) from None
     except ValidationError as exc:
-        _fail(describe_validation_error(exc))
+        raise _SettingsProblems(validation_problems(exc), describe_validation_error(exc)) from None
 
 
-def _check_files(settings: Settings) -> list[str]:
-    """Certificate and key files named in the settings that do not exist."""
-    problems = []
-    for group_name in ("tls", "mqtt"):
-        group = getattr(settings, group_name)
-        for field in type(group).model_fields:
-            value = getattr(group, field)
-            if isinstance(value, Path) and not value.is_file():
-                problems.append(f"{group_name}.{field} ({env_name((group_name, field))}): no such file: {value}")
-    return problems
+def _load(ctx: typer.Context, config: Path | None) -> Settings:
+    try:
+        return _read(ctx, config)
+    except _SettingsProblems as exc:
+        _fail(exc.text)
 
 
 def flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -214,32 +228,44 @@ def _age(then: datetime | None, now: datetime) -> str:
 @app.command()
 def serve(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Run the gateway in the foreground until SIGTERM or SIGINT (then: stop accepting, finish
-    in-flight requests, close the ledger, exit 0)."""
-    settings = _load(ctx, config)
+    in-flight requests, close the ledger, exit 0). A start-up failure, settings included, is one
+    ``gateway.start_failed`` log line naming the setting, and exit code 2."""
     from gateway.app import serve as run
 
+    try:
+        settings = _read(ctx, config)
+    except _SettingsProblems as exc:
+        raise typer.Exit(_start_failed(exc.problems)) from None
     raise typer.Exit(run(settings))
+
+
+def _start_failed(problems: list[tuple[str, str]]) -> int:
+    """Log the settings' problems as ``serve`` logs any start-up failure: one line."""
+    from gateway.logs import configure_logging, flush_logs, get_logger
+
+    configure_logging("info", requested_log_format())
+    setting, detail = problems[0]
+    more = {"problems": [f"{s}: {d}" for s, d in problems]} if len(problems) > 1 else {}
+    get_logger("gateway").error("gateway.start_failed", setting=setting, detail=detail, **more)
+    flush_logs()
+    return EXIT_CONFIG
 
 
 @app.command("check-config")
 def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Print the effective settings (secrets hidden) and check the wire profile and files they name."""
+    """Print the effective settings (secrets hidden), and check without starting anything what
+    ``serve`` checks as it starts: the wire profile, certificate files, the ledger's place, the
+    addresses it listens on and the MQTT broker it would use. Exit code 2 on any problem."""
     settings = _load(ctx, config)
-    from gateway.protocol.profile import ProfileError, load_profile
+    from gateway.startup import preflight
 
-    try:
-        profile = load_profile(settings.profile)
-    except ProfileError as exc:
-        _fail(f"wire profile (GATEWAY_PROFILE={settings.profile}): {exc}")
-    if profile.dialect not in IMPLEMENTED_DIALECTS:
-        _fail(
-            f"wire profile {profile.name!r} (GATEWAY_PROFILE) uses dialect {profile.dialect!r}; "
-            f"this release implements {', '.join(IMPLEMENTED_DIALECTS)} only"
-        )
-    problems = _check_files(settings)
-    if problems:
-        _fail("missing files:\n  " + "\n  ".join(problems))
-
+    found = asyncio.run(preflight(settings))
+    if found.problems:
+        for problem in found.problems:
+            _err().print(f"[bold red]error:[/] {escape(problem.setting)}: {escape(problem.detail)}", markup=True)
+        raise typer.Exit(EXIT_CONFIG)
+    profile = found.profile
+    assert profile is not None
     data = settings.redacted()
     profile_info = {
         "name": profile.name,
@@ -257,7 +283,7 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
             markup=True,
         )
     if as_json:
-        _json({"settings": data, "profile": profile_info})
+        _json({"settings": data, "profile": profile_info, "checks": found.findings})
         return
     rows = [(env_name(loc), _show(value)) for loc, value in flatten(data)]
     width = max(len(name) for name, _ in rows)
@@ -271,6 +297,9 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
         f"{len(profile.fields)} fields) from {escape(str(profile.source))}",
         markup=True,
     )
+    for part in ("listen", "metrics", "tls", "ledger", "mqtt"):
+        if part in found.findings:
+            out.print(f"{part}: ok ({found.findings[part]})", markup=False, soft_wrap=True)
 
 
 def _require_ledger_file(settings: Settings) -> None:
@@ -371,31 +400,23 @@ def batches(
     if not rows:
         _out().print("no batches")
         return
-    table = Table(
-        title="Batches (amounts in minor units)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-        show_edge=False,
-    )
-    # identifiers never wrap; on a narrow terminal dates wrap at the space
-    for name, min_width in (("merchant\nterminal", None), ("batch", None), ("state", 6), ("opened", 10),
-                            ("closed", 10), ("debits", 8), ("credits", 8), ("cur", None)):  # fmt: skip
-        table.add_column(name, no_wrap=min_width is None, min_width=min_width)
-    for row in rows:
-        state = f"{row['state']} ({row['result']})" if row["result"] else row["state"]
-        table.add_row(
-            f"{row['merchant_id']}\n{row['terminal_id']}",
+    names = ("merchant", "terminal", "batch", "state", "opened", "closed", "debits", "credits", "cur")
+    columns = [Column(name, right=name in ("debits", "credits")) for name in names]
+    cells = [
+        [
+            row["merchant_id"],
+            row["terminal_id"],
             row["batch_no"],
-            state,
+            f"{row['state']} ({row['result']})" if row["result"] else row["state"],
             _when(row["opened_at"]),
             _when(row["closed_at"]),
             f"{row['debit_count']} / {row['debit_amount']}",
             f"{row['credit_count']} / {row['credit_amount']}",
             row["currency"] or "-",
-        )
-    _out().print(table)
+        ]
+        for row in rows
+    ]
+    _print_table("Batches (amounts in minor units)", columns, cells, heading=2)
 
 
 def _txn_dict(txn: Txn) -> dict[str, Any]:
@@ -443,14 +464,20 @@ def transactions(
     if not rows:
         _out().print("no unanswered records")
         return
-    table = Table(title="Recorded, not known to be answered", title_justify="left", box=box.SIMPLE_HEAD,
-                  show_edge=False)  # fmt: skip
-    for name in ("recorded", "merchant / terminal", "kind", "stan", "rrn", "amount", "status"):
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        table.add_row(_when(row["created_at"]), f"{row['merchant_id']} / {row['terminal_id']}", row["kind"],
-                      row["stan"], row["rrn"] or "-", f"{row['amount']} {row['currency']}", row["status"])  # fmt: skip
-    _out().print(table)
+    columns = [Column(name) for name in ("recorded", "merchant", "terminal", "kind", "stan", "rrn", "amount", "status")]
+    cells = [
+        [_when(row["created_at"]), row["merchant_id"], row["terminal_id"], row["kind"], row["stan"],
+         row["rrn"] or "-", f"{row['amount']} {row['currency']}", row["status"]]
+        for row in rows
+    ]  # fmt: skip
+    _print_table("Recorded, not known to be answered", columns, cells, heading=3)
+
+
+def _print_table(title: str, columns: list[Column], cells: list[list[str]], *, heading: int) -> None:
+    out = _out()
+    width = out.width if out.is_terminal else None  # a pipe or a file: one line per row, however long
+    for line in render_table(title, columns, cells, width=width, heading=heading):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _exception_dict(case: ExceptionCase) -> dict[str, Any]:
@@ -506,20 +533,14 @@ def exceptions(
     if not rows:
         _out().print("no open cases" if not include_resolved else "no cases")
         return
-    table = Table(title="Exceptions", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    for name in ("id", "opened", "merchant / terminal", "original", "what happened", "status"):
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        status = row["status"] if row["status"] == "open" else f"resolved by {row['resolved_by']}: {row['resolution']}"
-        table.add_row(
-            str(row["id"]),
-            _when(row["created_at"]),
-            f"{row['merchant_id']} / {row['terminal_id']}",
-            row["original_rrn"] or "-",
-            row["summary"],
-            status,
-        )
-    _out().print(table)
+    columns = [Column(name) for name in ("id", "opened", "merchant", "terminal", "original", "what happened", "status")]
+    cells = [
+        [str(row["id"]), _when(row["created_at"]), row["merchant_id"], row["terminal_id"], row["original_rrn"] or "-",
+         row["summary"],
+         row["status"] if row["status"] == "open" else f"resolved by {row['resolved_by']}: {row['resolution']}"]
+        for row in rows
+    ]  # fmt: skip
+    _print_table("Exceptions (reversal advices applied over refunds or a completion)", columns, cells, heading=2)
 
 
 @exceptions_app.command("resolve")

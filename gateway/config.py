@@ -95,7 +95,9 @@ class SettlementSettings(BaseModel):
 class MqttSettings(BaseModel):
     """Broker connection details beyond ``GATEWAY_MQTT_URL``."""
 
-    embedded_listen: str = Field(default="127.0.0.1:1883", description="Address of the embedded broker")
+    embedded_listen: str = Field(
+        default="127.0.0.1:1883", description="Address of the embedded broker (and where auto looks for a broker)"
+    )
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -145,7 +147,9 @@ class Settings(BaseSettings):
     listen: str = Field(default="127.0.0.1:8583", description="host:port for terminals")
     profile: str = Field(default="iso87-binary", description="Wire profile name (specs/NAME.toml) or path")
     ledger_url: str = Field(default="sqlite:///./gateway.db", description="sqlite:///path or postgresql://...")
-    mqtt_url: str = Field(default="embedded", description="embedded, mqtt://user:pass@host:port or mqtts://...")
+    mqtt_url: str = Field(
+        default="auto", description="auto, embedded, mqtt://user:pass@host:port or mqtts://user:pass@host:port"
+    )
     mqtt_topic_prefix: str = "pos/corrections"
     instance_id: str = Field(default="gateway-1", description="Names this instance in events and MQTT client ids")
     pan_hmac_key: SecretStr = Field(default=SecretStr(DEV_PAN_HMAC_KEY), description="Key of the PAN HMAC")
@@ -176,8 +180,8 @@ class Settings(BaseSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_scheme(cls, value: str) -> str:
-        if value != "embedded" and not value.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("mqtt_url must be 'embedded', mqtt://... or mqtts://...")
+        if value not in ("auto", "embedded") and not value.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("mqtt_url must be 'auto', 'embedded', mqtt://... or mqtts://...")
         return value
 
     @classmethod
@@ -244,6 +248,15 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
                 break
             model = fields[part].annotation
     return unknown
+
+
+def requested_log_format(environ: Mapping[str, str] | None = None) -> Literal["auto", "json", "console"]:
+    """``GATEWAY_LOG_FORMAT`` when it is valid, else ``auto``: how to write a start-up failure when
+    the settings themselves could not be read."""
+    value = (os.environ if environ is None else environ).get("GATEWAY_LOG_FORMAT", "auto").strip().lower()
+    if value == "json":
+        return "json"
+    return "console" if value == "console" else "auto"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -26,7 +26,7 @@ from .masking import mask_pan
 from .messages import DEFAULT_PAN
 from .money import AmountError, format_minor, parse_major
 from .profile import ProfileError, WireProfile, load_profile
-from .scenario import Scenario, ScenarioError, Step, StepResult, load_scenario, run_scenario
+from .scenario import Scenario, ScenarioError, ScenarioResult, Step, StepResult, load_scenario, run_scenario
 from .terminal import Exchange, Terminal
 
 __all__ = ["app", "main"]
@@ -249,6 +249,22 @@ def _pan(value: str | None) -> str | None:
 AmountOpt = Annotated[str | None, typer.Option("--amount", help="Amount in major units, e.g. 12.34.")]
 PanOpt = Annotated[str | None, typer.Option("--pan", help=f"Card number (default test card {DEFAULT_PAN}).")]
 RrnOpt = Annotated[str | None, typer.Option("--rrn", help="RRN (DE37) of the original transaction.")]
+LastOpt = Annotated[bool, typer.Option("--last", help="Refer to the journal's latest approved sale or completion.")]
+
+
+def _check_reference(rrn: str | None, last: bool) -> None:
+    if rrn is not None and last:
+        raise typer.BadParameter("give --rrn or --last, not both", param_hint="--last")
+
+
+def _reference(terminal: Terminal, rrn: str | None, last: bool) -> str | None:
+    """``--rrn``, or with ``--last`` the journal's latest sale's (a script never copies an RRN)."""
+    if not last:
+        return rrn
+    record = terminal.journal.last_sale()
+    if record is None or record.rrn is None:
+        raise UsageError("--last: the journal holds no approved purchase or completion; make a sale first")
+    return record.rrn
 
 
 @app.command()
@@ -295,32 +311,50 @@ def complete(
 
 
 @app.command()
-def void(ctx: typer.Context, rrn: RrnOpt = None, amount: AmountOpt = None, pan: PanOpt = None) -> None:
-    """Void (0200, 020000, DE37 = original RRN); amount from the journal unless given."""
+def void(
+    ctx: typer.Context, rrn: RrnOpt = None, last: LastOpt = False, amount: AmountOpt = None, pan: PanOpt = None
+) -> None:
+    """Void (0200, 020000, DE37 = original RRN, or with --last the latest sale's); amount from the
+    journal unless given."""
     s = _settings(ctx)
-    original = _require(rrn, "--rrn")
+    _check_reference(rrn, last)
+    if not last:
+        _require(rrn, "--rrn")
     value = _amount(amount, s.currency)
     card = _pan(pan)
-    _run_terminal(s, lambda t: t.void(original, amount=value, pan=card))
+
+    async def go(t: Terminal) -> Exchange:
+        original = _reference(t, rrn, last)
+        assert original is not None
+        return await t.void(original, amount=value, pan=card)
+
+    _run_terminal(s, go)
 
 
 @app.command()
 def refund(
     ctx: typer.Context,
     rrn: RrnOpt = None,
+    last: LastOpt = False,
     amount: AmountOpt = None,
     pan: PanOpt = None,
     by_original_data: Annotated[
         bool, typer.Option("--by-original-data", help="Reference the original by DE90 instead of DE37.")
     ] = False,
 ) -> None:
-    """Refund (0200, 200000) by RRN, or unreferenced without --rrn."""
+    """Refund (0200, 200000) by RRN or of the latest sale (--last), or unreferenced without either."""
     s = _settings(ctx)
+    _check_reference(rrn, last)
     value = _amount(amount, s.currency)
     card = _pan(pan)
-    if rrn is None and value is None:
+    if rrn is None and not last and value is None:
         raise typer.BadParameter("an unreferenced refund needs an amount", param_hint="--amount")
-    _run_terminal(s, lambda t: t.refund(rrn, amount=value, pan=card, by_original_data=by_original_data))
+
+    async def go(t: Terminal) -> Exchange:
+        original = _reference(t, rrn, last)
+        return await t.refund(original, amount=value, pan=card, by_original_data=by_original_data)
+
+    _run_terminal(s, go)
 
 
 @app.command()
@@ -403,16 +437,24 @@ def scenario(
     except (ScenarioError, UsageError) as exc:
         raise _fail(str(exc), 2) from None
     failed = 0
-    for sc in scenarios:
-        if not asyncio.run(_play(s, sc, profile)):
+    for number, sc in enumerate(scenarios, start=1):
+        result = asyncio.run(_play(s, sc, profile))
+        if not result.passed:
             failed += 1
+        if result.stopped is not None and number < len(scenarios):
+            # the next scenarios would meet the same connection: stop with one line, not a page of them
+            if not s.json:
+                typer.echo(f"stopped: {len(scenarios) - number} more scenario(s) not played")
+            raise typer.Exit(1)
     if not s.json and len(scenarios) > 1:
         typer.echo(f"{len(scenarios) - failed}/{len(scenarios)} scenarios passed")
     if failed:
         raise typer.Exit(1)
 
 
-async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
+async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> ScenarioResult:
+    played = 0
+
     def on_exchange(step: Step, exchange: Exchange) -> None:
         if s.json:
             _emit(s, exchange)
@@ -420,9 +462,16 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
             _emit(s, exchange, prefix="    ")
 
     def on_step(result: StepResult) -> None:
+        nonlocal played
+        played += 1
         if s.json:
             typer.echo(json.dumps({"step": result.step.label, "passed": result.passed,
-                                   "failures": result.failures}, separators=(",", ":")))
+                                   "failures": result.failures, "stopped": result.stopped}, separators=(",", ":")))
+            return
+        if result.stopped:
+            left = len(sc.steps) - played
+            later = f"; {left} later step(s) not played" if left else ""
+            typer.echo(f"  [STOPPED] {result.step.label}: {'; '.join(result.failures)}{later}")
             return
         mark = "ok" if result.passed else "FAILED"
         typer.echo(f"  [{mark}] {result.step.label}")
@@ -436,12 +485,12 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> bool:
         on_exchange=on_exchange, on_step=on_step,
     )
     if s.json:
-        typer.echo(json.dumps({"scenario": sc.name, "tid": result.tid, "passed": result.passed},
-                              separators=(",", ":")))
+        typer.echo(json.dumps({"scenario": sc.name, "tid": result.tid, "passed": result.passed,
+                               "stopped": result.stopped}, separators=(",", ":")))
     else:
         verdict = "PASSED" if result.passed else "FAILED"
         typer.echo(f"{verdict}: {sc.name} (terminal {result.tid})\n")
-    return result.passed
+    return result
 
 
 # --- load ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 
 from .codec import IsoMessage, MessageDecodeError, decode_message, encode_message
@@ -66,8 +67,9 @@ class Connection:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
         except TimeoutError:
             raise ConnectionFailed(f"connecting to {host}:{port} timed out after {connect_timeout:g}s") from None
-        except OSError as exc:
-            raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        except OSError as exc:  # asyncio's strerror repeats the address: the system's words are enough
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc) or type(exc).__name__
+            raise ConnectionFailed(f"cannot connect to {host}:{port}: {reason}") from None
         return cls(profile, reader, writer, on_late)
 
     @property

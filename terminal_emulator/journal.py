@@ -164,6 +164,10 @@ class Journal:
                 return record
         return None
 
+    def last_sale(self) -> TransactionRecord | None:
+        """The latest approved purchase or completion: what ``--last`` refunds or voids."""
+        return self.last("purchase", "completion", status=APPROVED)
+
     def totals(self) -> Totals:
         """Totals of the open batch: approved purchases and completions (debits) and refunds
         (credits); voided and reversed transactions are excluded."""

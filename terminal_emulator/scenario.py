@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from .codec import IsoMessage
-from .errors import ReversalPending, TerminalError, TransportError, UsageError
+from .errors import ConnectionFailed, ConnectionLost, ReversalPending, TerminalError, TransportError, UsageError
 from .journal import Journal
 from .messages import DEFAULT_PAN
 from .money import AmountError, parse_major
@@ -92,6 +92,8 @@ class StepResult:
     exchanges: list[Exchange] = field(default_factory=list)
     main: Exchange | None = None
     failures: list[str] = field(default_factory=list)
+    #: the run stopped at this step: a connection failure (its reason is the step's failure)
+    stopped: bool = False
 
     @property
     def passed(self) -> bool:
@@ -109,6 +111,9 @@ class ScenarioResult:
     scenario: Scenario
     tid: str
     steps: list[StepResult] = field(default_factory=list)
+    #: why the run stopped before its last step: the host could not be reached, or the connection
+    #: was lost where no step expected it (every later step would only fail in its wake)
+    stopped: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -382,7 +387,10 @@ async def run_scenario(
     on_exchange: Callable[[Step, Exchange], None] | None = None,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> ScenarioResult:
-    """Play every step in order; a failed expectation is recorded and the run goes on."""
+    """Play every step in order; a failed expectation is recorded and the run goes on, but a
+    connection failure (the host cannot be reached, the connection is lost where the step did not
+    expect ``outcome: connection_lost``, a stored reversal cannot be delivered) stops the run there,
+    with the reason in ``stopped``."""
     terminal_id = tid or (new_tid() if scenario.tid == "auto" else scenario.tid)
     result = ScenarioResult(scenario=scenario, tid=terminal_id)
     ctx = _Context()
@@ -407,17 +415,21 @@ async def run_scenario(
                 if step.lose_response:
                     terminal.lose_next_response()
                 step_result.main = await _perform(terminal, step, params, ctx)
-            except ReversalPending as exc:
-                step_result.failures.append(f"{type(exc).__name__}: {exc}")
+            except (ReversalPending, ConnectionFailed) as exc:
+                result.stopped = str(exc)
             except TransportError as exc:
-                # A time-out is an outcome a step may expect; the exchange is checked below.
+                # A time-out or a lost connection is an outcome a step may expect; checked below.
                 step_result.main = exc.exchange
-                if exc.exchange is None:
-                    step_result.failures.append(f"{type(exc).__name__}: {exc}")
+                unexpected_loss = isinstance(exc, ConnectionLost) and step.expect.get("outcome") != "connection_lost"
+                if exc.exchange is None or unexpected_loss:
+                    result.stopped = str(exc)
             except (ScenarioError, UsageError, TerminalError) as exc:
                 step_result.failures.append(f"{type(exc).__name__}: {exc}")
             step_result.exchanges = list(current)
-            if step_result.main is not None:
+            if result.stopped is not None:
+                step_result.failures.append(result.stopped)
+                step_result.stopped = True
+            elif step_result.main is not None:
                 _check(step, step_result, ctx)
             elif not step_result.failures:
                 step_result.failures.append("no exchange took place")
@@ -426,6 +438,8 @@ async def run_scenario(
             result.steps.append(step_result)
             if on_step is not None:
                 on_step(step_result)
+            if result.stopped is not None:
+                break
     return result
 
 

@@ -268,6 +268,18 @@ class GatewayProcess:
                 time.sleep(0.05)
         raise AssertionError("gateway did not start listening")
 
+    def run_to_exit(self, env: dict[str, str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``iso-gateway serve`` with these extra variables until it exits by itself (a start that
+        fails); stdout and stderr are captured apart."""
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "serve"],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     def signal(self, sig: int) -> int:
         assert self.process is not None
         self.process.send_signal(sig)

@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Sequence
 from functools import lru_cache
 
-__all__ = ["MqttError", "MqttPublisher", "PublishedBatch", "connect_packet", "publish_packet"]
+__all__ = ["BrokerRefused", "MqttError", "MqttPublisher", "PublishedBatch", "connect_packet", "publish_packet"]
 
 _PROTOCOL_LEVEL = 4  #: MQTT 3.1.1
 _MAX_REMAINING = 268_435_455  #: the largest remaining length a packet may announce
@@ -38,6 +38,10 @@ _CONNACK, _PUBACK, _PINGRESP = 2, 4, 13
 
 class MqttError(Exception):
     """The broker refused the connection, or the connection failed or was lost."""
+
+
+class BrokerRefused(MqttError):
+    """The broker answered the CONNECT with a refusal (bad credentials, not authorised, ...)."""
 
 
 def _remaining_length(length: int) -> bytes:
@@ -165,7 +169,7 @@ class MqttPublisher(asyncio.Protocol):
         if code:
             assert transport is not None
             transport.close()
-            raise MqttError(f"connection refused: {_CONNACK_REFUSALS.get(code, f'code {code}')}")
+            raise BrokerRefused(f"connection refused: {_CONNACK_REFUSALS.get(code, f'code {code}')}")
         protocol._schedule_ping()
         return protocol
 

@@ -560,7 +560,7 @@ class SqliteLedger:
         if self._closed:
             return
         with contextlib.suppress(Exception):
-            await self._call(self._release_relay_lease)
+            await self._call(self._release_on_close)
         self._closed = True
         assert self._wake is not None
         self._wake.set()
@@ -1343,6 +1343,18 @@ class SqliteLedger:
 
     def _release_relay_lease(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM meta WHERE key = 'relay_lease' AND value LIKE ?", (f"{self._token} %",))
+
+    def _release_on_close(self, conn: sqlite3.Connection) -> None:
+        """The relay lease, and the RRNs of this ledger's block it did not use, so that the next
+        start continues where this one stopped: unless another process sharing the file reserved a
+        block after this one (then the rest of this block stays unused; RRNs are unique, not gap-free)."""
+        self._release_relay_lease(conn)
+        if self._rrn_next < self._rrn_limit:
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'rrn_next' AND CAST(value AS INTEGER) = ?",
+                (str(self._rrn_next), self._rrn_limit),
+            )
+            self._rrn_limit = self._rrn_next
 
     async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None:
         if not ids:

@@ -420,12 +420,25 @@ class TerminalServer:
         if self.log is not None:
             getattr(self.log, level)(event, **fields)
 
-    async def start(self) -> None:
+    async def start(self, *, serve: bool = True) -> None:
+        """Listen (a taken address raises ``OSError`` here) and accept terminals, or with
+        ``serve=False`` only once :meth:`serve` is called (the gateway binds first, starts the rest,
+        then accepts)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self, next(self._ids)), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: _Connection(self, next(self._ids)),
+            self.host,
+            self.port,
+            reuse_address=True,
+            backlog=1024,
+            start_serving=serve,
         )
         self._sweeper = loop.create_task(self._sweep())
+
+    async def serve(self) -> None:
+        """Start accepting terminals (after ``start(serve=False)``)."""
+        assert self._server is not None
+        await self._server.start_serving()
 
     async def _sweep(self) -> None:
         """Close connections past a deadline: idle, a frame not completed, answers not taken."""

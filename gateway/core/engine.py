@@ -9,7 +9,6 @@ in memory.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -263,9 +262,10 @@ _APPROVAL_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTUVWX"
 _APPROVAL_TABLE = bytes(ord(_APPROVAL_ALPHABET[byte % 32]) for byte in range(256))
 
 
-def approval_code_for(rrn: str) -> str:
-    """A 6-character approval code (DE38) derived from the unique RRN."""
-    return hashlib.blake2b(rrn.encode(), digest_size=6).digest().translate(_APPROVAL_TABLE).decode()
+def approval_code_for(key: bytes, rrn: str) -> str:
+    """A 6-character approval code (DE38): a keyed hash (HMAC-SHA256 under the installation's key) of
+    the unique RRN, so that codes are neither predictable from RRNs nor the same in every installation."""
+    return keyed_sha256(key, b"DE38:" + rrn.encode())[:6].translate(_APPROVAL_TABLE).decode()
 
 
 def fingerprint(key: bytes, request: Request) -> str:
@@ -329,7 +329,8 @@ def process(request: Request, ctx: Context) -> Step:
     batch = yield from _open_batch(request, ctx, events)
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
-    approval = approval_code_for(rrn) if rrn is not None and decision.reason is _APPROVED_REASON else None
+    approved = rrn is not None and decision.reason is _APPROVED_REASON
+    approval = approval_code_for(ctx.pan_key, rrn) if approved and rrn is not None else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original, events=events)
     kind_name = _EVENT_KINDS.get(kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,21 @@ async def test_the_ascii_profile_answers_0810_0110_and_0210(tmp_path: Path, mqtt
     finally:
         proc.kill()
 
+
+
+async def test_rrns_continue_across_restarts_and_a_failed_start(gateway_process: GatewayProcess) -> None:
+    """No block of RRNs is lost per start (issue 22): a clean stop, or a start that fails, gives the
+    unused rest of the block back to the ledger."""
+    rrns = []
+    for _ in range(2):
+        gateway_process.start()
+        pos = await IsoClient.connect(gateway_process.port)
+        rrns.append((await pos.sale(100))[37])
+        await pos.close()
+        assert gateway_process.signal(signal.SIGTERM) == 0
+        with socket.socket() as taken:  # a start that fails once the ledger is open: its metrics port is taken
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            failed = gateway_process.run_to_exit({"GATEWAY_METRICS_LISTEN": f"127.0.0.1:{taken.getsockname()[1]}"})
+        assert failed.returncode == 2, failed.stdout
+    assert [int(rrn) for rrn in rrns] == [1, 2]

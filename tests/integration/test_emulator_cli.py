@@ -134,3 +134,47 @@ async def test_the_shipped_scenarios_can_be_listed_by_name() -> None:
     assert code == 0
     assert "refund_wrong_amount" in out
     assert "settlement_mismatch" in out
+
+
+async def test_refund_and_void_with_last_refer_to_the_latest_approved_sale_of_the_journal(tmp_path: Path) -> None:
+    """The README tour refunds ``--last`` instead of a literal RRN, so it works on every run."""
+    journal = str(tmp_path / "j.json")
+    async with StubHost(PROFILE) as host:
+        base = ("--port", str(host.port), "--journal", journal)
+        for amount in ("12.34", "5.00"):
+            assert (await run_cli(*base, "sale", "--amount", amount))[0] == 0
+        code, out, _ = await run_cli(*base, "refund", "--last", "--amount", "1.00")
+        assert code == 0, out
+        code, out, _ = await run_cli(*base, "void", "--last")
+        assert code == 0, out
+    latest_sale, refund, void = host.messages[1:]
+    assert (refund.fields[3], void.fields[3]) == ("200000", "020000")
+    assert refund.fields[37] == void.fields[37] == "000000000002"  # the stub host's RRN for the second sale
+    assert void.fields[4] == latest_sale.fields[4]  # the void's amount comes from the journal's record too
+
+
+async def test_last_without_a_sale_in_the_journal_or_with_rrn_is_a_usage_error(tmp_path: Path) -> None:
+    async with StubHost(PROFILE) as host:
+        base = ("--port", str(host.port), "--journal", str(tmp_path / "j.json"))
+        code, _, err = await run_cli(*base, "refund", "--last", "--amount", "1.00")
+        assert code == 2
+        assert "no approved purchase or completion" in err
+        code, _, err = await run_cli(*base, "void", "--last", "--rrn", "000000000001")
+        assert code == 2
+        assert "--rrn or --last" in err
+    assert host.messages == []
+
+
+async def test_a_scenario_stops_at_the_first_connection_failure_with_one_clear_line(tmp_path: Path) -> None:
+    async with StubHost(PROFILE) as host:
+        port = host.port  # closed again: nothing listens there
+    code, out, _ = await run_cli("--port", str(port), "scenario", "double_refund", "demo")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "scenario: Double refund",
+        f"  [STOPPED] sale: cannot connect to 127.0.0.1:{port}: connection refused; 3 later step(s) not played",
+    ]
+    assert "stopped: 1 more scenario(s) not played" in lines
+    assert "has no value" not in out
+    assert "scenario: A day at the till" not in out  # the next scenario is not played against the same dead host

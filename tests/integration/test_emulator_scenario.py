@@ -90,9 +90,11 @@ async def test_a_timeout_fails_a_step_unless_the_step_expects_it() -> None:
                                     response_timeout=0.2)
     assert result.tid == "TERM0042"
     assert result.steps[0].failures[0].startswith("outcome: expected 'answered', got 'timeout'")
-    # The second sale first tries to deliver the first one's reversal, which is not answered either.
+    # The second sale first tries to deliver the first one's reversal, which is not answered either:
+    # the terminal sends nothing more, so the run stops there.
     assert not result.steps[1].passed
-    assert "ReversalPending" in result.steps[1].failures[0]
+    assert result.steps[1].stopped
+    assert "reversal of STAN 000001 still unanswered" in result.steps[1].failures[0]
 
 
 async def test_a_resend_repeats_the_same_stan_and_time_with_changes_if_asked() -> None:
@@ -127,3 +129,45 @@ async def test_a_reference_to_an_unknown_step_fails_that_step_only() -> None:
     assert "unknown or later step 'nope'" in result.steps[0].failures[0]
     assert result.steps[1].passed
     assert host.mtis == ["0800"]
+
+
+async def test_a_lost_connection_no_step_expected_stops_the_run_there() -> None:
+    scenario = parse_scenario({
+        "steps": [
+            {"id": "sale", "sale": {"amount": "1.00"}},
+            {"id": "refund", "refund": {"rrn": "${sale.37}", "amount": "0.50"}},
+            {"id": "void", "void": {"rrn": "${sale.37}"}},
+            {"settle": {}},
+        ]
+    })
+    async with StubHost(PROFILE) as host:
+        original = host.handler
+
+        def hang_up_at_the_refund(message: IsoMessage) -> IsoMessage | None:
+            if message.fields.get(3) == "200000":
+                host.hang_up_next()  # takes effect for the next frame: close instead of answering it
+            return original(message)
+
+        host.handler = hang_up_at_the_refund
+        result = await run_scenario(scenario, host="127.0.0.1", port=host.port, profile=PROFILE,
+                                    response_timeout=2)
+    assert not result.passed
+    assert result.stopped is not None and "connection" in result.stopped
+    assert [step.step.label for step in result.steps] == ["sale", "refund", "void"]
+    assert result.steps[-1].stopped and result.steps[-1].failures == [result.stopped]
+    assert not any("has no value" in failure for step in result.steps for failure in step.failures)
+
+
+async def test_a_lost_connection_the_step_expects_does_not_stop_the_run() -> None:
+    scenario = parse_scenario({
+        "steps": [
+            {"sale": {"amount": "1.00"}, "expect": {"outcome": "connection_lost"}},
+            {"echo": {}, "expect": {"39": "00"}},
+        ]
+    })
+    async with StubHost(PROFILE) as host:
+        host.hang_up_next()
+        result = await run_scenario(scenario, host="127.0.0.1", port=host.port, profile=PROFILE,
+                                    response_timeout=2)
+    assert result.stopped is None
+    assert result.passed, [s.failures for s in result.steps]

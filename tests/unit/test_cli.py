@@ -141,7 +141,7 @@ def test_a_broken_profile_is_reported_cleanly(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("GATEWAY_PROFILE", str(profile))
     result = invoke("check-config")
     assert result.exit_code == 2
-    assert f"wire profile (GATEWAY_PROFILE={profile}): {profile}: framing.header" in result.stderr
+    assert f"error: GATEWAY_PROFILE: {profile}: framing.header" in result.stderr
     assert "3b" in result.stderr
     assert "Traceback" not in result.output
 
@@ -162,21 +162,24 @@ def test_certificate_files_that_do_not_exist_are_reported(tmp_path: Path, monkey
     monkeypatch.setenv("GATEWAY_TLS__CERT", str(tmp_path / "server.pem"))
     result = invoke("check-config")
     assert result.exit_code == 2
-    assert f"tls.cert (GATEWAY_TLS__CERT): no such file: {tmp_path / 'server.pem'}" in result.stderr
+    assert f"error: GATEWAY_TLS__CERT: no such file: {tmp_path / 'server.pem'}" in result.stderr
 
 
 def test_brackets_in_an_error_are_printed_not_taken_for_markup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_LISTEN", "[bold]:99999")
     result = invoke("check-config")
     assert result.exit_code == 2
-    assert "(got '[bold]:99999')" in result.stderr
+    assert "got '[bold]:99999'" in result.stderr
 
 
 def test_serve_refuses_invalid_settings_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_LISTEN", "nowhere:99999")
+    monkeypatch.setenv("GATEWAY_LOG_FORMAT", "json")
     result = invoke("serve")
     assert result.exit_code == 2
-    assert "listen (GATEWAY_LISTEN): expected host:port" in result.stderr
+    (line,) = [orjson.loads(text) for text in result.stdout.splitlines()]
+    assert (line["event"], line["setting"]) == ("gateway.start_failed", "GATEWAY_LISTEN")
+    assert line["detail"] == "expected host:port, got 'nowhere:99999'"
 
 
 def test_outbox_status_and_batches_need_an_existing_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,3 +260,15 @@ def test_a_validation_error_never_shows_the_hmac_key_value() -> None:
     text = describe_validation_error(caught.value)
     assert "12345" not in text
     assert "pan_hmac_key (GATEWAY_PAN_HMAC_KEY)" in text
+
+
+def test_batches_and_outbox_status_of_a_file_that_is_no_ledger_fail_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notes = write(tmp_path / "notes.db", "not a ledger\n")
+    monkeypatch.setenv("GATEWAY_LEDGER_URL", f"sqlite:///{notes}")
+    for args in (("batches",), ("outbox", "status")):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert result.stderr.startswith("error: GATEWAY_LEDGER_URL: cannot open the ledger")
+        assert "Traceback" not in result.output

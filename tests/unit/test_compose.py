@@ -1,12 +1,14 @@
 """docker-compose.yml, the Dockerfile and the files they mount stay consistent with the settings.
 
-There is no Docker engine here, so this reads the files: every GATEWAY_* variable must be a real
-setting whose value validates, every host named in a URL or a command must be a service of the
-file, and the ports must line up from the settings to the Dockerfile, compose and HAProxy.
+There is no Docker engine here, so this reads the files: the compose file must be valid against the
+Compose specification's JSON Schema (``tests/compose/``), every GATEWAY_* name must be a real setting
+whose value validates, every host named in a URL or a command must be a service of the file, and the
+ports must line up from the settings to the Dockerfile, compose and HAProxy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -24,6 +27,8 @@ from gateway.config import Settings, load_settings, split_host_port
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
+ENV_EXAMPLE = REPO / ".env.example"
+SCHEMA = REPO / "tests" / "compose" / "compose-spec.json"
 GATEWAYS = ("gateway", "gateway-a", "gateway-b")
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
 
@@ -105,20 +110,113 @@ def dockerfile_env() -> dict[str, str]:
 
 
 def published(service: Mapping[str, Any]) -> dict[int, int]:
-    """container port -> host port."""
+    """container port -> host port, with the defaults of the file's variables."""
     ports = {}
     for entry in service.get("ports", []):
-        host, _, container = str(entry).rpartition(":")
-        ports[int(container.split("/")[0])] = int(host)
+        host, _, container = interpolate(str(entry)).rpartition(":")
+        ports[int(container.split("/")[0])] = int(host.rpartition(":")[2])
     return ports
+
+
+def interpolated(value: Any) -> Any:
+    """The file as compose reads it with no variable set: every string's ``${...}`` replaced."""
+    if isinstance(value, dict):
+        return {key: interpolated(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolated(item) for item in value]
+    return interpolate(value) if isinstance(value, str) else value
+
+
+def env_example() -> dict[str, str]:
+    lines = ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_the_file_is_valid_against_the_compose_specification(compose: dict[str, Any]) -> None:
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    for form, data in (("as written", compose), ("with the variables' defaults", interpolated(compose))):
+        problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
+        assert not problems, f"docker-compose.yml {form}:\n" + "\n".join(problems)
+
+
+def test_the_schema_check_would_catch_a_mistake(compose: dict[str, Any]) -> None:
+    """The validation above can fail: a misspelt key and a wrong type are refused."""
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text(encoding="utf-8")))
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["gateway"]["restart_policy"] = "on-failure"
+    broken["services"]["mosquitto"]["ports"] = "1883:1883"
+    assert len(list(validator.iter_errors(broken))) == 2
+
+
+def test_every_gateway_name_in_the_container_files_is_a_setting() -> None:
+    known = set(setting_variables())
+    for path in (COMPOSE, ENV_EXAMPLE, DOCKERFILE):
+        names = set(re.findall(r"\bGATEWAY_[A-Z0-9_]*[A-Z0-9]", path.read_text(encoding="utf-8")))
+        assert names, path.name
+        assert names <= known, f"{path.name} names no setting: {sorted(names - known)}"
+
+
+def test_the_default_profile_runs_the_gateway_mosquitto_and_the_emulator(services: dict[str, dict[str, Any]]) -> None:
+    assert {name for name, service in services.items() if "profiles" not in service} == {
+        "gateway",
+        "mosquitto",
+        "emulator",
+    }
+    assert set(services["postgres"]["profiles"]) == {"postgres", "scale"}  # not started for the SQLite gateway
+    for name in ("gateway-a", "gateway-b", "haproxy"):
+        assert services[name]["profiles"] == ["scale"], name
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_a_gateway_that_cannot_start_is_not_restarted_forever(services: dict[str, dict[str, Any]], name: str) -> None:
+    """Exit code 2 (a setting is wrong) never heals; Docker cannot exclude an exit code from a
+    restart policy, so the policy must be bounded (or none)."""
+    restart = str(services[name].get("restart", "no"))
+    match = re.fullmatch(r"on-failure:(\d+)", restart)
+    assert restart == "no" or (match is not None and 1 <= int(match.group(1)) <= 5), restart
+
+
+def test_published_ports_listen_on_loopback_and_each_can_be_moved_in_an_env_file(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    example = env_example()
+    host_ports = []
+    for name, service in services.items():
+        for entry in service.get("ports", []):
+            match = re.fullmatch(r"\$\{ISO_BIND:-127\.0\.0\.1\}:\$\{(ISO_\w+_PORT):-(\d+)\}:(\d+)", str(entry))
+            assert match is not None, f"{name}: {entry} (bind to ${{ISO_BIND:-127.0.0.1}}, port from an ISO_*_PORT)"
+            variable, default, _ = match.groups()
+            assert example[variable] == default, f".env.example does not document {variable}={default}"
+            host_ports.append(int(default))
+    assert example["ISO_BIND"] == "127.0.0.1"
+    assert len(host_ports) == len(set(host_ports))  # no two services fight over a host port
+    assert 1883 not in host_ports  # a Mosquitto of the host usually has it
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text(encoding="utf-8")))
+    assert used == set(example), "every variable of the file is in .env.example, and only those"
+
+
+def test_the_data_volume_belongs_to_the_images_user(services: dict[str, dict[str, Any]]) -> None:
+    instructions = dockerfile_instructions()
+    (user,) = [rest for instruction, rest in instructions if instruction == "USER"]
+    assert re.fullmatch(r"\d+:\d+", user) and not user.startswith("0:"), "a numeric user that is not root"
+    assert ("VOLUME", '["/data"]') in instructions
+    runs = " ".join(rest for instruction, rest in instructions if instruction == "RUN")
+    assert f"chown {user} /data" in runs
+    for name in GATEWAYS:
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in services[name].get("volumes", [])}
+        if "/data" in mounts:  # a named volume starts as the image's /data, owned by its user
+            assert not mounts["/data"].startswith((".", "/")), f"{name} bind-mounts /data"
+
+
+def test_the_emulator_keeps_its_journal_where_the_images_user_may_write(services: dict[str, dict[str, Any]]) -> None:
+    emulator = services["emulator"]
+    assert environment(emulator)["XDG_STATE_HOME"].startswith("/tmp/")
+    assert "--journal" not in emulator["command"]
+    assert emulator["restart"] == "no"  # plays its scenario once
 
 
 def test_the_file_has_the_services_and_profiles_of_the_design(services: dict[str, dict[str, Any]]) -> None:
     assert {"gateway", "mosquitto", "postgres", "emulator", "gateway-a", "gateway-b", "haproxy"} <= set(services)
-    assert "profiles" not in services["gateway"]
-    assert services["emulator"]["profiles"] == ["tools"]
-    for name in ("gateway-a", "gateway-b", "haproxy"):
-        assert services[name]["profiles"] == ["scale"], name
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert services["postgres"]["image"] == "postgres:16"
     for name in GATEWAYS:
@@ -255,3 +353,15 @@ def test_dependencies_and_named_volumes_exist(compose: dict[str, Any], services:
                 assert (REPO / source).is_file(), f"{name} mounts missing {source}"
             else:
                 assert source in declared_volumes, f"{name} uses undeclared volume {source}"
+
+
+def test_the_readme_says_what_the_compose_stack_needs() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    docker = readme.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+    assert "Compose v2" in docker and "docker compose up --build" in docker
+    for variable, default in env_example().items():
+        if variable.endswith("_PORT"):
+            assert default in docker, f"the README does not name the host port {default} ({variable})"
+    needed = (".env.example", "ISO_BIND", "GATEWAY_PAN_HMAC_KEY", "10001", "--profile postgres", "--profile scale")
+    for word in needed:
+        assert word in docker, word

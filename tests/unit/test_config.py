@@ -45,7 +45,7 @@ def test_the_defaults_are_those_of_the_design() -> None:
     assert settings.listen == "127.0.0.1:8583"
     assert settings.profile == "iso87-binary"
     assert settings.ledger_url == "sqlite:///./gateway.db"
-    assert settings.mqtt_url == "embedded"
+    assert settings.mqtt_url == "auto"  # issue 22: a broker already on the port, else the embedded one
     assert settings.mqtt_topic_prefix == "pos/corrections"
     assert settings.policy.refund_window_days == 30
     assert settings.policy.preauth_validity_days == 30
@@ -113,7 +113,7 @@ def test_a_missing_config_file_is_an_error_naming_it(tmp_path: Path) -> None:
     [
         ("GATEWAY_LISTEN", "localhost:99999", ("listen",), "expected host:port"),
         ("GATEWAY_LEDGER_URL", "mysql://db/x", ("ledger_url",), "must start with sqlite:/// or postgresql://"),
-        ("GATEWAY_MQTT_URL", "amqp://broker", ("mqtt_url",), "'embedded', mqtt://... or mqtts://..."),
+        ("GATEWAY_MQTT_URL", "amqp://broker", ("mqtt_url",), "'auto', 'embedded', mqtt://... or mqtts://..."),
         ("GATEWAY_POLICY__REFUND_WINDOW_DAYS", "-1", ("policy", "refund_window_days"), "greater than or equal"),
         ("GATEWAY_POLICY__DUPLICATE_TTL_HOURS", "2", ("policy", "duplicate_ttl_hours"), "greater than or equal"),
         ("GATEWAY_SETTLEMENT__TIMEZONE", "Mars/Olympus", ("settlement", "timezone"), "unknown time zone"),

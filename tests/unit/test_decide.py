@@ -229,22 +229,36 @@ def test_a_card_is_valid_through_the_last_day_of_its_expiry_month() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rrn", "code"), [("000000000001", "1J2M97"), ("633012345678", "L683WK"), ("999999999999", "D66RNR")]
+    ("key", "rrn", "code"),
+    [
+        (b"test-key", "000000000001", "1ESGFL"),
+        (b"test-key", "633012345678", "WVCC2S"),
+        (b"another-key", "000000000001", "84KPPD"),
+    ],
 )
-def test_approval_codes_stay_what_they_were_for_the_same_rrn(rrn: str, code: str) -> None:
-    """DE38 is derived from the RRN; stored answers and receipts rely on it not changing."""
+def test_approval_codes_stay_what_they_were_for_the_same_key_and_rrn(key: bytes, rrn: str, code: str) -> None:
+    """DE38 is derived from the RRN under the installation's key; receipts rely on it not changing."""
     from gateway.core.engine import approval_code_for
 
-    assert approval_code_for(rrn) == code
+    assert approval_code_for(key, rrn) == code
 
 
 @given(st.text(alphabet="0123456789", min_size=12, max_size=12))
 def test_approval_codes_are_six_characters_without_i_or_o(rrn: str) -> None:
     from gateway.core.engine import approval_code_for
 
-    code = approval_code_for(rrn)
+    code = approval_code_for(b"test-key", rrn)
     assert len(code) == 6
     assert set(code) <= set("0123456789ABCDEFGHJKLMNPQRSTUVWX")  # no I or O, easily misread
+
+
+def test_approval_codes_are_keyed_not_a_plain_hash_of_the_rrn() -> None:
+    """Issue 22: with an unkeyed hash every installation gave RRN 000000000001 the code 1J2M97."""
+    from gateway.core.engine import approval_code_for
+
+    codes = {approval_code_for(key, "000000000001") for key in (b"a", b"b", b"c", b"d")}
+    assert len(codes) == 4
+    assert "1J2M97" not in codes
 
 
 def test_a_txn_copy_copies_every_field_and_shares_no_state() -> None:

@@ -155,3 +155,21 @@ def test_old_records_of_closed_batches_are_dropped_first_when_the_journal_is_ful
         journal.add(_record("purchase", f"{600 + i:06d}", 1, batch=2))
     assert len(journal.transactions) == 1000
     assert sum(1 for t in journal.transactions if t.batch == 2) == 600
+
+
+def test_the_last_sale_is_the_latest_approved_purchase_or_completion() -> None:
+    from terminal_emulator.journal import Journal, TransactionRecord
+
+    def record(kind: str, stan: str, status: str) -> TransactionRecord:
+        return TransactionRecord(kind=kind, mti="0200", processing_code="000000", stan=stan, transmitted="1122101010",
+                                 amount=100, currency="840", masked_pan="476173******0119", batch=1,
+                                 at="2026-11-22T10:10:10+00:00", status=status, rrn=f"00000000{stan[-4:]}")  # fmt: skip
+
+    journal = Journal()
+    assert journal.last_sale() is None
+    for kind, stan, status in (("purchase", "000001", "approved"), ("completion", "000002", "approved"),
+                               ("purchase", "000003", "voided"), ("refund", "000004", "approved"),
+                               ("purchase", "000005", "declined")):  # fmt: skip
+        journal.add(record(kind, stan, status))
+    last = journal.last_sale()
+    assert last is not None and last.stan == "000002"
