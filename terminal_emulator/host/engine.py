@@ -4,16 +4,16 @@ The asyncio server (``server.py``) only moves bytes and waits; everything it dec
 here: the rule that applies, the answer (or none), the delay, whether to hang up. The clock is
 passed in (it only stamps RRNs).
 
-| request              | answer | DE39 by default                                                    |
-|----------------------|--------|--------------------------------------------------------------------|
-| 0800/0801 network    | 0810   | 00 for DE70 001 sign-on, 002 sign-off, 301 echo; 12 other codes    |
-| 0100/0101, 0200/0201 | +10    | 00, with DE37 (echoed, else the host's own) and DE38               |
+| request              | answer | DE39 by default                                                     |
+|----------------------|--------|---------------------------------------------------------------------|
+| 0800/0801 network    | 0810   | 00 for DE70 001 sign-on, 002 sign-off, 301 echo; else 12 (30: none) |
+| 0100/0101, 0200/0201 | +10    | 00, with DE37 (echoed, else the host's own) and DE38                |
 | 0120/0121, 0220/0221 | +10    | 00 (advices: accept-only), DE38 echoed when sent                    |
-| 0400/0401            | 0410   | 00 when the host saw the original, else 25                         |
-| 0420/0421            | 0430   | 00 (advices: accept-only)                                          |
-| 0500/0501, 0520/0521 | +10    | 00                                                                 |
-| other requests       | +10    | 12                                                                 |
-| responses (xx10 ...) | none   | ignored (recorded)                                                 |
+| 0400/0401            | 0410   | 00 when the host saw the original, else 25                          |
+| 0420/0421            | 0430   | 00 (advices: accept-only)                                           |
+| 0500/0501, 0520/0521 | +10    | 00                                                                  |
+| other requests       | +10    | 12                                                                  |
+| responses (xx10 ...) | none   | ignored (recorded)                                                  |
 """
 
 from __future__ import annotations

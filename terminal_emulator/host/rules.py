@@ -352,7 +352,7 @@ def _boolean(value: object, where: str) -> bool:
 
 
 def _stan(value: object, where: str) -> str:
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(text, str) or not text.isdigit() or not 1 <= len(text) <= 6:
-        raise RulesError(f"{where}: must be up to 6 digits (e.g. \"000123\" or 123), got {value!r}")
-    return text.zfill(6)
+    # Text only: YAML would read an unquoted 000123 as the octal number 83.
+    if not isinstance(value, str) or not value.isdigit() or not 1 <= len(value) <= 6:
+        raise RulesError(f"{where}: must be up to 6 digits, quoted (\"000123\"), got {value!r}")
+    return value.zfill(6)

@@ -59,6 +59,11 @@ def test_network_management_is_answered_0810_with_de70_echoed(code: str, expecte
     assert outcome.answer == IsoMessage("0810", {7: "1122101010", 11: "000007", 39: expected, 41: "TERM0001", 70: code})
 
 
+def test_network_management_without_de70_is_a_format_error() -> None:
+    answer = engine().handle(IsoMessage("0800", {11: "000008", 41: "TERM0001"})).answer
+    assert answer == IsoMessage("0810", {11: "000008", 39: "30", 41: "TERM0001"})
+
+
 def test_a_purchase_is_approved_with_the_usual_fields_echoed_and_no_card_data() -> None:
     outcome = engine().handle(financial())
     assert outcome.action == "answer"
