@@ -3,10 +3,12 @@ a message that names the rule and the key."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from terminal_emulator.codec import IsoMessage
 from terminal_emulator.host.rules import Decision, Rule, RuleBook, RulesError, Then, When, load_rules, parse_rules
@@ -74,7 +76,7 @@ def test_the_pan_is_taken_from_track_2_when_de2_is_absent() -> None:
 
 
 def test_stan_terminal_merchant_processing_code_and_network_code() -> None:
-    rules = book('[[rule]]\nwhen = { stan = 42 }\nthen = { code = "01" }\n'
+    rules = book('[[rule]]\nwhen = { stan = "42" }\nthen = { code = "01" }\n'
                  '[[rule]]\nwhen = { terminal = "TERM0002" }\nthen = { code = "02" }\n'
                  '[[rule]]\nwhen = { processing_code = "20" }\nthen = { code = "03" }\n'
                  '[[rule]]\nwhen = { network_code = "301" }\nthen = { drop = true }\n'
@@ -133,6 +135,7 @@ def test_an_empty_then_answers_by_default_and_exempts_the_request_from_later_rul
         ("[[rule]]\nwhen = { pan = \"4761 7390\" }\nthen = {}", "when.pan: '4761 7390' is not valid"),
         ("[[rule]]\nwhen = { pan_fails_luhn = 1 }\nthen = {}", "when.pan_fails_luhn: must be true or false"),
         ("[[rule]]\nwhen = { stan = \"12345678\" }\nthen = {}", "when.stan: must be up to 6 digits"),
+        ("[[rule]]\nwhen = { stan = 123 }\nthen = {}", "when.stan: must be up to 6 digits, quoted"),
         ("[[rule]]\nwhen = { nth = 0 }\nthen = {}", "when.nth: must be an integer of at least 1"),
         ("[[rule]]\nthen = { code = 51 }", "rule 1: then.code must be 2 characters, quoted"),
         ("[[rule]]\nthen = { code = \"510\" }", "then.code must be 2 characters"),
@@ -180,3 +183,11 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(RulesError) as caught:
             load_rules(path)
         assert message in str(caught.value)
+
+
+def test_the_rules_examples_in_docs_host_md_are_valid_and_say_the_same_in_toml_and_yaml() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "host.md").read_text()
+    toml_rules = parse_rules(tomllib.loads(re.findall(r"```toml\n(.*?)```", text, re.S)[0]))
+    yaml_rules = parse_rules(yaml.safe_load(re.findall(r"```yaml\n(.*?)```", text, re.S)[0]))
+    assert len(toml_rules) == 6
+    assert yaml_rules == [toml_rules[0], Rule(toml_rules[3].when, toml_rules[3].then)]  # the YAML has no name there
