@@ -1,7 +1,8 @@
 """``iso-host``: the acquirer host simulator's command line.
 
 Exit codes: 0 stopped by SIGTERM or SIGINT (or ``check-rules`` found the file valid), 1 cannot
-listen (address in use, TLS files unreadable), 2 usage error (bad option, profile or rules file).
+listen (address in use), write the journal or load the TLS files, 2 usage error (bad option,
+profile or rules file).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def serve(
                                   ssl=_tls_context(tls_cert, tls_key), log=None if quiet else _say)
     except (ProfileError, RulesError) as exc:
         raise _fail(str(exc), 2) from None
+    if journal is not None:
+        try:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal.open("a").close()
+        except OSError as exc:
+            raise _fail(f"cannot write the journal {journal}: {exc.strerror or exc}", 1) from None
     try:
         asyncio.run(_run(simulator, rules, journal))
     except OSError as exc:

@@ -106,11 +106,11 @@ class HostSimulator:
     async def start(self) -> None:
         if self._server is not None:
             return
+        if self._journal is not None:
+            self._journal.open()
         self._server = await asyncio.start_server(self._serve, self.host, self._port, ssl=self._ssl,
                                                   reuse_address=True)
         self._port = self._server.sockets[0].getsockname()[1]
-        if self._journal is not None:
-            self._journal.open()
 
     async def stop(self) -> None:
         """Stop listening and hang up every connection (answers still waiting are not sent)."""
@@ -229,9 +229,9 @@ class HostSimulator:
 
     def _undecodable(self, link: _Link, body: bytes, error: str, now: datetime) -> None:
         """A readable MTI gets its response MTI with DE39 30 (format error); anything else, a hang-up."""
-        mti = body[:4].decode("ascii", "replace") if self.profile.spec["h"]["max_len"] == 0 else ""
-        readable = self.profile.spec["t"]["data_enc"] == "ascii" and classify(mti) not in ("other", "response")
-        if readable:
+        ascii_mti_first = self.profile.spec["h"]["max_len"] == 0 and self.profile.spec["t"]["data_enc"] == "ascii"
+        mti = body[:4].decode("ascii", "replace") if ascii_mti_first else ""
+        if len(mti) == 4 and mti.isdigit() and classify(mti) != "response":
             answer = IsoMessage(mti=response_mti(mti), fields={39: "30"})
             self._record(Record(now, link.number, mti, "answer", classify(mti), response_mti=answer.mti,
                                 response_code="30", error=error))

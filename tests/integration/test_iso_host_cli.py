@@ -110,6 +110,13 @@ async def test_bad_options_exit_2_with_a_reason(args: tuple[str, ...], message: 
     assert message in err
 
 
+async def test_a_journal_that_cannot_be_written_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    code, _, err = await run("serve", "--listen", "127.0.0.1:0", "--journal", str(tmp_path / "a-file" / "j.jsonl"))
+    assert code == 1
+    assert f"cannot write the journal {tmp_path / 'a-file' / 'j.jsonl'}" in err
+
+
 async def test_an_address_in_use_exits_1() -> None:
     process, port = await start_host()
     try:
