@@ -108,8 +108,13 @@ class HostSimulator:
             return
         if self._journal is not None:
             self._journal.open()
-        self._server = await asyncio.start_server(self._serve, self.host, self._port, ssl=self._ssl,
-                                                  reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self._port, ssl=self._ssl,
+                                                      reuse_address=True)
+        except OSError:
+            if self._journal is not None:
+                self._journal.close()
+            raise
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

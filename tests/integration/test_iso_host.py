@@ -204,6 +204,22 @@ async def test_the_host_can_go_down_and_come_back_on_the_same_port_with_new_rule
     assert [r.response_code for r in host.received] == ["00", "91", "00"]
 
 
+async def test_disconnect_all_cuts_every_connection_and_keeps_listening() -> None:
+    async with HostSimulator() as host:
+        clients = [await IsoClient.connect(host.port) for _ in range(3)]
+        for client in clients:
+            assert (await client.sale(100))[39] == "00"
+        assert host.connections == 3
+        await host.disconnect_all()
+        for client in clients:
+            assert await asyncio.wait_for(client.reader.read(), 5) == b""
+            await client.close()
+        assert host.connections == 0
+        again = await IsoClient.connect(host.port)
+        assert (await again.sale(100))[39] == "00"
+        await again.close()
+
+
 async def test_the_ascii_profile_is_served_too() -> None:
     async with HostSimulator("iso87-ascii") as host:
         client = await IsoClient.connect(host.port, profile="iso87-ascii")

@@ -21,10 +21,11 @@ async def start_host(*args: str) -> tuple[asyncio.subprocess.Process, int]:
         ISO_HOST, "serve", "--listen", "127.0.0.1:0", *args, stderr=asyncio.subprocess.PIPE
     )
     assert process.stderr is not None
-    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-    found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-    assert found, line
-    return process, int(found.group(1))
+    async with asyncio.timeout(30):
+        while line := (await process.stderr.readline()).decode():
+            if found := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                return process, int(found.group(1))
+    raise AssertionError(f"iso-host stopped before listening (exit code {await process.wait()})")
 
 
 async def stop_host(process: asyncio.subprocess.Process, signum: int = signal.SIGTERM) -> tuple[int, str]:
