@@ -70,6 +70,8 @@ class WireProfile:
     spec: Mapping[str, Mapping[str, Any]]
     #: The application header (``h``) to send, as pyiso8583 text (hex for binary headers), if any.
     header_value: str | None = None
+    #: ``[dialect] name``: how messages are classified (``iso87``; ``cup`` is not built yet).
+    dialect: str = "iso87"
 
     def field_spec(self, number: int) -> Mapping[str, Any]:
         return self.spec[str(number)]
@@ -108,11 +110,13 @@ def parse_profile(data: Mapping[str, Any], default_name: str = "custom") -> Wire
         raise ProfileError(f"wire profile {name!r} has no [fields] table")
     header = fields.get("h")
     header_value = header.get("value") if isinstance(header, Mapping) else None
+    dialect = data.get("dialect", {})
     return WireProfile(
         name=name,
         framing=framing,
         spec=_clean_spec(cast(Mapping[str, Any], fields)),
         header_value=str(header_value) if header_value is not None else None,
+        dialect=str(dialect.get("name", "iso87")) if isinstance(dialect, Mapping) else "iso87",
     )
 
 

@@ -78,3 +78,9 @@ def test_a_profile_with_a_tpdu_and_an_application_header_keeps_both_for_sending(
     assert profile.header_value == "603100000000"
     assert profile.spec["h"]["max_len"] == 6
     assert "value" not in profile.spec["h"]
+
+
+def test_the_dialect_name_is_read_so_peers_can_refuse_one_they_do_not_speak() -> None:
+    assert load_profile("iso87-binary").dialect == "iso87"
+    assert load_profile("iso87-ascii").dialect == "iso87"
+    assert load_profile("cup-pos").dialect == "cup"
