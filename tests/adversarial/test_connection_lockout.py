@@ -246,7 +246,7 @@ async def test_with_3000_hostile_connections_an_allowed_terminal_still_gets_answ
     pki = make_pki(tmp_path / "pki")
     env = lockout_env(frame_timeout_s="2", handshake_timeout_s="3")
     env.update({"GATEWAY_TLS__CERT": str(pki.server_cert), "GATEWAY_TLS__KEY": str(pki.server_key),
-                "GATEWAY_ALLOWED_TERMINALS": "TERM0001"})  # fmt: skip
+                "GATEWAY_ALLOWED_TERMINALS": "[\"TERM0001\"]"})  # fmt: skip
     proc = gateway(env)
     pid = pid_of(proc)
     before = rss_mb(pid)
