@@ -14,11 +14,13 @@ backwards in it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import re
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +30,7 @@ from brokers import free_port
 from harness import CARD, GatewayProcess, IsoClient
 from hostile import async_wait_for, frame, log_lines
 
+from gateway.adapters.mqtt import parse_mqtt_url
 from gateway.core.cards import luhn_checksum_ok
 
 
@@ -174,6 +177,36 @@ async def test_a_pan_with_separators_as_an_mqtt_client_id_never_reaches_the_gate
     assert proc.signal(signal.SIGTERM) == 0
     found = leaking_lines(proc, PAN_16)
     assert not found, f"{len(found)} log lines give away {PAN_16}: {found[:2]}"
+
+
+async def test_a_pan_split_across_the_terminal_and_merchant_ids_never_reaches_an_event(
+    gateway: Callable[..., GatewayProcess], mqtt_broker_url: str
+) -> None:
+    # beyond the list: design section 7 promises no full PAN in events either; a refund (declined
+    # 58 without a reference) publishes pos.refund.declined with both ids in its topic, subject and data
+    proc = gateway()
+    address = parse_mqtt_url(mqtt_broker_url)
+    prefix = proc.env["GATEWAY_MQTT_TOPIC_PREFIX"]
+    received: list[tuple[str, str]] = []
+    async with aiomqtt.Client(address.host, address.port, identifier=f"t21-{uuid.uuid4().hex[:12]}", timeout=5) as c:
+        await c.subscribe(f"{prefix}/#", qos=1)
+        pos = await IsoClient.connect(proc.port)
+        try:
+            for terminal, merchant in SPLITS.values():
+                assert (await pos.refund(None, 500, terminal=terminal, merchant=merchant))[39] == "58"
+        finally:
+            await pos.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                async for message in c.messages:
+                    payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+                    received.append((message.topic.value, bytes(payload).decode()))
+                    if len(received) == len(SPLITS):
+                        break
+    assert len(received) == len(SPLITS), f"expected one pos.refund.declined per refund: {received}"
+    given_away = [(topic, payload[:400]) for topic, payload in received
+                  if any(leaks(topic, pan) or leaks(payload, pan) for pan in (PAN_16, PAN_19))]  # fmt: skip
+    assert not given_away, f"{len(given_away)} of {len(received)} events give a PAN away: {given_away[:2]}"
 
 
 @contextlib.asynccontextmanager
