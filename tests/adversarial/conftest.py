@@ -12,15 +12,21 @@ from harness import GatewayProcess
 
 @pytest.fixture
 def gateway(tmp_path: Path, mqtt_broker_url: str) -> Iterator[Callable[..., GatewayProcess]]:
-    """Makes this test's gateway process (started unless ``start=False``) on the session's broker;
-    ``unset`` names variables GatewayProcess sets that this gateway must not have. Kills every one
-    at the end."""
+    """Makes this test's gateway process (started unless ``start=False``) on the session's broker, its
+    ledger and log in ``folder`` (default: the test's tmp_path); ``unset`` names variables
+    GatewayProcess sets that this gateway must not have. Kills every one at the end."""
     made: list[GatewayProcess] = []
 
     def make(
-        env: dict[str, str] | None = None, *, start: bool = True, unset: tuple[str, ...] = ()
+        env: dict[str, str] | None = None,
+        *,
+        start: bool = True,
+        unset: tuple[str, ...] = (),
+        folder: Path | None = None,
     ) -> GatewayProcess:
-        proc = GatewayProcess(tmp_path, mqtt_broker_url, env=env)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        proc = GatewayProcess(folder or tmp_path, mqtt_broker_url, env=env)
         for name in unset:
             proc.env.pop(name, None)
         made.append(proc)
