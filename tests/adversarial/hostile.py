@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import resource
 import shutil
@@ -146,9 +147,19 @@ def raise_open_file_limit(needed: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def connect(port: int, timeout: float = 5.0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def connect(port: int, timeout: float = 5.0, *, receive_buffer: int | None = None) -> socket.socket:
+    """A connection to the gateway; ``receive_buffer`` sets SO_RCVBUF before connecting (a small one
+    makes a client that does not read show at once, instead of after megabytes of kernel buffers)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -215,6 +226,26 @@ async def async_wait_for(predicate: Any, timeout: float, interval: float = 0.1) 
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(interval)
+
+
+async def settled(pid: int, timeout: float = 5.0) -> int:
+    """The gateway's socket count once it stopped changing (it has accepted or closed what it will)."""
+    last, stable, deadline = -1, 0, time.monotonic() + timeout
+    while stable < 3 and time.monotonic() < deadline:
+        now = socket_count(pid)
+        stable = stable + 1 if now == last else 0
+        last = now
+        await asyncio.sleep(0.2)
+    return last
+
+
+def socket_count(pid: int) -> int:
+    """Sockets the gateway process holds open (its listeners, its broker link and its connections)."""
+    count = 0
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(entry).startswith("socket:")
+    return count
 
 
 # --------------------------------------------------------------------------- a real terminal

@@ -40,6 +40,7 @@ from hostile import (
     raise_open_file_limit,
     rss_mb,
     sale_frame,
+    settled,
 )
 
 FULL = os.environ.get("ADVERSARIAL_FULL") == "1"
@@ -54,26 +55,6 @@ def lockout_env(**limits: str) -> dict[str, str]:
     env = {"GATEWAY_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "GATEWAY_LIMITS__PER_ADDRESS": "5000"}
     env.update({f"GATEWAY_LIMITS__{name.upper()}": value for name, value in limits.items()})
     return env
-
-
-def socket_count(pid: int) -> int:
-    """Sockets the gateway process holds open (its listeners, its broker link and its connections)."""
-    count = 0
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            count += os.readlink(entry).startswith("socket:")
-    return count
-
-
-async def settled(pid: int, timeout: float = 5.0) -> int:
-    """The gateway's socket count once it stopped changing (it has accepted what it will accept)."""
-    last, stable, deadline = -1, 0, time.monotonic() + timeout
-    while stable < 3 and time.monotonic() < deadline:
-        now = socket_count(pid)
-        stable = stable + 1 if now == last else 0
-        last = now
-        await asyncio.sleep(0.2)
-    return last
 
 
 def shows(attempt: Attempt) -> str:
@@ -189,6 +170,7 @@ async def test_a_fourth_concurrent_connection_from_one_address_is_closed_at_once
     gateway: Callable[..., GatewayProcess],
 ) -> None:
     proc = gateway({"GATEWAY_LIMITS__PER_ADDRESS": "3"})
+    await settled(pid_of(proc))  # the start-up probe's connection is gone
     terminals = [await IsoClient.connect(proc.port) for _ in range(3)]
     try:
         for pos in terminals:
@@ -208,7 +190,11 @@ async def test_a_fourth_concurrent_connection_from_one_address_is_closed_at_once
         for pos in terminals:  # the three within the cap are untouched
             assert (await pos.sale(500))[39] == "00"
         await terminals.pop().close()
-        assert (await fresh_sale(proc.port)).code == "00"  # a concurrent cap: a slot freed is a slot again
+        freed: list[Attempt] = []  # a concurrent cap: a slot freed is a slot again, once the gateway saw it
+        while len(freed) < 10 and (not freed or freed[-1].code != "00"):
+            freed.append(await fresh_sale(proc.port))
+            await asyncio.sleep(0.2 if freed[-1].code != "00" else 0)
+        assert freed[-1].code == "00", [shows(a) for a in freed]
     finally:
         for pos in terminals:
             await pos.close()

@@ -253,7 +253,7 @@ async def test_after_kill_9_under_load_every_approval_received_is_recorded_and_e
     record_property("kill9_figures", figures)
     unseen = approved - received.keys()
     assert unseen <= listed, f"recorded approved, never received, not listed: {sorted(unseen - listed)}; {figures}"
-    assert not listed & received.keys(), f"received yet listed as unanswered: {sorted(listed & received.keys())}"
+    # after kill -9 a gateway cannot know which of its last answers arrived: listing one that did is no fault
 
     if unseen:  # the terminal reverses a sale it got no answer for; the reversal matches the listed record
         terminal, stan = sorted(unseen)[0]
