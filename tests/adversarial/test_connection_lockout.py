@@ -67,7 +67,7 @@ def shows(attempt: Attempt) -> str:
 async def test_a_terminal_connecting_afresh_is_served_while_idle_connections_hold_every_slot(
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    raise_open_file_limit(8_000)
+    raise_open_file_limit(4_096)
     proc = gateway(lockout_env())
     proven = await IsoClient.connect(proc.port)  # a terminal that proved itself before the flood
     assert (await proven.sale(1_000))[39] == "00"
@@ -96,7 +96,7 @@ async def test_a_terminal_connecting_afresh_is_served_while_idle_connections_hol
 async def test_connections_dripping_a_frame_are_closed_at_the_frame_deadline_and_do_not_lock_terminals_out(
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    raise_open_file_limit(8_000)
+    raise_open_file_limit(4_096)
     frame_timeout = 2.0
     proc = gateway(lockout_env(frame_timeout_s=str(frame_timeout)))
     drip = sale_frame("000001", terminal="DRIP0001")
@@ -131,7 +131,7 @@ async def test_connections_dripping_a_frame_are_closed_at_the_frame_deadline_and
 async def test_half_open_tls_handshakes_count_as_connections_and_are_closed_at_the_handshake_deadline(
     gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
-    raise_open_file_limit(8_000)
+    raise_open_file_limit(4_096)
     pki = make_pki(tmp_path / "pki")
     handshake_timeout = 3.0
     env = lockout_env(handshake_timeout_s=str(handshake_timeout))
@@ -228,7 +228,7 @@ def _tls_drippers(port: int, count: int, context: ssl.SSLContext, first: bytes) 
 async def test_with_3000_hostile_connections_an_allowed_terminal_still_gets_answers(
     gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
-    raise_open_file_limit(16_000)
+    raise_open_file_limit(8_192)
     pki = make_pki(tmp_path / "pki")
     env = lockout_env(frame_timeout_s="2", handshake_timeout_s="3")
     env.update({"GATEWAY_TLS__CERT": str(pki.server_cert), "GATEWAY_TLS__KEY": str(pki.server_key),

@@ -188,11 +188,11 @@ async def test_a_client_that_pipelines_requests_keeps_the_gateway_under_150_mb_a
 @pytest.mark.slow
 @pytest.mark.skipif(not FULL, reason="the issue's 30 s flood: set ADVERSARIAL_FULL=1")
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["sales", "echoes"])
 async def test_a_30_second_flood_that_never_reads_keeps_the_gateway_under_150_mb_and_other_sales_under_100_ms(
-    gateway: Callable[..., GatewayProcess],
+    gateway: Callable[..., GatewayProcess], kind: str
 ) -> None:
-    await _flood_while_a_terminal_sells(gateway, seconds=30, kind="sales")
-    await _flood_while_a_terminal_sells(gateway, seconds=30, kind="echoes")
+    await _flood_while_a_terminal_sells(gateway, seconds=30, kind=kind)
 
 
 async def test_a_client_that_never_reads_its_answers_is_closed_after_the_write_timeout(
