@@ -183,7 +183,8 @@ async def test_a_pan_split_across_the_terminal_and_merchant_ids_never_reaches_an
     gateway: Callable[..., GatewayProcess], mqtt_broker_url: str
 ) -> None:
     # beyond the list: design section 7 promises no full PAN in events either; a refund (declined
-    # 58 without a reference) publishes pos.refund.declined with both ids in its topic, subject and data
+    # 58 without a reference) publishes pos.refund.declined with both ids in its topic, subject and data.
+    # A gateway that refuses such ids and publishes nothing passes.
     proc = gateway()
     address = parse_mqtt_url(mqtt_broker_url)
     prefix = proc.env["GATEWAY_MQTT_TOPIC_PREFIX"]
@@ -192,18 +193,17 @@ async def test_a_pan_split_across_the_terminal_and_merchant_ids_never_reaches_an
         await c.subscribe(f"{prefix}/#", qos=1)
         pos = await IsoClient.connect(proc.port)
         try:
-            for terminal, merchant in SPLITS.values():
-                assert (await pos.refund(None, 500, terminal=terminal, merchant=merchant))[39] == "58"
+            for terminal, merchant in SPLITS.values():  # today: 58, unreferenced_refund_disabled
+                await pos.refund(None, 500, terminal=terminal, merchant=merchant)
         finally:
             await pos.close()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(3):
                 async for message in c.messages:
                     payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
                     received.append((message.topic.value, bytes(payload).decode()))
                     if len(received) == len(SPLITS):
                         break
-    assert len(received) == len(SPLITS), f"expected one pos.refund.declined per refund: {received}"
     given_away = [(topic, payload[:400]) for topic, payload in received
                   if any(leaks(topic, pan) or leaks(payload, pan) for pan in (PAN_16, PAN_19))]  # fmt: skip
     assert not given_away, f"{len(given_away)} of {len(received)} events give a PAN away: {given_away[:2]}"
