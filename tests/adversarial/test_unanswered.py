@@ -131,17 +131,17 @@ async def test_a_sale_whose_terminal_vanished_before_its_answer_is_listed_as_una
     proc.start()
     pos = await IsoClient.connect(proc.port)
     try:
-        for stan in sorted(listed)[:2]:
-            # the terminal reverses what it never got an answer for: by STAN + DE4 (no DE90), then by DE90
+        # the terminal reverses what it never got an answer for: the first by STAN + DE4 (no DE90), the
+        # second by DE90 (original MTI + STAN + DE7)
+        for how, stan in zip(("by STAN and amount", "by DE90"), sorted(listed), strict=False):
             original = sales[stan]
             reversal = {**pos.base(2_100, terminal=terminal), 3: "000000"}
-            if stan != sorted(listed)[0]:
+            if how == "by DE90":
                 reversal[90] = "0200" + stan + original[7] + "0" * 22
             else:
-                reversal[11] = stan
-                reversal[7] = original[7]
+                reversal.update({11: stan, 7: original[7]})
             mti, answer = await pos.send("0400", reversal)
-            assert (mti, answer[39]) == ("0410", "00"), f"the reversal of listed sale {stan} was answered {answer[39]}"
+            assert (mti, answer[39]) == ("0410", "00"), f"the reversal {how} of listed sale {stan}: {answer[39]}"
     finally:
         await pos.close()
 
