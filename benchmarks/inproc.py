@@ -82,9 +82,11 @@ class Harness:
         answers: list[bytes] = []
         expected = len(payloads)
 
-        def reply(answer: bytes | None) -> None:
+        def reply(answer: bytes | None, delivered: Callable[[], None] | None = None) -> None:
             assert answer is not None
             answers.append(answer)
+            if delivered is not None:
+                delivered()
             if len(answers) == expected:
                 done.set_result(None)
 

@@ -25,6 +25,7 @@ from gateway.service import GatewayService, ServiceConfig, SystemClock
 from gateway.startup import (
     BrokerChoice,
     StartupError,
+    card_hash_key,
     check_mqtt_settings,
     check_sqlite_location,
     checked_profile,
@@ -151,7 +152,7 @@ class GatewayApp:
             ServiceConfig(
                 instance_id=settings.instance_id,
                 topic_prefix=settings.mqtt_topic_prefix,
-                pan_key=settings.pan_hmac_key.get_secret_value().encode(),
+                pan_key=card_hash_key(settings),
                 policy=build_policy(settings),
                 allowed_terminals=frozenset(settings.allowed_terminals),
             ),
@@ -198,8 +199,8 @@ class GatewayApp:
             await self._undo_start()
             raise
         self.log.info("mqtt.broker", mode=choice.mode, url=_hide(self.mqtt_url or ""), detail=choice.detail)
-        if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
-            self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key")
+        if settings.pan_hmac_key is not None and settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
+            self.log.warning("config.dev_pan_key", detail="GATEWAY_PAN_HMAC_KEY is the development key (dev mode)")
         self.log.info(
             "gateway.started",
             listen=f"{host}:{self.port}",
@@ -402,6 +403,11 @@ def serve(settings: Settings) -> int:
         return 0
 
     try:
+        if settings.tls.cert is not None:
+            # terminal TLS upgrades each connection with loop.start_tls, so that handshakes count as
+            # connections and have a deadline; uvloop's start_tls never completes a server-side handshake
+            # (uvloop issue 707), so TLS runs on asyncio's own loop
+            return asyncio.run(main())
         try:
             import uvloop
         except ImportError:

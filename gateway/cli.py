@@ -13,6 +13,7 @@ starts nothing.
 from __future__ import annotations
 
 import asyncio
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import orjson
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -176,6 +178,11 @@ def _read(ctx: typer.Context, config: Path | None) -> Settings:
         raise _SettingsProblems([("--config", problem)], problem) from None
     except ValidationError as exc:
         raise _SettingsProblems(validation_problems(exc), describe_validation_error(exc)) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even parse (a list that is no JSON)
+        found = re.search(r'field "([a-z_]+)"', str(exc))
+        setting = f"GATEWAY_{found.group(1).upper()}" if found else "GATEWAY_*"
+        problem = "cannot be read: a list or a table is given as JSON, e.g. [\"TERM0001\"]"
+        raise _SettingsProblems([(setting, problem)], f"{setting}: {problem}") from None
 
 
 def _load(ctx: typer.Context, config: Path | None) -> Settings:
@@ -277,7 +284,7 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
     }
     for name in unknown_environment():
         _err().print(f"[yellow]warning:[/] {escape(name)} names no setting and is ignored", markup=True)
-    if settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
+    if settings.pan_hmac_key is not None and settings.pan_hmac_key.get_secret_value() == DEV_PAN_HMAC_KEY:
         _err().print(
             "[yellow]warning:[/] GATEWAY_PAN_HMAC_KEY is the development key; set your own in production",
             markup=True,
@@ -444,8 +451,10 @@ def transactions(
         bool, typer.Option("--unanswered", help="Only records whose answer is not known to have been written.")
     ] = False,
     older_than: Annotated[
-        float, typer.Option(help="Seconds a record must be old (younger ones may still be on their way).")
-    ] = 10.0,
+        float,
+        typer.Option(help="Only records at least this many seconds old (while the gateway runs, a record less "
+                          "than a second old may still be on its way to its terminal)."),
+    ] = 0.0,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:

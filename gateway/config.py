@@ -22,7 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-#: The development HMAC key: fine for the demo and tests, refused nowhere, warned about at start.
+#: The published development HMAC key: refused unless ``GATEWAY_DEV_MODE=1`` (a key anyone can read
+#: gives back the full card number from the masked one and the hash in the ledger).
 DEV_PAN_HMAC_KEY = "dev-only-pan-hmac-key-change-me"
 
 
@@ -49,7 +50,11 @@ def _check_listen(value: str) -> str:
 class StandInSettings(BaseModel):
     """Stand-in approval rules (used when no upstream host is configured)."""
 
-    max_amount: int | None = Field(default=None, ge=0, description="Decline (61) above this, minor units")
+    max_amount: int | None = Field(
+        default=1_000_000,
+        ge=0,
+        description="Decline (61) above this, minor units: the gateway approving alone takes no large risk",
+    )
     check_luhn: bool = Field(default=True, description="Decline (14) PANs that fail the Luhn check")
     check_expiry: bool = Field(default=True, description="Decline (54) cards whose DE14 expiry is past")
 
@@ -152,7 +157,11 @@ class Settings(BaseSettings):
     )
     mqtt_topic_prefix: str = "pos/corrections"
     instance_id: str = Field(default="gateway-1", description="Names this instance in events and MQTT client ids")
-    pan_hmac_key: SecretStr = Field(default=SecretStr(DEV_PAN_HMAC_KEY), description="Key of the PAN HMAC")
+    pan_hmac_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the card hash (and approval codes); unset: a random key kept beside the SQLite ledger",
+    )
+    dev_mode: bool = Field(default=False, description="Allow the published development key (test beds only)")
     idle_timeout_s: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=1000, ge=1)
     allowed_terminals: list[str] = Field(
@@ -217,7 +226,7 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets and URL passwords hidden."""
         data = self.model_dump(mode="json")
-        data["pan_hmac_key"] = "********"
+        data["pan_hmac_key"] = "********" if self.pan_hmac_key is not None else None
         for key in ("ledger_url", "mqtt_url"):
             data[key] = _hide_password(data[key])
         return data

@@ -69,9 +69,8 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": loggi
 #: or dash (a longer run is not a card number, e.g. DE90's 42 digits)
 _CARD_IN_TEXT: Final = re.compile(r"(?<![0-9])(?:[0-9]{13,19}|[0-9]{3,6}(?:[ -][0-9]{3,6}){2,5})(?![0-9])")
 _DIGIT_RUN: Final = re.compile(r"[0-9]{7,}")
-_LEADING_DIGITS: Final = re.compile(r"[0-9]+")
 _ASCII_DIGITS: Final = frozenset("0123456789")
-_TRAILING_DIGITS: Final = re.compile(r"[0-9]+$")
+_NO_DIGITS: Final = str.maketrans("", "", "0123456789")
 
 _PLAIN, _PAN, _SECRET = 0, 1, 2
 _PAN_NAMES: Final = frozenset({"pan", "de2", "cardnumber", "cardno", "accountnumber", "maskedpan"})
@@ -158,43 +157,41 @@ def _clean_mapping(mapping: Mapping[Any, Any]) -> dict[Any, Any]:
 
 
 def _mask_split_numbers(values: dict[Any, Any]) -> None:
-    """Mask a card number whose digits end one string value and begin the next ones (see the module
-    docstring): the trailing digits of a value, the digits of any all-digit values after it, and the
-    leading digits of the value after those, read as one number. Anything but text between them ends
-    the chain."""
-    keys = list(values)
-    for first, key in enumerate(keys):
-        text = values[key]
-        if not isinstance(text, str) or not text or text[-1] not in _ASCII_DIGITS:
+    """Mask a card number whose digits are spread over neighbouring text values (see the module
+    docstring): two or three of them, read together in either order, padding and all. Anything but
+    text between them ends the neighbourhood; only numbers that cross from one value into the next
+    are looked for here (each value's own are masked already)."""
+    texts = [(key, value) for key, value in values.items()]
+    digit_counts = [len(v) - len(v.translate(_NO_DIGITS)) if isinstance(v, str) else -1 for _, v in texts]
+    for start in range(len(texts) - 1):
+        for width in (2, 3):
+            window = range(start, start + width)
+            if window.stop > len(texts) or any(digit_counts[n] < 0 for n in window):
+                break
+            if sum(digit_counts[n] for n in window) < 13:
+                continue
+            keys = [texts[n][0] for n in window]
+            _mask_across(values, keys)
+            _mask_across(values, keys[::-1])
+
+
+def _mask_across(values: dict[Any, Any], keys: list[Any]) -> None:
+    """Mask the card numbers of ``values[key]`` for ``keys`` read as one text that cross a boundary."""
+    joined = "".join(values[key] for key in keys)
+    owner: list[tuple[Any, int]] = [(key, index) for key in keys for index in range(len(values[key]))]
+    for match in _CARD_IN_TEXT.finditer(joined):
+        first, last = owner[match.start()][0], owner[match.end() - 1][0]
+        digits = match.group().replace(" ", "").replace("-", "")
+        if first == last or digits[0] == "0" or not _is_card_number(digits):  # no card number starts with 0
             continue
-        tail = _TRAILING_DIGITS.search(text)
-        assert tail is not None
-        digits, parts = tail.group(), [(key, tail.start(), len(text))]
-        for later in keys[first + 1:]:
-            value = values[later]
-            if not isinstance(value, str) or not value or value[0] not in _ASCII_DIGITS or len(digits) >= 19:
-                break
-            head = _LEADING_DIGITS.match(value)
-            assert head is not None
-            digits += head.group()
-            parts.append((later, 0, head.end()))
-            if digits[0] != "0" and _is_card_number(digits):  # no card number starts with 0 (ISO/IEC 7812)
-                _mask_parts(values, parts)
-                break
-            if head.end() < len(value):  # the number cannot continue past a non-digit
-                break
-
-
-def _mask_parts(values: dict[Any, Any], parts: list[tuple[Any, int, int]]) -> None:
-    positions = [(key, index) for key, start, end in parts for index in range(start, end)]
-    for key, _, _ in parts:
-        mine = [index for owner, index in positions if owner == key]
-        keep = {index for owner, index in positions[:6] + positions[-4:] if owner == key}
-        chars = list(values[key])
-        for index in mine:
-            if index not in keep:
-                chars[index] = "*"
-        values[key] = "".join(chars)
+        positions = [n for n in range(match.start(), match.end()) if joined[n] in _ASCII_DIGITS]
+        hidden = set(positions[6:-4])
+        for key in {owner[n][0] for n in hidden}:
+            chars = list(values[key])
+            for n in hidden:
+                if owner[n][0] == key:
+                    chars[owner[n][1]] = "*"
+            values[key] = "".join(chars)
 
 
 def mask_card_data(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:

@@ -148,9 +148,10 @@ class GatewayService:
         """
         answer: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
 
-        def reply(data: bytes | None) -> bool:
+        def reply(data: bytes | None, delivered: Callable[[], None] | None = None) -> None:
             answer.set_result(data)
-            return True
+            if delivered is not None:
+                delivered()
 
         self.handle_nowait(payload, reply, answer.set_exception)
         return await answer
@@ -158,13 +159,14 @@ class GatewayService:
     def handle_nowait(
         self,
         payload: bytes,
-        reply: Callable[[bytes | None], bool],
+        reply: Callable[..., None],
         fail: Callable[[BaseException], None],
         peer: Peer | None = None,
     ) -> None:
-        """Answer one frame without a task of its own: ``reply`` gets the answer (None: no answer), now or
-        when the ledger has committed, and says whether it could be written (False: the connection is
-        gone, the record stays unanswered); ``fail`` gets an exception that must cost the connection.
+        """Answer one frame without a task of its own: ``reply(answer, delivered)`` gets the answer (None: no
+        answer), now or when the ledger has committed, and calls ``delivered`` once the terminal has it
+        (the record is then marked answered; never, if the connection went first); ``fail`` gets an
+        exception that must cost the connection.
 
         Raises :class:`FrameRejectedError` at once when the frame is not even a readable request.
         """
@@ -210,8 +212,8 @@ class GatewayService:
                 try:
                     self._account(message, request, result.response_code, result.reason, started,
                                   rrn=result.rrn, replayed=result.replayed)
-                    if reply(data) and result.txn_id is not None:
-                        self._mark_answered(result.txn_id)
+                    txn_id = result.txn_id
+                    reply(data, None if txn_id is None else lambda: self._mark_answered(txn_id))
                 except Exception as exc:  # a bug past the ledger: the connection pays, never the server
                     fail(exc)
 

@@ -9,7 +9,9 @@ creates no ledger, starts no broker) and reports every problem. Each problem is 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import socket
 import ssl
 import tempfile
@@ -20,7 +22,7 @@ from typing import Literal
 
 from gateway.adapters.mqtt import parse_mqtt_url
 from gateway.adapters.mqtt_publisher import BrokerRefused, MqttError, MqttPublisher
-from gateway.config import Settings, split_host_port
+from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port
 from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 from gateway.protocol.profile import Profile, ProfileError, load_profile
 
@@ -118,6 +120,54 @@ def terminal_tls(settings: Settings) -> ssl.SSLContext | None:
 # --- addresses ------------------------------------------------------------------------------------
 
 
+def key_file(ledger: Path) -> Path:
+    """Where the generated card-hash key of a SQLite ledger lives: beside it, mode 0600."""
+    return ledger.with_name(ledger.name + ".key")
+
+
+def card_hash_key(settings: Settings, *, create: bool = True) -> bytes:
+    """The key of the card hash: ``GATEWAY_PAN_HMAC_KEY``, else the key file beside the SQLite ledger,
+    made with 256 random bits on the first start (mode 0600). The published development key is
+    refused unless ``GATEWAY_DEV_MODE=1``: with it, the masked PAN and the hash in the ledger give back
+    the full card number in a fraction of a second. A PostgreSQL ledger needs the key set: every
+    instance sharing it must hash cards alike."""
+    if settings.pan_hmac_key is not None and settings.pan_hmac_key.get_secret_value():  # empty: as unset
+        key = settings.pan_hmac_key.get_secret_value()
+        if key == DEV_PAN_HMAC_KEY and not settings.dev_mode:
+            raise StartupError(
+                "GATEWAY_PAN_HMAC_KEY",
+                "is the published development key: set a key of your own, or leave it unset for a random one "
+                "(GATEWAY_DEV_MODE=1 allows it on a test bed)",
+            )
+        return key.encode()
+    ledger = settings.sqlite_path()
+    if ledger is None:
+        raise StartupError(
+            "GATEWAY_PAN_HMAC_KEY", "must be set with a PostgreSQL ledger (every instance must use the same key)"
+        )
+    path = key_file(ledger)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise StartupError(
+                "GATEWAY_PAN_HMAC_KEY", f"the key file {path} is readable by others ({mode:o}): chmod 600 it"
+            )
+        key = path.read_text().strip()
+        if len(key) < 32:
+            raise StartupError("GATEWAY_PAN_HMAC_KEY", f"the key file {path} holds no key")
+        return key.encode()
+    if not create:
+        return b""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        problem = describe_os_error(exc)
+        raise StartupError("GATEWAY_PAN_HMAC_KEY", f"cannot create the key file {path}: {problem}") from None
+    with os.fdopen(descriptor, "w") as out:
+        out.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip().encode()
+
+
 def check_address_free(setting: str, address: str, default_port: int) -> None:
     """Whether ``serve`` could listen on ``address``: bind a socket to it as asyncio would (every
     address the host name resolves to, ``SO_REUSEADDR``) and close it at once."""
@@ -206,6 +256,24 @@ def check_mqtt_settings(settings: Settings) -> None:
         value = getattr(mqtt, name)
         if value is not None:
             _existing_file(f"GATEWAY_MQTT__{name.upper()}", value)
+    if url in ("auto", "embedded"):
+        host, _ = split_host_port(mqtt.embedded_listen, 1883)
+        if not _is_loopback(host):
+            raise StartupError(
+                "GATEWAY_MQTT__EMBEDDED_LISTEN",
+                f"the embedded broker takes anonymous clients: on {host} anyone reaching it could publish forged "
+                "correction events; keep it on 127.0.0.1, or use a broker with credentials and ACLs "
+                "(GATEWAY_MQTT_URL=mqtt://user:password@host:port, docs/events.md)",
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def _scheme_or_mode(url: str) -> str:
@@ -303,6 +371,7 @@ async def preflight(settings: Settings, *, postgres_s: float = 5.0, probe_s: flo
         return f"{found.profile.name} (dialect {found.profile.dialect})"
 
     attempt("profile", profile)
+    attempt("pan_key", lambda: "set" if card_hash_key(settings, create=False) else "generated at first start")
     attempt("tls", lambda: "off" if terminal_tls(settings) is None else "on")
     attempt("listen", lambda: _free(settings.listen, "GATEWAY_LISTEN", 8583))
     if settings.metrics_listen:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import operator
+import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -582,6 +583,9 @@ class SqliteLedger:
         await self.close()
 
     def _connect(self) -> sqlite3.Connection:
+        with contextlib.suppress(FileExistsError):
+            # readable by the gateway's user alone (SQLite gives its WAL and shared-memory files the same mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")

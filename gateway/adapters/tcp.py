@@ -23,9 +23,14 @@ What a hostile or broken client can cost is bounded (docs/operations.md, "Limits
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import fcntl
 import itertools
+import socket
 import ssl
+import struct
+import termios
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,10 +46,19 @@ class Service(Protocol):
     def handle_nowait(
         self,
         payload: bytes,
-        reply: Callable[[bytes | None], bool],
+        reply: Callable[[bytes | None, Callable[[], None] | None], None],
         fail: Callable[[BaseException], None],
         peer: Peer | None = None,
     ) -> None: ...
+
+
+#: bytes received but not yet decided past which a connection is not read (about two frames' worth)
+_BUFFERED_BYTES = 16 * 1024
+#: how soon after an answer is written its acknowledgement is looked for (then 5 times later, then each sweep)
+_CONFIRM_AFTER_S = 0.05
+#: frames of one connection decided per loop iteration at most, so that one busy client cannot make
+#: every other connection wait for its whole burst
+_BATCH = 32
 
 
 class ConnectionRecorder(Protocol):
@@ -90,6 +104,11 @@ class _Connection(asyncio.Protocol):
         self.frame_started: float | None = None
         #: since when the client has not been taking its answers (its deadline), None while it does
         self.write_blocked: float | None = None
+        #: answers the kernel still holds for the client at the last sweep, and since when they have
+        #: not shrunk while nothing more was written (a client that stopped reading; see _kernel_stall)
+        self.kernel_unsent = 0
+        self.stalled_since: float | None = None
+        self.last_write = self.opened
         self.handshaking = False
         #: a call to take frames that waited for room is scheduled
         self.more_scheduled = False
@@ -101,6 +120,10 @@ class _Connection(asyncio.Protocol):
         self.frames = 0
         #: answers finished in this loop iteration, written together by one flush
         self.outgoing: list[bytes] = []
+        #: bytes written so far, and the answers not yet acknowledged: (their last byte's offset, whom to tell)
+        self.written = 0
+        self.to_confirm: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
+        self.confirm_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks ---------------------------------------------------------
 
@@ -155,19 +178,32 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_blocked = None
         self.update_reading()
+        self._schedule_more()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:  # a clean close, after what was written was flushed: those answers are delivered
+            while self.to_confirm:
+                self.to_confirm.popleft()[1]()
+        self.to_confirm.clear()  # a reset: what was not acknowledged stays unanswered
+        if self.confirm_timer is not None:
+            self.confirm_timer.cancel()
         self.server.forget(self)
         self.closing = True
         self.transport = None
 
     # frames ---------------------------------------------------------------------
 
+    def _room(self) -> int:
+        """How many more requests of this connection may be decided now."""
+        server = self.server
+        if self.closing or self.write_blocked is not None or server.in_flight >= server.limits.in_flight_total:
+            return 0
+        return max(0, min(_BATCH, server.limits.in_flight - self.pending))
+
     def _take_frames(self, data: bytes) -> None:
         """Decide the frames received so far, as many as the limits allow now (the rest wait)."""
         try:
-            room = max(0, self.server.limits.in_flight - self.pending)
-            frames = self.buffer.feed(data, room)
+            frames = self.buffer.feed(data, self._room())
         except FramingError as exc:
             for frame in exc.frames:
                 if self.closing:
@@ -191,7 +227,7 @@ class _Connection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.server.request_started()
         try:
-            self.server.service.handle_nowait(payload, lambda data: self._reply(tpdu, data), self._fail, self.peer)
+            self.server.service.handle_nowait(payload, _Reply(self, tpdu), self._fail, self.peer)
         except FrameRejectedError as exc:
             self._finished()
             self._reject(f"unreadable message: {exc}", label="unreadable")
@@ -210,6 +246,9 @@ class _Connection(asyncio.Protocol):
             or self.pending >= server.limits.in_flight
             or self.write_blocked is not None
             or server.in_flight >= server.limits.in_flight_total
+            # frames received but not decided yet (taken a batch per loop iteration): read no more until
+            # they are, or a client that sends faster than it is answered fills the gateway's memory
+            or self.buffer.buffered > _BUFFERED_BYTES
         )
         if wanted == self.reading:
             return
@@ -233,40 +272,64 @@ class _Connection(asyncio.Protocol):
     def _finished(self) -> None:
         self.pending -= 1
         self.server.request_finished()
-        if not self.closing and self.buffer.buffered and not self.more_scheduled:
-            # frames that waited for room: taken in a later callback, not from inside this one
-            self.more_scheduled = True
-            asyncio.get_running_loop().call_soon(self._take_more)
+        self._schedule_more()
         self.update_reading()
         self._close_when_done()
 
+    def _schedule_more(self) -> None:
+        """Frames that waited for room are taken in a later callback (one batch per loop iteration, so
+        that other connections get their turn), never from inside the callback that made room."""
+        if not self.closing and self.buffer.buffered and not self.more_scheduled:
+            self.more_scheduled = True
+            asyncio.get_running_loop().call_soon(self._take_more)
+
     def _take_more(self) -> None:
         self.more_scheduled = False
-        if not self.closing and self.transport is not None:
+        if not self.closing and self.transport is not None and self._room():
             self._take_frames(b"")
 
-    def _reply(self, tpdu: bytes | None, response: bytes | None) -> bool:
-        """Queue one answer for this loop iteration's write; False when it cannot be written (the
-        connection is gone): the caller's request stays unanswered."""
+    def _reply(self, tpdu: bytes | None, response: bytes | None, delivered: Callable[[], None] | None) -> None:
+        """Queue one answer for this loop iteration's write. ``delivered`` is called once the client's
+        TCP acknowledged all of its bytes (never, if the connection goes first)."""
         transport = self.transport
-        delivered = response is None
         if response is not None and transport is not None and not transport.is_closing():
             if not self.outgoing:
                 # answers completed by the same group commit leave in one write (one syscall)
                 asyncio.get_running_loop().call_soon(self._flush)
             self.outgoing.append(encode_frame(self.server.framing, response, reply_tpdu(tpdu) if tpdu else None))
-            delivered = True
+            if delivered is not None:
+                self.to_confirm.append((self.written + sum(map(len, self.outgoing)), delivered))
         self._finished()
-        return delivered
 
     def _flush(self) -> None:
         transport = self.transport
         data, self.outgoing = self.outgoing, []
         if transport is None or transport.is_closing() or not data:
             return
-        transport.write(b"".join(data) if len(data) > 1 else data[0])
-        self.last_activity = time.monotonic()
+        self.confirm_delivered()
+        payload = b"".join(data) if len(data) > 1 else data[0]
+        transport.write(payload)
+        self.written += len(payload)
+        if self.to_confirm and self.confirm_timer is None:  # the terminal acknowledges within milliseconds
+            self.confirm_timer = asyncio.get_running_loop().call_later(_CONFIRM_AFTER_S, self._confirm_later)
+        self.last_activity = self.last_write = time.monotonic()
         self._close_when_done()
+
+    def _confirm_later(self) -> None:
+        self.confirm_timer = None
+        self.confirm_delivered()
+        if self.to_confirm and self.transport is not None:  # not yet: look again, the sweeper at the latest
+            self.confirm_timer = asyncio.get_running_loop().call_later(5 * _CONFIRM_AFTER_S, self._confirm_later)
+
+    def confirm_delivered(self) -> None:
+        """Tell the answers whose bytes the client's TCP acknowledged: all that was written but what the
+        transport and the kernel still hold (on a system that cannot say, what was written)."""
+        if not self.to_confirm or self.transport is None:
+            return
+        held = _kernel_unsent(self.transport)
+        acknowledged = self.written - self.transport.get_write_buffer_size() - (held or 0)
+        while self.to_confirm and self.to_confirm[0][0] <= acknowledged:
+            self.to_confirm.popleft()[1]()
 
     def _close_when_done(self) -> None:
         if self.closing and not self.pending and not self.outgoing and self.transport is not None:
@@ -282,12 +345,54 @@ class _Connection(asyncio.Protocol):
         self.update_reading()
         self._close_when_done()
 
-    def drop(self, event: str, **fields: Any) -> None:
-        """Close at once, unwritten answers included (deadlines, eviction)."""
+    def drop(self, event: str, *, reset: bool = False, **fields: Any) -> None:
+        """Close at once, unwritten answers included (deadlines, eviction). ``reset`` for a client that
+        does not read: a FIN queued behind the answers it never takes would never reach it."""
         self.server.log_event(event, conn=self.id, peer=self.peer.address, **fields)
         self.closing = True
         if self.transport is not None:
+            if reset:
+                sock = self.transport.get_extra_info("socket")
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
+
+
+def _kernel_unsent(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes the kernel holds for the peer, sent or not but not acknowledged (Linux); None if unknown."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, AttributeError, ValueError):  # not a Linux socket, or already closed
+        return None
+
+
+def _kernel_stall(conn: _Connection, now: float, interval: float) -> float | None:
+    """Since when the client has taken none of the answers the kernel still holds for it, or None.
+
+    The socket buffers between the two ends hold megabytes: a client that stops reading after a burst
+    may never fill the transport's own buffer (``pause_writing``). The kernel's send queue tells: if
+    it holds bytes, did not shrink since the last sweep, and nothing was written meanwhile, the
+    client is not reading."""
+    unsent = (_kernel_unsent(conn.transport) or 0) if conn.transport is not None else 0
+    if unsent and unsent >= conn.kernel_unsent and now - conn.last_write >= interval:
+        conn.stalled_since = conn.stalled_since or now
+    else:
+        conn.stalled_since = None
+    conn.kernel_unsent = unsent
+    return conn.stalled_since
+
+
+class _Reply:
+    """What the service calls with a request's answer (the connection and the request's TPDU)."""
+
+    __slots__ = ("conn", "tpdu")
+
+    def __init__(self, conn: _Connection, tpdu: bytes | None) -> None:
+        self.conn, self.tpdu = conn, tpdu
+
+    def __call__(self, response: bytes | None, delivered: Callable[[], None] | None = None) -> None:
+        self.conn._reply(self.tpdu, response, delivered)
 
 
 class TerminalServer:
@@ -451,8 +556,12 @@ class TerminalServer:
             for conn in list(self.connections):
                 if conn.closing and conn.transport is None:
                     continue
-                if conn.write_blocked is not None and now - conn.write_blocked > limits.write_timeout_s:
-                    conn.drop("connection.write_timeout", unsent=len(conn.outgoing))
+                conn.confirm_delivered()
+                stalled = conn.write_blocked
+                if stalled is None:
+                    stalled = _kernel_stall(conn, now, interval)
+                if stalled is not None and now - stalled > limits.write_timeout_s:
+                    conn.drop("connection.write_timeout", reset=True, unsent=len(conn.outgoing))
                 elif conn.frame_started is not None and conn.reading and now > conn.frame_started + frame_s:
                     conn.drop("connection.frame_timeout")
                 elif not conn.pending and now - conn.last_activity > limits.idle_timeout_s:
@@ -476,6 +585,12 @@ class TerminalServer:
                 async with asyncio.timeout(grace_s):
                     await self._all_answered.wait()
             await asyncio.sleep(0)  # let the last answers' flush run
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # the terminals' TCP acknowledges the last answers
+                while any(conn.to_confirm for conn in self.connections):
+                    for conn in list(self.connections):
+                        conn.confirm_delivered()
+                    await asyncio.sleep(0.02)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

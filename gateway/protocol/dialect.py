@@ -104,6 +104,11 @@ def classify(message: Message) -> Request:
     for number in REQUIRED_FIELDS[kind]:
         if not fields.get(number):
             raise DialectError("missing", number)
+    for number in (41, 42):
+        if "=" in fields.get(number, ""):
+            # track 2's field separator: card data slid into an id (a shifted bitmap); it must not be
+            # recorded or published as a terminal or merchant
+            raise DialectError("holds track data ('=')", number)
     pan = fields.get(2)
     if pan is None and 35 in fields:
         pan = pan_from_track2(fields[35])

@@ -26,7 +26,9 @@ def ledger_env(tmp_path_factory: pytest.TempPathFactory, mqtt_broker_url: str) -
     """A ledger with a batch closed on a mismatch and an open one with a big sale."""
     import asyncio
 
-    proc = GatewayProcess(tmp_path_factory.mktemp("batches"), mqtt_broker_url)
+    # a big sale, above the default stand-in ceiling: raised for this ledger
+    ceiling = {"GATEWAY_STANDIN__MAX_AMOUNT": str(10 * BIG)}
+    proc = GatewayProcess(tmp_path_factory.mktemp("batches"), mqtt_broker_url, env=ceiling)
 
     async def traffic() -> None:
         pos = await IsoClient.connect(proc.port)

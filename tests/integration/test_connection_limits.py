@@ -65,6 +65,7 @@ async def test_a_request_whose_connection_went_away_before_its_answer_is_listed_
     assert isinstance(gateway.ledger, SqliteLedger) and gateway.service is not None
     pos = await IsoClient.connect(gateway.port)
     answered = await pos.sale(500)
+    await asyncio.sleep(0.2)  # its delivery is confirmed (acknowledged by this client's TCP)
     await gateway.service.drain_answered()  # its mark is written: the next commit is the lost request's
     committing, release = hold_commits(gateway.ledger, monkeypatch)
     lost = {3: "000000", **pos.base(700)}

@@ -13,6 +13,7 @@ from harness import IsoClient, gateway_settings, running_gateway
 from typer.testing import CliRunner, Result
 
 from gateway.cli import app, describe_validation_error, env_name
+from gateway.config import DEV_PAN_HMAC_KEY
 from gateway.logs import reset_logging
 
 runner = CliRunner()
@@ -66,12 +67,18 @@ def test_check_config_json_holds_the_settings_and_the_profile(monkeypatch: pytes
     assert result.exit_code == 0, result.output
     data = orjson.loads(result.stdout)
     assert data["settings"]["policy"]["refund_window_days"] == 7
-    assert data["settings"]["pan_hmac_key"] == "********"
+    assert data["settings"]["pan_hmac_key"] is None  # unset: a random key beside the ledger
     assert data["profile"]["name"] == "iso87-ascii"
     assert data["profile"]["framing"] == "4a"
 
 
-def test_check_config_warns_on_stderr_about_the_development_hmac_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_config_refuses_the_development_hmac_key_and_warns_of_it_in_dev_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GATEWAY_PAN_HMAC_KEY", DEV_PAN_HMAC_KEY)
+    refused = invoke("check-config")
+    assert refused.exit_code == 2 and "GATEWAY_PAN_HMAC_KEY" in refused.output
+    monkeypatch.setenv("GATEWAY_DEV_MODE", "1")
     result = invoke("check-config", "--json")
     assert "development key" in result.stderr
     assert "development key" not in result.stdout  # the JSON stays clean
