@@ -27,9 +27,6 @@ from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_res
 from gateway.protocol.message import Message
 from gateway.protocol.profile import Profile
 
-#: ``Kind.NETWORK`` as a module global (an enum member lookup costs Python 3.11 about 150 ns)
-_NETWORK = Kind.NETWORK
-
 
 class Ledger(Protocol):
     def submit(
@@ -188,7 +185,7 @@ class GatewayService:
         except UnsupportedMessage:
             reply(self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started))
             return
-        if request.kind is _NETWORK:
+        if request.kind is Kind.NETWORK:
             reply(self._answer(message, request, Reason.APPROVED, started))
             return
         allowed = self.config.allowed_terminals  # empty: every terminal

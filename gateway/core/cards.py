@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import hmac
+import re
 
+_MASKED = re.compile(r"[0-9]{6}\*{1,9}[0-9]{4}")
 #: what each digit adds when the Luhn algorithm doubles it (2 x 7 = 14 -> 1 + 4 = 5)
 _DOUBLED = str.maketrans("0123456789", "0246813579")
 
@@ -27,39 +28,24 @@ def luhn_valid(pan: str) -> bool:
 
 
 def mask_pan(pan: str | None) -> str | None:
-    """First 6 and last 4 digits, the rest as ``*`` (PCI DSS display rule)."""
-    if not pan:
+    """The PAN as it may be shown (PCI DSS): first 6 and last 4 digits, the rest as ``*``.
+
+    A masked PAN passes unchanged; anything else that is not 11 or more ASCII digits is starred whole,
+    so that no card data leaks through an unexpected format.
+    """
+    if pan is None:
         return None
-    if len(pan) < 11:
-        return "*" * len(pan)
-    return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
-
-
-#: HMAC's inner and outer pads (RFC 2104), as ``bytes.translate`` tables over the key's block
-_IPAD = bytes(byte ^ 0x36 for byte in range(256))
-_OPAD = bytes(byte ^ 0x5C for byte in range(256))
-_BLOCK = 64  #: SHA-256's block size
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """SHA-256 states that have absorbed the key's inner and outer padded blocks (RFC 2104), to be
-    copied: the pads are hashed once per key instead of once per message."""
-    if len(key) > _BLOCK:
-        key = hashlib.sha256(key).digest()
-    block = key.ljust(_BLOCK, b"\0")
-    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+    value = pan.strip()
+    if _MASKED.fullmatch(value):
+        return value
+    if value.isdigit() and value.isascii() and len(value) >= 11:
+        return f"{value[:6]}{'*' * (len(value) - 10)}{value[-4:]}"
+    return "*" * len(value) or None
 
 
 def keyed_sha256(key: bytes, data: bytes) -> bytes:
-    """HMAC-SHA256 of ``data`` under ``key``: equal to ``hmac.digest(key, data, "sha256")`` in about
-    0.47 µs against 1.26 (and 0.85 through a copied ``hmac.HMAC``, which copies in Python)."""
-    inner_pad, outer_pad = _keyed(key)
-    inner = inner_pad.copy()
-    inner.update(data)
-    outer = outer_pad.copy()
-    outer.update(inner.digest())
-    return outer.digest()
+    """HMAC-SHA256 of ``data`` under ``key``."""
+    return hmac.digest(key, data, "sha256")
 
 
 def pan_digest(key: bytes, pan: str) -> str:

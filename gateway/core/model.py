@@ -5,6 +5,7 @@ Stdlib only. Money is an ``int`` of minor units with an ISO 4217 numeric currenc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -45,9 +46,6 @@ class TxnStatus(StrEnum):
     UNMATCHED = "unmatched"
 
 
-#: members read by the record's properties, as module globals (Python 3.11 looks ``TxnStatus.VOIDED``
-#: up through ``EnumType.__getattr__``: about 150 ns, a module global 15)
-_APPROVED, _VOIDED, _REVERSED, _PREAUTH = TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED, Kind.PREAUTH
 #: statuses of records that were answered approved (voided or reversed later)
 _ANSWERED_APPROVED = frozenset({TxnStatus.APPROVED, TxnStatus.VOIDED, TxnStatus.REVERSED})
 
@@ -183,20 +181,13 @@ class Txn:
 
     @property
     def refundable(self) -> int:
-        if self.status is not _APPROVED or self.kind not in REFUNDABLE_KINDS:
+        if self.status is not TxnStatus.APPROVED or self.kind not in REFUNDABLE_KINDS:
             return 0
         return max(0, self.effective_amount - self.refunded_amount)
 
     def copy(self) -> Txn:
-        """A shallow copy (``copy.copy`` takes 2.6 µs on a slots dataclass, this 0.4; a test keeps the
-        field list complete)."""
-        return Txn(
-            self.id, self.kind, self.mti, self.processing_code, self.merchant_id, self.terminal_id, self.stan,
-            self.transmission_time, self.amount, self.currency, self.pan_masked, self.pan_hmac, self.rrn,
-            self.approval_code, self.response_code, self.reason, self.status, self.effective_amount,
-            self.refunded_amount, self.completed, self.original_id, self.batch_id, self.created_at,
-            self.fingerprint, self.reference, self.reversed_after_settlement,
-        )  # fmt: skip
+        """A shallow copy (the record as it stood, for an event's balance after a change)."""
+        return dataclasses.replace(self)
 
 
 @dataclass(slots=True)
@@ -239,13 +230,13 @@ class BatchSummary:
 def balance_status(txn: Txn) -> str:
     """A human status for an original's balance, as published in events."""
     status = txn.status
-    if status is _VOIDED:
+    if status is TxnStatus.VOIDED:
         return "voided"
-    if status is _REVERSED:
+    if status is TxnStatus.REVERSED:
         return "reversed"
-    if status is not _APPROVED:
+    if status is not TxnStatus.APPROVED:
         return status.value
-    if txn.kind is _PREAUTH:
+    if txn.kind is Kind.PREAUTH:
         return "completed" if txn.completed else "authorized"
     if txn.refunded_amount and txn.refunded_amount >= txn.effective_amount:
         return "refunded"

@@ -48,11 +48,6 @@ REQUIRED_FIELDS: dict[Kind, tuple[int, ...]] = {
 _NEEDS_PAN = frozenset({Kind.PREAUTH, Kind.PURCHASE, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
 #: the kinds that point at an original (see :func:`_reference`)
 _REFERENCING = frozenset({Kind.VOID, Kind.REFUND, Kind.COMPLETION, Kind.REVERSAL})
-#: Python 3.11 looks an enum member up through ``EnumType.__getattr__`` (``Kind.PURCHASE``: about
-#: 150 ns; a module global: 15 ns). The members compared on every request are module globals here.
-_VOID, _REFUND, _COMPLETION, _REVERSAL, _SETTLEMENT = (
-    Kind.VOID, Kind.REFUND, Kind.COMPLETION, Kind.REVERSAL, Kind.SETTLEMENT
-)
 
 
 class DialectError(Exception):
@@ -121,25 +116,23 @@ def classify(message: Message) -> Request:
     expiry = fields.get(14)
     if expiry is not None and (len(expiry) != 4 or not expiry.isdigit() or not 1 <= int(expiry[2:]) <= 12):
         raise DialectError("expiry must be YYMM", 14)
-    # positional: 16 keyword arguments cost CPython 3.11 about 1 µs more to match (a test checks
-    # each field: tests/unit/test_positional_models.py)
     return Request(
-        kind,
-        mti,
-        processing_code,
-        fields.get(11, ""),  # stan
-        fields.get(7, ""),  # transmission_time: "" when not sent
-        fields.get(42, "").strip(),  # merchant_id
-        fields.get(41, "").strip(),  # terminal_id
-        _amount(fields.get(4), 4),  # amount
-        fields.get(49),  # currency
-        pan,
-        expiry,
-        _reference(kind, fields),
-        _replacement(fields.get(95)),  # replacement_amount
-        fields.get(70),  # network_code
-        _totals(fields) if kind is _SETTLEMENT else None,  # totals
-        fields.get(90),  # original_data
+        kind=kind,
+        mti=mti,
+        processing_code=processing_code,
+        stan=fields.get(11, ""),
+        transmission_time=fields.get(7, ""),  # "" when not sent
+        merchant_id=fields.get(42, "").strip(),
+        terminal_id=fields.get(41, "").strip(),
+        amount=_amount(fields.get(4), 4),
+        currency=fields.get(49),
+        pan=pan,
+        expiry=expiry,
+        reference=_reference(kind, fields),
+        replacement_amount=_replacement(fields.get(95)),
+        network_code=fields.get(70),
+        totals=_totals(fields) if kind is Kind.SETTLEMENT else None,
+        original_data=fields.get(90),
     )
 
 
@@ -162,20 +155,20 @@ def _reference(kind: Kind, fields: Mapping[int, str]) -> Reference | None:
         return None
     de90 = fields.get(90)
     de37 = fields.get(37)
-    if kind is _VOID:
+    if kind is Kind.VOID:
         if de90:
             return _original_data(de90)
         return Reference(rrn=de37) if de37 else None
-    if kind is _REFUND:
+    if kind is Kind.REFUND:
         if de37:
             return Reference(rrn=de37)
         return _original_data(de90) if de90 else None
-    if kind is _COMPLETION:
+    if kind is Kind.COMPLETION:
         if de90:
             return _original_data(de90)
         de38 = fields.get(38)
         return Reference(approval_code=de38) if de38 else None
-    if kind is _REVERSAL:
+    if kind is Kind.REVERSAL:
         return _original_data(de90) if de90 else Reference(same_stan=True)
     return None
 
