@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .terminal import Exchange
+from .exchange import Exchange
 
 __all__ = [
     "ConnectionFailed",

@@ -16,56 +16,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from . import messages
 from .codec import IsoMessage, MessageEncodeError
 from .connection import Connection
 from .errors import ConnectionFailed, ConnectionLost, ResponseTimeout, ReversalPending, UsageError
+from .exchange import Exchange, Outcome
 from .journal import Journal, PendingReversal, TransactionRecord, load_journal
 from .masking import mask_pan
 from .messages import DEFAULT_PAN, Stamp, Totals
 from .profile import WireProfile, load_profile
 
 __all__ = ["Exchange", "Outcome", "Terminal"]
-
-Outcome = Literal["answered", "timeout", "lost", "connection_lost"]
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """One request and its answer. ``outcome`` ``lost``: the answer came but was dropped on purpose
-    (:meth:`Terminal.lose_next_response`), so the terminal behaved as after a time-out."""
-
-    kind: str
-    request: IsoMessage
-    response: IsoMessage | None
-    elapsed_ms: float
-    outcome: Outcome = "answered"
-    record: TransactionRecord | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def response_code(self) -> str | None:
-        """DE39 of the answer."""
-        return self.response.get(39) if self.response is not None else None
-
-    @property
-    def approved(self) -> bool:
-        return self.outcome == "answered" and self.response_code == "00"
-
-    @property
-    def rrn(self) -> str | None:
-        """DE37 of the answer (the host's retrieval reference number)."""
-        return self.response.get(37) if self.response is not None else None
-
-    @property
-    def approval_code(self) -> str | None:
-        """DE38 of the answer."""
-        return self.response.get(38) if self.response is not None else None
-
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)

@@ -211,8 +211,6 @@ class Plan:
     batch_closes: tuple[BatchClose, ...] = ()
     events: list[CorrectionEvent] = field(default_factory=list)
     replayed: bool = False
-    #: the original the request was checked against, if any
-    original: Txn | None = None
     #: something applied that an operator must resolve (a reversal advice over refunds)
     exception: ExceptionCase | None = None
     #: for a replay: the first request's record, whose answer this one repeats
@@ -324,7 +322,7 @@ def process(request: Request, ctx: Context) -> Step:
     approved = rrn is not None and decision.reason is Reason.APPROVED
     approval = approval_code_for(ctx.pan_key, rrn) if approved and rrn is not None else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
-    plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, original=original, events=events)
+    plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, events=events)
     kind_name = _EVENT_KINDS.get(kind)
     if kind_name is not None:
         if decision.repeat:

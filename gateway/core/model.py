@@ -78,10 +78,6 @@ class Reference:
     approval_code: str | None = None
     same_stan: bool = False
 
-    @property
-    def by_original_data(self) -> bool:
-        return self.stan is not None
-
 
 @dataclass(frozen=True, slots=True)
 class SettlementTotals:
@@ -123,11 +119,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.masked_pan = mask_pan(self.pan)
-
-    @property
-    def is_repeat(self) -> bool:
-        """xx01 / xx21: a retransmission flagged by the terminal."""
-        return self.mti[3] in "13"
 
     @property
     def is_advice(self) -> bool:
