@@ -30,7 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 from gateway.app import build_policy, tune_runtime
 from gateway.config import Settings
 from gateway.logs import configure_logging, get_logger

@@ -15,8 +15,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from gateway.adapters.postgres_ledger import PostgresLedger
-from gateway.adapters.sqlite_ledger import MIGRATIONS, SWITCH_INTERVAL_S, SqliteLedger
+from gateway.adapters.ledger import SWITCH_INTERVAL_S, PostgresLedger, SqliteLedger
+from gateway.adapters.ledger.schema import VERSION as LEDGER_VERSION
 from gateway.adapters.tcp import Limits
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port, unknown_environment
 from gateway.core.policy import Policy
@@ -143,7 +143,7 @@ class GatewayApp:
         check_mqtt_settings(settings)
         sqlite_path = settings.sqlite_path()
         if sqlite_path is not None:
-            check_sqlite_location(sqlite_path, len(MIGRATIONS))
+            check_sqlite_location(sqlite_path, LEDGER_VERSION)
         self.metrics = Metrics()
         self.ledger = build_ledger(settings)
         self.service = GatewayService(

@@ -74,14 +74,19 @@ class LedgerResult:
     txn_id: int | None = None
 
 
-#: how a ledger tells its caller a request is settled: ``(result, None)`` once it is durable,
-#: ``(None, error)`` when nothing of it was committed
-LedgerDone = Callable[[LedgerResult | None, Exception | None], None]
+class Completion(Protocol):
+    """What a ledger tells about one request it was given (``Ledger.submit``): the service's answer.
 
-#: the work of an answer that may be done while its commit is still under way (building and encoding
-#: it): called with the result before it is durable, it returns what to run once it is, in place of
-#: ``done(result, None)``. Before then nothing about the outcome may leave the process (no answer
-#: sent, counted or logged), and it must not call the ledger (its commit is running on another
-#: thread); if the commit fails, ``done(None, error)`` is called instead and the prepared work is
-#: dropped. A ledger may also never call it (it is an optimisation, not a step of the contract).
-LedgerPrepare = Callable[[LedgerResult], Callable[[], None]]
+    ``render`` turns the request's correction facts into outbox rows inside its transaction.
+    ``prepare`` may be called before the commit is durable, to build (never send, count or log) the
+    answer while the commit waits for its fsync; ``committed`` follows once it is durable, and only
+    then may the answer leave. ``failed`` instead when nothing of the request was committed.
+    """
+
+    def render(self, event: CorrectionEvent) -> tuple[str, str, bytes]: ...
+
+    def prepare(self, result: LedgerResult) -> None: ...
+
+    def committed(self, result: LedgerResult) -> None: ...
+
+    def failed(self, error: Exception) -> None: ...

@@ -21,7 +21,7 @@ from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
 from gateway.events import new_event_id, render_event
-from gateway.ports import Clock, LedgerDone, LedgerPrepare, LedgerResult, Renderer
+from gateway.ports import Clock, Completion, LedgerResult
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
 from gateway.protocol.message import Message
@@ -29,18 +29,8 @@ from gateway.protocol.profile import Profile
 
 
 class Ledger(Protocol):
-    def submit(
-        self,
-        request: Request,
-        ctx: Context,
-        render: Renderer,
-        done: LedgerDone,
-        prepare: LedgerPrepare | None = None,
-    ) -> None:
-        """Decide and record ``request``; ``done(result, None)`` once that is durable (a
-        :class:`LedgerResult`), ``done(None, error)`` when nothing of it could be committed. A ledger
-        may call ``prepare(result)`` before the commit is durable and run what it returns once it is,
-        in place of ``done`` (see :data:`gateway.ports.LedgerPrepare`)."""
+    def submit(self, request: Request, ctx: Context, completion: Completion) -> None:
+        """Decide and record ``request``, and tell ``completion`` (see :class:`gateway.ports.Completion`)."""
         ...
 
     async def mark_answered(self, txn_ids: Sequence[int]) -> None:
@@ -200,35 +190,7 @@ class GatewayService:
             peer.proven = True
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
 
-        def prepare(result: LedgerResult) -> Callable[[], None]:
-            # may run before the commit is durable: builds the answer, lets nothing out
-            data = self._encode(build_response(message, result.response_code, rrn=result.rrn,
-                                               approval_code=result.approval_code))
-
-            def send() -> None:  # the commit is durable
-                try:
-                    self._account(message, request, result.response_code, result.reason, started,
-                                  rrn=result.rrn, replayed=result.replayed)
-                    txn_id = result.txn_id
-                    reply(data, None if txn_id is None else lambda: self._mark_answered(txn_id))
-                except Exception as exc:  # a bug past the ledger: the connection pays, never the server
-                    fail(exc)
-
-            return send
-
-        def committed(result: LedgerResult | None, error: Exception | None) -> None:
-            try:
-                if result is None:  # infrastructure failure: nothing was committed, answer 96
-                    self._error("ledger.failed", error=type(error).__name__, detail=str(error)[:200])
-                    reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
-                    return
-                send = prepare(result)
-            except Exception as exc:  # a bug past the ledger: the connection pays, never the server
-                fail(exc)
-                return
-            send()
-
-        self.ledger.submit(request, ctx, self.render, committed, prepare)
+        self.ledger.submit(request, ctx, _Answer(self, message, request, started, reply, fail))
 
     def _mark_answered(self, txn_id: int) -> None:
         self._answered.append(txn_id)
@@ -338,3 +300,58 @@ class GatewayService:
     def _error(self, event: str, **fields: Any) -> None:
         if self.log is not None:
             self.log.error(event, **fields)
+
+
+class _Answer:
+    """One decided request's way back to its terminal: what the ledger tells (a
+    :class:`gateway.ports.Completion`) becomes the answer, its metrics and its log line."""
+
+    __slots__ = ("_data", "_fail", "_message", "_reply", "_request", "_service", "_started")
+
+    def __init__(
+        self,
+        service: GatewayService,
+        message: Message,
+        request: Request,
+        started: float,
+        reply: Callable[..., None],
+        fail: Callable[[BaseException], None],
+    ) -> None:
+        self._service, self._message, self._request, self._started = service, message, request, started
+        self._reply, self._fail = reply, fail
+        self._data: bytes | None = None
+
+    def render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
+        return self._service.render(event)
+
+    def prepare(self, result: LedgerResult) -> None:
+        """Build the answer while the commit is under way (nothing leaves before it is durable)."""
+        try:
+            response = build_response(self._message, result.response_code, rrn=result.rrn,
+                                      approval_code=result.approval_code)  # fmt: skip
+            self._data = self._service._encode(response)
+        except Exception as exc:  # a bug past the ledger: the connection pays, never the server
+            self._fail(exc)
+
+    def committed(self, result: LedgerResult) -> None:
+        if self._data is None:
+            self.prepare(result)
+            if self._data is None:
+                return
+        try:
+            service = self._service
+            service._account(self._message, self._request, result.response_code, result.reason, self._started,
+                             rrn=result.rrn, replayed=result.replayed)  # fmt: skip
+            txn_id = result.txn_id
+            self._reply(self._data, None if txn_id is None else lambda: service._mark_answered(txn_id))
+        except Exception as exc:
+            self._fail(exc)
+
+    def failed(self, error: Exception) -> None:
+        """Nothing was committed: answer 96."""
+        service = self._service
+        try:
+            service._error("ledger.failed", error=type(error).__name__, detail=str(error)[:200])
+            self._reply(service._answer(self._message, self._request, Reason.SYSTEM_ERROR, self._started))
+        except Exception as exc:
+            self._fail(exc)

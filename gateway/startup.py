@@ -403,9 +403,9 @@ def _free(address: str, setting: str, default_port: int) -> str:
 
 
 def _sqlite_finding(path: Path) -> str:
-    from gateway.adapters.sqlite_ledger import MIGRATIONS
+    from gateway.adapters.ledger.schema import VERSION
 
-    check_sqlite_location(path, len(MIGRATIONS))
+    check_sqlite_location(path, VERSION)
     return f"SQLite {path}: " + ("exists" if path.exists() else "will be created")
 
 

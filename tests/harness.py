@@ -12,7 +12,6 @@ import io
 import itertools
 import os
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 import iso8583
 import iso8583.specs
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 from gateway.app import GatewayApp
 from gateway.config import Settings, load_settings
 from gateway.core.policy import Policy
@@ -56,19 +55,34 @@ def service_on(ledger: Ledger, recorder: Recorder | None = None) -> GatewayServi
     return GatewayService(load_profile("iso87-binary"), ledger, config, recorder=recorder, answered_flush_s=3600)
 
 
+async def on_connection(ledger: SqliteLedger, fn: Any) -> Any:
+    """``fn(connection)`` on the SQLite ledger's connection, in a transaction of the writer's."""
+
+    async def work(db: Any) -> Any:
+        return fn(db.conn)
+
+    return await ledger.run(work)
+
+
 def hold_commits(ledger: SqliteLedger, patch: Any) -> tuple[threading.Event, threading.Event]:
     """Make each of ``ledger``'s commits wait, on the commit thread, until ``release`` is set;
     ``committing`` is set once one waits. ``patch`` is pytest's ``monkeypatch``. Returns
     ``(committing, release)``."""
     committing, release = threading.Event(), threading.Event()
-    commit = ledger._commit
+    on_thread = ledger._on_thread
 
-    def held(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-        committing.set()
-        assert release.wait(10)
-        return commit(conn, may_follow)
+    def held(fn: Any, *args: Any) -> Any:
+        if args != ("COMMIT",):
+            return on_thread(fn, *args)
 
-    patch.setattr(ledger, "_commit", held)
+        def commit() -> Any:
+            committing.set()
+            assert release.wait(10)
+            return fn(*args)
+
+        return on_thread(commit)
+
+    patch.setattr(ledger, "_on_thread", held)
     return committing, release
 
 
@@ -122,8 +136,16 @@ class IsoClient:
 
     # ------------------------------------------------------------ requests by meaning
 
-    def base(self, amount: int | None, *, stan: str | None = None, pan: str | None = CARD,
-             terminal: str = TERMINAL, merchant: str = MERCHANT, currency: str = "840") -> dict[int, str]:
+    def base(
+        self,
+        amount: int | None,
+        *,
+        stan: str | None = None,
+        pan: str | None = CARD,
+        terminal: str = TERMINAL,
+        merchant: str = MERCHANT,
+        currency: str = "840",
+    ) -> dict[int, str]:
         now = datetime.now(UTC)
         fields: dict[int, str] = {
             7: now.strftime("%m%d%H%M%S"),
@@ -159,8 +181,15 @@ class IsoClient:
         de90 = "0100" + preauth[11] + preauth[7] + "0" * 22
         return (await self.send("0220", {3: "000000", 90: de90, **self.base(amount, **kw)}))[1]
 
-    async def reverse(self, original: dict[int, str], *, mti: str = "0400", original_mti: str = "0200",
-                      partial: int | None = None, **kw: Any) -> dict[int, str]:
+    async def reverse(
+        self,
+        original: dict[int, str],
+        *,
+        mti: str = "0400",
+        original_mti: str = "0200",
+        partial: int | None = None,
+        **kw: Any,
+    ) -> dict[int, str]:
         de90 = original_mti + original[11] + original[7] + "0" * 22
         fields = {3: original.get(3, "000000"), 90: de90, **self.base(int(original.get(4, "0")), **kw)}
         if partial is not None:
@@ -169,8 +198,9 @@ class IsoClient:
 
     async def settle(self, credits: tuple[int, int], debits: tuple[int, int], **kw: Any) -> dict[int, str]:
         fields = {3: "920000", **self.base(None, pan=None, **kw)}
-        fields.update({74: f"{credits[0]:010d}", 86: f"{credits[1]:016d}",
-                       76: f"{debits[0]:010d}", 88: f"{debits[1]:016d}"})
+        fields.update(
+            {74: f"{credits[0]:010d}", 86: f"{credits[1]:016d}", 76: f"{debits[0]:010d}", 88: f"{debits[1]:016d}"}
+        )
         return (await self.send("0500", fields))[1]
 
 

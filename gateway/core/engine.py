@@ -126,6 +126,8 @@ class CurrentBatch(Query):
     terminal_id: str
     now: datetime
     create: bool
+    #: locked for update (a settlement closes it), not only for share (a request writes into it)
+    exclusive: bool = False
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -545,7 +547,9 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
     the cut-off closed (the terminal does not know about the cut-off, its totals cover them all)."""
     totals = request.totals or SettlementTotals(0, 0, 0, 0)
     events: list[CorrectionEvent] = []
-    current: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create=False)
+    current: Batch | None = yield CurrentBatch(
+        request.merchant_id, request.terminal_id, ctx.now, create=False, exclusive=True
+    )
     current = yield from _close_if_past_cutoff(current, ctx, events)
     if current is not None and current.state is not BatchState.OPEN:
         current = None  # closed by the cut-off just now: it is among the unreconciled ones below

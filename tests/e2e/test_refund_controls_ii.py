@@ -34,8 +34,8 @@ import pytest
 from brokers import async_wait_until
 from harness import CARD, MERCHANT, TERMINAL, GatewayProcess, IsoClient
 
+from gateway.adapters.ledger import SqliteLedger
 from gateway.adapters.mqtt import parse_mqtt_url
-from gateway.adapters.sqlite_ledger import SqliteLedger
 from gateway.core.engine import Context
 from gateway.core.model import Kind, Reference, Request, SettlementTotals
 from gateway.core.policy import Policy

@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from harness import purchase, service_on
 from postgres import postgres_schema, postgres_url, schema_settings
 
-from gateway.adapters.postgres_ledger import PostgresLedger
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import PostgresLedger, SqliteLedger
 from gateway.service import GatewayService
 
 __all__ = ["postgres_schema", "postgres_url"]  # fixtures
@@ -87,79 +85,6 @@ async def purchases_together(service: GatewayService, stans: list[str]) -> list[
     return [codec.decode(answer or b"").fields[39] for answer in answers]
 
 
-async def test_the_commit_opens_the_next_groups_transaction_only_when_requests_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One trip to the commit thread does COMMIT and the next group's BEGIN IMMEDIATE, but only when
-    requests are queued: an idle ledger never holds the write lock."""
-    one_request_per_group(monkeypatch)
-    path = tmp_path / "ledger.db"
-    async with SqliteLedger(path) as ledger:
-        follows = record_follows(ledger, monkeypatch)
-        stans = [f"{n:06d}" for n in range(1, 11)]
-        assert await purchases_together(service_on(ledger), stans) == ["00"] * 10
-        # eight in a row at most (a process waiting for the lock gets a turn), none once the queue is empty
-        assert follows == [True] * 8 + [False, False]
-        # idle now: another process gets the write lock at once
-        other = sqlite3.connect(path, isolation_level=None, timeout=0)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-        finally:
-            other.close()
-        assert [txn.stan for txn in await ledger.all_txns()] == stans
-
-
-async def test_commits_stop_opening_the_next_transaction_once_another_process_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    one_request_per_group(monkeypatch)
-    path = tmp_path / "ledger.db"
-    async with SqliteLedger(path) as ledger:
-        follows = record_follows(ledger, monkeypatch)
-        service = service_on(ledger)
-        assert await purchases_together(service, ["000001"]) == ["00"]
-        other = sqlite3.connect(path, isolation_level=None)
-        try:
-            other.execute("INSERT INTO meta(key, value) VALUES ('another process', 'was here')")
-        finally:
-            other.close()
-        assert await purchases_together(service, ["000002", "000003", "000004"]) == ["00"] * 3
-        assert follows == [False, False, False, False]
-
-
-async def test_a_next_transaction_that_cannot_begin_fails_only_the_next_group(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    one_request_per_group(monkeypatch)
-    path = tmp_path / "ledger.db"
-    async with SqliteLedger(path, busy_timeout_s=0.05) as ledger:
-        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        commit = ledger._commit
-
-        def commit_then_lose_the_lock(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-            conn.execute("COMMIT")
-            if not may_follow or not ledger._queue:
-                return False, None
-            other.execute("BEGIN IMMEDIATE")  # another process takes the lock between the two
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                return True, exc
-            return True, None
-
-        monkeypatch.setattr(ledger, "_commit", commit_then_lose_the_lock)
-        service = service_on(ledger)
-        first, second = await purchases_together(service, ["000001", "000002"])
-        other.execute("ROLLBACK")
-        other.close()
-        monkeypatch.setattr(ledger, "_commit", commit)
-        assert first == "00"  # committed before the BEGIN failed
-        assert second == "96"
-        assert await purchases_together(service, ["000003"]) == ["00"]
-        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000003"]
-
-
 async def test_a_group_begins_on_the_event_loop_when_the_lock_is_free_and_waits_off_it_when_not(
     tmp_path: Path,
 ) -> None:
@@ -188,28 +113,3 @@ async def test_a_group_begins_on_the_event_loop_when_the_lock_is_free_and_waits_
             other.close()
         assert len(begins) == 2 and begins[0] == loop_thread and begins[1] != loop_thread
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002"]
-
-
-async def test_requests_that_arrive_during_the_fsync_find_their_transaction_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Whether a commit opens the next transaction is decided once its COMMIT returned, so requests
-    the event loop queued during the fsync count."""
-    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        follows = record_follows(ledger, monkeypatch)
-        spy = ledger._commit
-
-        def held(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-            for _ in range(500 if not follows else 0):  # the first commit lasts until the next request is queued
-                if ledger._queue:
-                    break
-                time.sleep(0.01)
-            return spy(conn, may_follow)
-
-        monkeypatch.setattr(ledger, "_commit", held)
-        service = service_on(ledger)
-        first = asyncio.ensure_future(purchases_together(service, ["000001"]))
-        await asyncio.sleep(0.05)  # its commit is under way, nothing else queued when it began
-        assert await purchases_together(service, ["000002"]) == ["00"]
-        assert await first == ["00"]
-        assert follows == [True, False]

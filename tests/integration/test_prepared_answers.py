@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from harness import hold_commits, purchase, service_on
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 from gateway.core.engine import Context
 from gateway.core.policy import Policy
 from gateway.ports import LedgerResult
@@ -33,9 +33,7 @@ class Counted:
         self.codes.append(response_code)
 
 
-def watched_service(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
-) -> tuple[GatewayService, Counted, list[str]]:
+def watched_service(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> tuple[GatewayService, Counted, list[str]]:
     """The service over ``ledger``, what it counted, and the DE39 of every answer it encodes, in
     order (built, not necessarily sent)."""
     counted = Counted()
@@ -80,46 +78,65 @@ async def test_a_commit_that_fails_after_the_answers_were_built_answers_96(
 ) -> None:
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
         service, counted, built = watched_service(ledger, monkeypatch)
-        commit = ledger._commit
+        on_thread = ledger._on_thread
 
-        def failing_commit(conn: sqlite3.Connection, may_follow: bool) -> tuple[bool, Exception | None]:
-            # fail only once the answer was built, so the prepared one must be dropped
-            for _ in range(500):
-                if built:
-                    break
-                time.sleep(0.01)
-            raise sqlite3.OperationalError("disk I/O error")
+        def failing_commit(fn: Any, *args: Any) -> Any:
+            if args != ("COMMIT",):
+                return on_thread(fn, *args)
 
-        monkeypatch.setattr(ledger, "_commit", failing_commit)
+            def fail() -> None:  # only once the answer was built, so the prepared one must be dropped
+                for _ in range(500):
+                    if built:
+                        break
+                    time.sleep(0.01)
+                raise sqlite3.OperationalError("disk I/O error")
+
+            return on_thread(fail)
+
+        monkeypatch.setattr(ledger, "_on_thread", failing_commit)
         codec = service.codec
         answer = codec.decode(await service.handle(codec.encode(purchase("000001"))) or b"")
         assert answer.fields[39] == "96" and 37 not in answer.fields
         assert built == ["00", "96"]  # the approval was built, then dropped
         assert counted.codes == ["96"]
-        monkeypatch.setattr(ledger, "_commit", commit)
+        monkeypatch.setattr(ledger, "_on_thread", on_thread)
         assert await ledger.all_txns() == []
         again = codec.decode(await service.handle(codec.encode(purchase("000002"))) or b"")
         assert again.fields[39] == "00"
 
 
-async def test_a_prepare_that_raises_gets_done_after_the_commit(tmp_path: Path) -> None:
+class _Told:
+    """A completion that records what it was told, and whose ``prepare`` has a bug."""
+
+    def __init__(self, settled: asyncio.Future[tuple[Any, Exception | None]]) -> None:
+        self.calls: list[str] = []
+        self.settled = settled
+
+    def render(self, event: Any) -> tuple[str, str, bytes]:
+        return "id", "topic", b"{}"
+
+    def prepare(self, result: LedgerResult) -> None:
+        self.calls.append("prepare")
+        raise RuntimeError("a bug in the answer builder")
+
+    def committed(self, result: LedgerResult) -> None:
+        self.calls.append("committed")
+        self.settled.set_result((result, None))
+
+    def failed(self, error: Exception) -> None:
+        self.calls.append("failed")
+        self.settled.set_result((None, error))
+
+
+async def test_a_prepare_that_raises_costs_the_writer_nothing_and_the_request_is_committed(tmp_path: Path) -> None:
     profile = load_profile("iso87-binary")
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
-        loop = asyncio.get_running_loop()
-        settled: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
-        calls: list[str] = []
-
-        def prepare(result: LedgerResult) -> Any:
-            calls.append("prepare")
-            raise RuntimeError("a bug in the answer builder")
-
-        def done(result: LedgerResult | None, error: Exception | None) -> None:
-            calls.append("done")
-            settled.set_result((result, error))
-
+        told = _Told(asyncio.get_running_loop().create_future())
         ctx = Context(datetime.now(UTC), Policy(), b"test-key", profile.response_code)
-        ledger.submit(classify(purchase("000001")), ctx, lambda event: ("id", "topic", b"{}"), done, prepare)
-        result, error = await settled
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # the bug is reported there
+        ledger.submit(classify(purchase("000001")), ctx, told)
+        result, error = await told.settled
         assert error is None and isinstance(result, LedgerResult) and result.response_code == "00"
-        assert calls == ["prepare", "done"]
+        assert told.calls == ["prepare", "committed"]
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001"]
+        assert await ledger.process(classify(purchase("000002")), ctx, told.render) is not None  # the writer lives

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from harness import OTHER_CARD, IsoClient, gateway_settings, running_gateway
+from harness import OTHER_CARD, IsoClient, gateway_settings, on_connection, running_gateway
 
 from gateway.app import GatewayApp
 
@@ -144,9 +144,7 @@ async def test_a_reversed_refund_gives_its_amount_back(pos: IsoClient) -> None:
     assert (await pos.refund(sale[37], 1_000))[39] == "00"
 
 
-async def test_a_repeated_reversal_advice_answers_00_and_changes_nothing(
-    pos: IsoClient, gateway: GatewayApp
-) -> None:
+async def test_a_repeated_reversal_advice_answers_00_and_changes_nothing(pos: IsoClient, gateway: GatewayApp) -> None:
     sale = await pos.sale(1_000)
     assert (await pos.reverse(sale, mti="0420"))[39] == "00"
     assert gateway.ledger is not None
@@ -272,16 +270,17 @@ async def test_refunds_are_capped_across_two_gateway_instances_sharing_one_ledge
 
 
 async def test_only_one_of_two_ledgers_on_one_sqlite_file_relays_the_outbox(tmp_path: Path) -> None:
-    from gateway.adapters.sqlite_ledger import SqliteLedger
+    from gateway.adapters.ledger import SqliteLedger
 
     first = await SqliteLedger(tmp_path / "shared.db").open()
     second = await SqliteLedger(tmp_path / "shared.db").open()
     try:
-        await first._call(
+        await on_connection(
+            first,
             lambda conn: conn.execute(
                 "INSERT INTO outbox(event_id, topic, payload, ordering_key, created_at) "
                 "VALUES ('e1', 't', x'7b7d', 'k', 0)"
-            )
+            ),
         )
         assert [row.event_id for row in await first.pending(10)] == ["e1"]
         assert await second.pending(10) == []  # the first holds the lease
@@ -293,7 +292,7 @@ async def test_only_one_of_two_ledgers_on_one_sqlite_file_relays_the_outbox(tmp_
 
 
 async def test_the_relay_lease_is_renewed_only_once_half_of_it_passed(tmp_path: Path) -> None:
-    from gateway.adapters.sqlite_ledger import RELAY_LEASE_S, SqliteLedger
+    from gateway.adapters.ledger.sqlite import RELAY_LEASE_S, SqliteLedger
 
     def changes(conn: sqlite3.Connection) -> int:
         return conn.total_changes
@@ -303,16 +302,16 @@ async def test_the_relay_lease_is_renewed_only_once_half_of_it_passed(tmp_path: 
 
     async with SqliteLedger(tmp_path / "ledger.db") as ledger:
         await ledger.pending(10)  # takes the lease
-        taken = await ledger._call(changes)
-        first = await ledger._call(expiry)
+        taken = await on_connection(ledger, changes)
+        first = await on_connection(ledger, expiry)
         for _ in range(3):  # polls while the lease is fresh write nothing
             assert await ledger.pending(10) == []
-        assert await ledger._call(changes) == taken
+        assert await on_connection(ledger, changes) == taken
         # less than half of the lease left: the next poll renews it
         soon = first - int(RELAY_LEASE_S * 1_000_000) // 2 - 1_000_000
         shorten = "UPDATE meta SET value = substr(value, 1, instr(value, ' ')) || ? WHERE key = 'relay_lease'"
-        await ledger._call(lambda conn: conn.execute(shorten, (str(soon),)))
-        renewed_from = await ledger._call(changes)
+        await on_connection(ledger, lambda conn: conn.execute(shorten, (str(soon),)))
+        renewed_from = await on_connection(ledger, changes)
         await ledger.pending(10)
-        assert await ledger._call(changes) == renewed_from + 1
-        assert await ledger._call(expiry) > first
+        assert await on_connection(ledger, changes) == renewed_from + 1
+        assert await on_connection(ledger, expiry) > first

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import purchase, service_on
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 
 
 async def _sale_rrn(ledger: SqliteLedger, stan: str) -> str:

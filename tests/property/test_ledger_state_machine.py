@@ -45,7 +45,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 from gateway.core.engine import Context
 from gateway.core.model import Kind, Reference, Request, SettlementTotals, Txn, TxnStatus
 from gateway.core.policy import Policy
@@ -212,9 +212,7 @@ class LedgerMachine(RuleBasedStateMachine):
         before = self._by_rrn(rrn)
         amount = max(before.refundable, 1) * share // 100
         card = self.cards[rrn] if same_card else next(c for c in CARDS if c != self.cards[rrn])
-        result = self._record(
-            self._request(Kind.REFUND, "0200", "200000", amount, card, terminal, Reference(rrn=rrn))
-        )
+        result = self._record(self._request(Kind.REFUND, "0200", "200000", amount, card, terminal, Reference(rrn=rrn)))
         if result.response_code == "00":
             # approved only within what was refundable at that moment
             assert 0 < amount <= before.refundable

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.adapters.sqlite_ledger import SWITCH_INTERVAL_S
+from gateway.adapters.ledger import SWITCH_INTERVAL_S
 from gateway.app import tune_runtime
 
 

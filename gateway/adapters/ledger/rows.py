@@ -1,7 +1,7 @@
-"""What the SQLite and PostgreSQL ledgers share: the record columns and the row <-> model mapping.
+"""Rows and models: the record columns and the mapping between rows and the domain's values.
 
-Rows are anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); each adapter
-converts its own time representation and passes the result in.
+Rows are anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); the caller converts
+the database's moments (see ``Dialect.moment``) and passes them in.
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ TXN_COLUMNS: tuple[str, ...] = (
     "effective_amount", "refunded_amount", "completed", "original_id", "batch_id", "created_at", "fingerprint",
     "ref_rrn", "ref_mti", "ref_stan", "ref_time", "ref_approval", "ref_same_stan",
 )  # fmt: skip
-
-
-class LedgerClosedError(RuntimeError):
-    """The ledger is closed (or was never opened)."""
 
 
 def record_values(record: Txn, created_at: Any) -> tuple[Any, ...]:

@@ -1,0 +1,519 @@
+"""The ledger, written once for SQLite and PostgreSQL.
+
+:class:`LedgerCore` drives the pure engine (:func:`gateway.core.engine.process`) inside a transaction
+the adapter opened, answering each of its queries with SQL and writing its plan. The SQL is written
+once, with ``$1``-style placeholders; what differs between the databases is in a small
+:class:`Dialect` (row locks, how a moment is stored, where RRNs come from) and in the adapters
+themselves (``sqlite.py``: group commit on one writer; ``postgres.py``: one pooled transaction per
+request with advisory locks). :class:`LedgerBase` is the public API both adapters offer.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+from gateway.adapters.ledger.rows import (
+    EXCEPTION_COLUMNS,
+    TXN_COLUMNS,
+    batch_from_row,
+    exception_from_row,
+    exception_values,
+    reconcile_values,
+    record_values,
+    summary_from_row,
+    txn_from_row,
+)
+from gateway.core.decide import TxnChange
+from gateway.core.engine import (
+    BatchTxns,
+    CloseBatch,
+    Context,
+    CurrentBatch,
+    FindDuplicate,
+    FindOriginal,
+    FindTombstone,
+    GetBatch,
+    GetTxn,
+    NextRrn,
+    Plan,
+    Query,
+    RefundVelocity,
+    StaleBatches,
+    StandingCorrections,
+    UnreconciledBatches,
+    close_batches_at_cutoff,
+    process,
+)
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, Txn
+from gateway.core.policy import Policy, Velocity
+from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
+
+T = TypeVar("T")
+
+
+class Db(Protocol):
+    """One connection inside a transaction, as the core needs it (``$1``-style placeholders)."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+        ...
+
+    async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None: ...
+
+
+class Dialect(Protocol):
+    """What differs between the databases, for the queries written once."""
+
+    def lock(self, mode: str) -> str:
+        """The suffix that locks the rows a SELECT reads (``"UPDATE"`` or ``"SHARE"``), or nothing."""
+        ...
+
+    def store(self, moment: datetime) -> Any:
+        """A moment as the database stores it."""
+        ...
+
+    def moment(self, stored: Any) -> datetime:
+        """A stored moment back as a UTC datetime."""
+        ...
+
+    async def next_rrn(self, db: Db) -> str:
+        """A new unique 12-digit retrieval reference number."""
+        ...
+
+
+class LedgerClosedError(RuntimeError):
+    """The ledger is closed (or was never opened)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _marks(start: int, count: int) -> str:
+    """``$start, $start+1, ...``: placeholders for a list of values."""
+    return ", ".join(f"${n}" for n in range(start, start + count))
+
+
+_INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))}) RETURNING id"
+_INSERT_EXCEPTION = f"INSERT INTO exceptions ({', '.join(EXCEPTION_COLUMNS)}) VALUES ({_marks(1, 7)})"
+_INSERT_OUTBOX = "INSERT INTO outbox (event_id, topic, payload, ordering_key, created_at) VALUES ($1, $2, $3, $4, $5)"
+#: a batch reconciled by a 0500 (see rows.reconcile_values): closed now if still open
+_RECONCILE_BATCH = (
+    "UPDATE batches SET state = 'closed', closed_at = COALESCE(closed_at, $1), "
+    "closed_by = COALESCE(closed_by, 'settlement'), result = $2, terminal_totals = $3, ledger_totals = $4 "
+    "WHERE id = $5 AND result IS NULL"
+)
+_TOMBSTONE = (
+    "SELECT * FROM txns WHERE merchant_id = $1 AND terminal_id = $2 AND status = 'unmatched' AND created_at >= $3 "
+    "AND ((ref_stan = $4 AND substr(ref_mti, 1, 3) = $5) OR (ref_same_stan AND stan = $4 AND amount = $6)) "
+    "ORDER BY id DESC LIMIT 1"
+)
+_VELOCITY = (
+    "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' AND status = 'approved' "
+    "AND merchant_id = $1 AND created_at >= $2 AND {who} = $3"
+)
+_BATCH_TOTALS = (
+    "SELECT b.*,"
+    " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN 1 ELSE 0 END) AS dc,"
+    " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN t.effective_amount"
+    "     ELSE 0 END) AS da,"
+    " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN 1 ELSE 0 END) AS cc,"
+    " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN t.effective_amount ELSE 0 END) AS ca,"
+    " MAX(t.currency) AS currency"
+    " FROM batches b LEFT JOIN txns t ON t.batch_id = b.id"
+    " WHERE ($1 = '' OR b.merchant_id = $1) AND ($2 = '' OR b.terminal_id = $2) AND ($3 = 0 OR b.state = 'open')"
+    " GROUP BY b.id ORDER BY b.id"
+)
+_PENDING = (
+    "SELECT id, event_id, topic, payload, ordering_key, created_at FROM outbox WHERE sent_at IS NULL "
+    "ORDER BY id LIMIT $1"
+)
+
+
+class LedgerCore:
+    """Every query of the engine and every listing of the ledger, in SQL written once."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._handlers: dict[type[Query], Callable[[Db, Any], Awaitable[Any]]] = {
+            FindDuplicate: self._find_duplicate,
+            FindOriginal: self._find_original,
+            FindTombstone: self._find_tombstone,
+            GetTxn: self._get_txn,
+            GetBatch: self._get_batch,
+            CurrentBatch: self._current_batch,
+            CloseBatch: self._close_batch,
+            StaleBatches: self._stale_batches,
+            UnreconciledBatches: self._unreconciled_batches,
+            RefundVelocity: self._velocity,
+            NextRrn: lambda db, query: self.dialect.next_rrn(db),
+            BatchTxns: self._batch_txns,
+            StandingCorrections: self._standing_corrections,
+        }
+
+    # ------------------------------------------------------------------ one request
+
+    async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
+        """Decide and record one request inside the caller's transaction."""
+        steps = process(request, ctx)
+        answer: Any = None
+        while True:
+            try:
+                query = steps.send(answer)
+            except StopIteration as stop:
+                plan: Plan = stop.value
+                break
+            answer = await self.answer(db, query)
+        await self.apply(db, plan, render)
+        return LedgerResult(
+            plan.response_code, str(plan.reason), plan.rrn, plan.approval_code, plan.replayed, len(plan.events),
+            plan.answered_id,
+        )  # fmt: skip
+
+    async def answer(self, db: Db, query: Query) -> Any:
+        handler = self._handlers.get(type(query))
+        if handler is None:
+            raise TypeError(f"unknown query {type(query).__name__}")
+        return await handler(db, query)
+
+    async def apply(self, db: Db, plan: Plan, render: Renderer) -> None:
+        """Write the plan: the record, its changes to earlier ones, batches reconciled, a case, events."""
+        store = self.dialect.store
+        record = plan.record
+        if record is not None:
+            row = await db.fetchrow(_INSERT_TXN, *record_values(record, store(record.created_at)))
+            assert row is not None
+            record.id = int(row[0])
+        for change in plan.changes:
+            await _update_txn(db, change)
+        if plan.batch_closes:
+            await db.executemany(_RECONCILE_BATCH, [reconcile_values(c, store(c.closed_at)) for c in plan.batch_closes])
+        if plan.exception is not None:
+            await db.execute(_INSERT_EXCEPTION, *exception_values(plan.exception, store(plan.exception.created_at)))
+        created = record.created_at if record is not None else datetime.now(UTC)
+        await self.insert_events(db, plan.events, created, render)
+
+    async def insert_events(
+        self, db: Db, events: list[CorrectionEvent], created: datetime, render: Renderer
+    ) -> None:
+        rows = []
+        for event in events:
+            event_id, topic, payload = render(event)
+            ordering_key = f"{event.merchant_id}/{event.terminal_id}/{event.subject_rrn}"
+            rows.append((event_id, topic, payload, ordering_key, self.dialect.store(created)))
+        if rows:
+            await db.executemany(_INSERT_OUTBOX, rows)
+
+    async def close_batches(self, db: Db, policy: Policy, now: datetime, render: Renderer) -> int:
+        """The cut-off sweep (:func:`gateway.core.engine.close_batches_at_cutoff`); how many it closed."""
+        steps = close_batches_at_cutoff(policy, now)
+        answer: Any = None
+        while True:
+            try:
+                query = steps.send(answer)
+            except StopIteration as stop:
+                events: list[CorrectionEvent] = stop.value
+                break
+            answer = await self.answer(db, query)
+        await self.insert_events(db, events, now, render)
+        return len(events)
+
+    # ------------------------------------------------------------------ the engine's queries
+
+    def _txn(self, row: Any) -> Txn:
+        return txn_from_row(row, self.dialect.moment(row["created_at"]))
+
+    def _batch(self, row: Any) -> Batch:
+        closed = row["closed_at"]
+        moment = self.dialect.moment
+        return batch_from_row(row, moment(row["opened_at"]), moment(closed) if closed else None)
+
+    async def _one(self, db: Db, sql: str, *args: Any) -> Txn | None:
+        row = await db.fetchrow(sql, *args)
+        return self._txn(row) if row is not None else None
+
+    async def _find_duplicate(self, db: Db, query: FindDuplicate) -> Txn | None:
+        return await self._one(
+            db,
+            "SELECT * FROM txns WHERE merchant_id = $1 AND stan = $2 AND mti_class = $3 AND terminal_id = $4 "
+            "AND created_at >= $5 ORDER BY id DESC LIMIT 1",
+            query.merchant_id, query.stan, query.mti_class, query.terminal_id, self.dialect.store(query.since),
+        )  # fmt: skip
+
+    async def _find_original(self, db: Db, query: FindOriginal) -> Txn | None:
+        """The original, locked for update: corrections against one original queue here (see FindOriginal)."""
+        kinds = sorted(str(kind) for kind in query.kinds)
+        lock = self.dialect.lock("UPDATE")
+        if query.rrn is not None:
+            sql = f"SELECT * FROM txns WHERE rrn = $1 AND merchant_id = $2 AND kind IN ({_marks(3, len(kinds))})"
+            return await self._one(db, sql + lock, query.rrn, query.merchant_id, *kinds)
+        if query.stan is not None and query.transmission_time is not None:  # DE90 as sent
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = $1 AND stan = $2 AND transmission_time = $3 AND mti_class = $4 "
+                f"AND kind IN ({_marks(6, len(kinds))}) ORDER BY (terminal_id = $5) DESC, id DESC LIMIT 1"
+            )
+            exact = (query.merchant_id, query.stan, query.transmission_time, query.mti_class, query.terminal_id)
+            return await self._one(db, sql + lock, *exact, *kinds)
+        if query.stan is not None and query.since is not None:  # this terminal's STAN, lately
+            class_test = "" if query.mti_class is None else " AND mti_class = $5"
+            first = 5 if query.mti_class is None else 6
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = $1 AND terminal_id = $2 AND stan = $3 AND created_at >= $4"
+                f"{class_test} AND kind IN ({_marks(first, len(kinds))}) ORDER BY id DESC LIMIT 1"
+            )
+            args = [query.merchant_id, query.terminal_id, query.stan, self.dialect.store(query.since)]
+            if query.mti_class is not None:
+                args.append(query.mti_class)
+            return await self._one(db, sql + lock, *args, *kinds)
+        if query.approval_code is not None:
+            sql = (
+                "SELECT * FROM txns WHERE merchant_id = $1 AND approval_code = $2 AND pan_hmac = $3 "
+                f"AND kind IN ({_marks(4, len(kinds))}) ORDER BY id DESC LIMIT 1"
+            )
+            return await self._one(db, sql + lock, query.merchant_id, query.approval_code, query.pan_hmac, *kinds)
+        return None
+
+    async def _find_tombstone(self, db: Db, query: FindTombstone) -> Txn | None:
+        since = self.dialect.store(query.since)
+        args = (query.merchant_id, query.terminal_id, since, query.stan, query.mti_class, query.amount)
+        return await self._one(db, _TOMBSTONE, *args)
+
+    async def _get_txn(self, db: Db, query: GetTxn) -> Txn | None:
+        return await self._one(db, "SELECT * FROM txns WHERE id = $1" + self.dialect.lock("UPDATE"), query.txn_id)
+
+    async def _get_batch(self, db: Db, query: GetBatch) -> Batch | None:
+        # for share: a settlement or the cut-off cannot close it under this transaction
+        row = await db.fetchrow("SELECT * FROM batches WHERE id = $1" + self.dialect.lock("SHARE"), query.batch_id)
+        return self._batch(row) if row is not None else None
+
+    async def _current_batch(self, db: Db, query: CurrentBatch) -> Batch | None:
+        """The terminal's open batch; opened race-free (one open batch per terminal: a unique index)."""
+        select = "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 AND state = 'open'"
+        select += self.dialect.lock("UPDATE" if query.exclusive else "SHARE")
+        for _ in range(4):
+            row = await db.fetchrow(select, query.merchant_id, query.terminal_id)
+            if row is not None or not query.create:
+                return self._batch(row) if row is not None else None
+            last = await db.fetchrow(
+                "SELECT batch_no FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
+                query.merchant_id, query.terminal_id,
+            )  # fmt: skip
+            number = int(last[0]) % 999_999 + 1 if last is not None else 1
+            row = await db.fetchrow(
+                "INSERT INTO batches (merchant_id, terminal_id, batch_no, state, opened_at) "
+                "VALUES ($1, $2, $3, 'open', $4) ON CONFLICT (merchant_id, terminal_id) WHERE state = 'open' "
+                "DO NOTHING RETURNING *",
+                query.merchant_id, query.terminal_id, f"{number:06d}", self.dialect.store(query.now),
+            )  # fmt: skip
+            if row is not None:
+                return self._batch(row)
+            # another instance opened it meanwhile: read it on the next turn
+        raise RuntimeError("cannot open a batch: it is closed as fast as it is opened")
+
+    async def _close_batch(self, db: Db, query: CloseBatch) -> bool:
+        changed = await db.execute(
+            "UPDATE batches SET state = 'closed', closed_at = $1, closed_by = 'cutoff' "
+            "WHERE id = $2 AND state = 'open'",
+            self.dialect.store(query.closed_at), query.batch_id,
+        )  # fmt: skip
+        return changed == 1
+
+    async def _batches(self, db: Db, sql: str, *args: Any) -> list[Batch]:
+        return [self._batch(row) for row in await db.fetch(sql + self.dialect.lock("UPDATE"), *args)]
+
+    async def _stale_batches(self, db: Db, query: StaleBatches) -> list[Batch]:
+        sql = "SELECT * FROM batches WHERE state = 'open' AND opened_at < $1 ORDER BY id"
+        return await self._batches(db, sql, self.dialect.store(query.opened_before))
+
+    async def _unreconciled_batches(self, db: Db, query: UnreconciledBatches) -> list[Batch]:
+        sql = (
+            "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 AND closed_by = 'cutoff' "
+            "AND result IS NULL ORDER BY id"
+        )
+        return await self._batches(db, sql, query.merchant_id, query.terminal_id)
+
+    async def _velocity(self, db: Db, query: RefundVelocity) -> Velocity:
+        since = self.dialect.store(query.since)
+        terminal = await db.fetchrow(_VELOCITY.format(who="terminal_id"), query.merchant_id, since, query.terminal_id)
+        card = None
+        if query.pan_hmac is not None:
+            card = await db.fetchrow(_VELOCITY.format(who="pan_hmac"), query.merchant_id, since, query.pan_hmac)
+        assert terminal is not None
+        return Velocity(int(terminal[0]), int(terminal[1]), int(card[0]) if card else 0, int(card[1]) if card else 0)
+
+    async def _batch_txns(self, db: Db, query: BatchTxns) -> list[Txn]:
+        return [self._txn(row) for row in await db.fetch("SELECT * FROM txns WHERE batch_id = $1 ORDER BY id",
+                                                          query.batch_id)]  # fmt: skip
+
+    async def _standing_corrections(self, db: Db, query: StandingCorrections) -> list[Txn]:
+        sql = (
+            "SELECT * FROM txns WHERE original_id = $1 AND kind IN ('refund', 'completion') "
+            "AND status = 'approved' ORDER BY id"
+        )
+        return [self._txn(row) for row in await db.fetch(sql, query.original_id)]
+
+    # ------------------------------------------------------------------ listings and the outbox
+
+    async def list_batches(self, db: Db, merchant: str | None, terminal: str | None, open_only: bool
+                           ) -> list[BatchSummary]:  # fmt: skip
+        rows = await db.fetch(_BATCH_TOTALS, merchant or "", terminal or "", int(open_only))
+        return [summary_from_row(row, self._batch(row)) for row in rows]
+
+    async def find_txn(self, db: Db, merchant_id: str, rrn: str) -> Txn | None:
+        return await self._one(db, "SELECT * FROM txns WHERE merchant_id = $1 AND rrn = $2", merchant_id, rrn)
+
+    async def all_txns(self, db: Db) -> list[Txn]:
+        return [self._txn(row) for row in await db.fetch("SELECT * FROM txns ORDER BY id")]
+
+    async def unanswered(self, db: Db, recorded_before: datetime) -> list[Txn]:
+        rows = await db.fetch(
+            "SELECT * FROM txns WHERE NOT answered AND created_at < $1 ORDER BY id", self.dialect.store(recorded_before)
+        )
+        return [self._txn(row) for row in rows]
+
+    async def mark_answered(self, db: Db, txn_ids: Sequence[int]) -> None:
+        for start in range(0, len(txn_ids), 500):
+            chunk = list(txn_ids[start:start + 500])
+            await db.execute(f"UPDATE txns SET answered = $1 WHERE id IN ({_marks(2, len(chunk))})", True, *chunk)
+
+    def _exception(self, row: Any) -> ExceptionCase:
+        resolved = row["resolved_at"]
+        return exception_from_row(
+            row, self.dialect.moment(row["created_at"]), self.dialect.moment(resolved) if resolved else None
+        )
+
+    async def list_exceptions(self, db: Db, include_resolved: bool) -> list[ExceptionCase]:
+        where = "" if include_resolved else " WHERE resolved_at IS NULL"
+        return [self._exception(row) for row in await db.fetch(f"SELECT * FROM exceptions{where} ORDER BY id")]
+
+    async def resolve_exception(self, db: Db, case_id: int, by: str, note: str, at: datetime) -> ExceptionCase | None:
+        row = await db.fetchrow(
+            "UPDATE exceptions SET resolved_at = $1, resolved_by = $2, resolution = $3 "
+            "WHERE id = $4 AND resolved_at IS NULL RETURNING *",
+            self.dialect.store(at), by, note, case_id,
+        )  # fmt: skip
+        return self._exception(row) if row is not None else None
+
+    async def pending(self, db: Db, limit: int) -> list[OutboxRow]:
+        moment = self.dialect.moment
+        rows = await db.fetch(_PENDING, limit)
+        return [
+            OutboxRow(int(r["id"]), r["event_id"], r["topic"], bytes(r["payload"]), r["ordering_key"], moment(r[5]))
+            for r in rows
+        ]
+
+    async def mark_sent(self, db: Db, ids: Sequence[int], sent_at: datetime) -> None:
+        stamp = self.dialect.store(sent_at)
+        await db.executemany("UPDATE outbox SET sent_at = $1 WHERE id = $2", [(stamp, i) for i in ids])
+        await self.set_meta(db, last_sent_at=sent_at.isoformat())
+
+    async def record_error(self, db: Db, message: str, at: datetime) -> None:
+        await self.set_meta(db, last_error=message[:500], last_error_at=at.isoformat())
+
+    async def set_meta(self, db: Db, **values: str) -> None:
+        await db.executemany(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            list(values.items()),
+        )
+
+    async def prune(self, db: Db, sent_before: datetime) -> int:
+        return await db.execute(
+            "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1", self.dialect.store(sent_before)
+        )
+
+    async def status(self, db: Db) -> OutboxStatus:
+        row = await db.fetchrow("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sent_at IS NULL")
+        assert row is not None
+        meta = {r[0]: r[1] for r in await db.fetch("SELECT key, value FROM meta")}
+
+        def moment(key: str) -> datetime | None:
+            return datetime.fromisoformat(meta[key]) if meta.get(key) else None
+
+        return OutboxStatus(
+            pending=int(row[0]),
+            oldest_pending_at=self.dialect.moment(row[1]) if row[1] is not None else None,
+            last_error=meta.get("last_error"),
+            last_error_at=moment("last_error_at"),
+            last_sent_at=moment("last_sent_at"),
+        )
+
+
+async def _update_txn(db: Db, change: TxnChange) -> None:
+    """One change to a record, setting only what it sets."""
+    sets: list[str] = []
+    values: list[Any] = []
+    for column, value in (
+        ("status", str(change.status) if change.status is not None else None),
+        ("effective_amount", change.effective_amount),
+        ("completed", change.completed),
+        ("reversed_after_settlement", change.reversed_after_settlement),
+    ):
+        if value is not None:
+            values.append(value)
+            sets.append(f"{column} = ${len(values)}")
+    if change.refunded_delta:
+        values.append(change.refunded_delta)
+        sets.append(f"refunded_amount = refunded_amount + ${len(values)}")
+    if sets:
+        await db.execute(f"UPDATE txns SET {', '.join(sets)} WHERE id = ${len(values) + 1}", *values, change.txn_id)
+
+
+class LedgerBase:
+    """The ledger's public API, the same on both databases: each adapter says how a unit of work runs
+    (:meth:`run`: on which connection, in which transaction) and how one request is decided."""
+
+    core: LedgerCore
+
+    async def run(self, work: Callable[[Db], Awaitable[T]], *, durable: bool = True) -> T:
+        """``work`` in a transaction of its own, committed (durably, unless it is bookkeeping) before this
+        returns."""
+        raise NotImplementedError
+
+    async def close_batches(self, policy: Policy, now: datetime, render: Renderer) -> int:
+        return await self.run(lambda db: self.core.close_batches(db, policy, now, render))
+
+    async def list_batches(self, merchant: str | None = None, terminal: str | None = None, open_only: bool = False
+                           ) -> list[BatchSummary]:  # fmt: skip
+        return await self.run(lambda db: self.core.list_batches(db, merchant, terminal, open_only))
+
+    async def find_txn(self, merchant_id: str, rrn: str) -> Txn | None:
+        return await self.run(lambda db: self.core.find_txn(db, merchant_id, rrn))
+
+    async def all_txns(self) -> list[Txn]:
+        return await self.run(self.core.all_txns)
+
+    async def unanswered(self, recorded_before: datetime) -> list[Txn]:
+        """Records not known to have been answered, recorded before ``recorded_before`` (oldest first)."""
+        return await self.run(lambda db: self.core.unanswered(db, recorded_before))
+
+    async def mark_answered(self, txn_ids: Sequence[int]) -> None:
+        """Record that these records' answers reached their terminals (bookkeeping: a power cut may undo
+        a mark, and the record is then listed as unanswered, which is safe)."""
+        await self.run(lambda db: self.core.mark_answered(db, txn_ids), durable=False)
+
+    async def list_exceptions(self, *, include_resolved: bool = False) -> list[ExceptionCase]:
+        return await self.run(lambda db: self.core.list_exceptions(db, include_resolved))
+
+    async def resolve_exception(self, case_id: int, *, by: str, note: str, at: datetime) -> ExceptionCase | None:
+        """Mark an open case resolved, with who and why; None when there is no such open case."""
+        return await self.run(lambda db: self.core.resolve_exception(db, case_id, by, note, at))
+
+    async def mark_sent(self, ids: Sequence[int], sent_at: datetime) -> None:
+        if ids:  # bookkeeping: an unmarked row is published again (at least once)
+            await self.run(lambda db: self.core.mark_sent(db, ids, sent_at), durable=False)
+
+    async def record_error(self, message: str, at: datetime) -> None:
+        await self.run(lambda db: self.core.record_error(db, message, at), durable=False)
+
+    async def prune(self, sent_before: datetime) -> int:
+        return await self.run(lambda db: self.core.prune(db, sent_before), durable=False)
+
+    async def status(self) -> OutboxStatus:
+        return await self.run(self.core.status, durable=False)
+
+    outbox_status = status
