@@ -9,9 +9,11 @@ What a hostile or broken client can cost is bounded (docs/operations.md, "Limits
 
 - a frame that cannot be framed or read stops that connection's reading at once: nothing read after
   it is decided; the answers of requests already being decided are still written, then it closes;
-- reading stops while a connection has too many requests in flight, while its unsent answers exceed
-  ``limits.unsent_bytes`` (the client does not read), or while the whole server has too many
-  requests in flight; a client that reads nothing for ``limits.write_timeout_s`` is closed;
+- reading stops while a connection has too many requests in flight, while more than
+  ``limits.unsent_bytes`` of its answers are written but not acknowledged by the client's TCP (the
+  client does not read: the kernel's buffers would hold megabytes of answers, booked but not
+  delivered), or while the whole server has too many requests in flight; a client that takes none
+  of its answers for ``limits.write_timeout_s`` is closed;
 - a frame must be complete ``limits.frame_timeout_s`` after its first byte, a TLS handshake within
   ``limits.handshake_timeout_s`` (handshakes count as connections), and a connection without a
   complete frame for ``idle_timeout_s`` is closed (bytes alone do not keep it open);
@@ -85,7 +87,8 @@ class Limits:
     in_flight: int = 128
     #: requests in flight on the whole server before connections are no longer read
     in_flight_total: int = 4096
-    #: answers written but not yet taken by the client, per connection, before it is no longer read
+    #: answers written but not yet acknowledged by the client's TCP, per connection, before it is no
+    #: longer read
     unsent_bytes: int = 64 * 1024
 
 
@@ -102,8 +105,11 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.opened
         #: when the frame being received began (its deadline), None between frames
         self.frame_started: float | None = None
-        #: since when the client has not been taking its answers (its deadline), None while it does
+        #: since when the transport has held more unsent answers than allowed (pause_writing), None while not
         self.write_blocked: float | None = None
+        #: since when the client's TCP has left more of the written answers unacknowledged than allowed,
+        #: None while not: the kernel's buffers hold megabytes, and answers in them are not delivered
+        self.unacked_since: float | None = None
         #: answers the kernel still holds for the client at the last sweep, and since when they have
         #: not shrunk while nothing more was written (a client that stopped reading; see _kernel_stall)
         self.kernel_unsent = 0
@@ -120,8 +126,9 @@ class _Connection(asyncio.Protocol):
         self.frames = 0
         #: answers finished in this loop iteration, written together by one flush
         self.outgoing: list[bytes] = []
-        #: bytes written so far, and the answers not yet acknowledged: (their last byte's offset, whom to tell)
-        self.written = 0
+        #: bytes written so far, and up to which the client's TCP acknowledged them when last looked
+        self.written = self.acknowledged = 0
+        #: the answers not yet acknowledged: (their last byte's offset, whom to tell)
         self.to_confirm: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
         self.confirm_timer: asyncio.TimerHandle | None = None
 
@@ -196,7 +203,7 @@ class _Connection(asyncio.Protocol):
     def _room(self) -> int:
         """How many more requests of this connection may be decided now."""
         server = self.server
-        if self.closing or self.write_blocked is not None or server.in_flight >= server.limits.in_flight_total:
+        if self.closing or self.held_back() or server.in_flight >= server.limits.in_flight_total:
             return 0
         return max(0, min(_BATCH, server.limits.in_flight - self.pending))
 
@@ -244,7 +251,7 @@ class _Connection(asyncio.Protocol):
         wanted = not (
             self.closing
             or self.pending >= server.limits.in_flight
-            or self.write_blocked is not None
+            or self.held_back()
             or server.in_flight >= server.limits.in_flight_total
             # frames received but not decided yet (taken a batch per loop iteration): read no more until
             # they are, or a client that sends faster than it is answered fills the gateway's memory
@@ -260,6 +267,10 @@ class _Connection(asyncio.Protocol):
             if server.in_flight >= server.limits.in_flight_total:
                 server.throttled.add(self)
             transport.pause_reading()
+
+    def held_back(self) -> bool:
+        """The client is not taking its answers fast enough: decide none of its requests meanwhile."""
+        return self.write_blocked is not None or self.unacked_since is not None
 
     def _fail(self, exc: BaseException) -> None:
         self._finished()
@@ -310,7 +321,12 @@ class _Connection(asyncio.Protocol):
         payload = b"".join(data) if len(data) > 1 else data[0]
         transport.write(payload)
         self.written += len(payload)
-        if self.to_confirm and self.confirm_timer is None:  # the terminal acknowledges within milliseconds
+        limit = self.server.limits.unsent_bytes
+        if self.written - self.acknowledged > limit and self._unacknowledged() > limit:
+            self.unacked_since = self.unacked_since or time.monotonic()
+            self.update_reading()
+        if (self.to_confirm or self.unacked_since) and self.confirm_timer is None:
+            # the terminal acknowledges within milliseconds
             self.confirm_timer = asyncio.get_running_loop().call_later(_CONFIRM_AFTER_S, self._confirm_later)
         self.last_activity = self.last_write = time.monotonic()
         self._close_when_done()
@@ -318,18 +334,30 @@ class _Connection(asyncio.Protocol):
     def _confirm_later(self) -> None:
         self.confirm_timer = None
         self.confirm_delivered()
-        if self.to_confirm and self.transport is not None:  # not yet: look again, the sweeper at the latest
+        if (self.to_confirm or self.unacked_since) and self.transport is not None:
+            # not yet: look again (the sweeper looks too)
             self.confirm_timer = asyncio.get_running_loop().call_later(5 * _CONFIRM_AFTER_S, self._confirm_later)
 
+    def _unacknowledged(self) -> int:
+        """Bytes written that the client's TCP has not acknowledged: what the transport and the kernel
+        still hold (on a system that cannot say, what the transport holds)."""
+        assert self.transport is not None
+        held = _kernel_unsent(self.transport) or 0
+        self.acknowledged = self.written - self.transport.get_write_buffer_size() - held
+        return self.written - self.acknowledged
+
     def confirm_delivered(self) -> None:
-        """Tell the answers whose bytes the client's TCP acknowledged: all that was written but what the
-        transport and the kernel still hold (on a system that cannot say, what was written)."""
-        if not self.to_confirm or self.transport is None:
+        """Tell the answers whose bytes the client's TCP acknowledged; take requests again once the
+        client took most of what it was behind on."""
+        if not (self.to_confirm or self.unacked_since) or self.transport is None:
             return
-        held = _kernel_unsent(self.transport)
-        acknowledged = self.written - self.transport.get_write_buffer_size() - (held or 0)
-        while self.to_confirm and self.to_confirm[0][0] <= acknowledged:
+        unacknowledged = self._unacknowledged()
+        while self.to_confirm and self.to_confirm[0][0] <= self.acknowledged:
             self.to_confirm.popleft()[1]()
+        if self.unacked_since is not None and unacknowledged <= self.server.limits.unsent_bytes // 4:
+            self.unacked_since = None
+            self.update_reading()
+            self._schedule_more()
 
     def _close_when_done(self) -> None:
         if self.closing and not self.pending and not self.outgoing and self.transport is not None:
@@ -557,9 +585,7 @@ class TerminalServer:
                 if conn.closing and conn.transport is None:
                     continue
                 conn.confirm_delivered()
-                stalled = conn.write_blocked
-                if stalled is None:
-                    stalled = _kernel_stall(conn, now, interval)
+                stalled = conn.write_blocked or conn.unacked_since or _kernel_stall(conn, now, interval)
                 if stalled is not None and now - stalled > limits.write_timeout_s:
                     conn.drop("connection.write_timeout", reset=True, unsent=len(conn.outgoing))
                 elif conn.frame_started is not None and conn.reading and now > conn.frame_started + frame_s:

@@ -20,7 +20,7 @@ import pytest
 from brokers import missing_service
 from harness import IsoClient, LogCapture, gateway_settings, hold_commits, running_gateway
 
-from gateway.adapters.sqlite_ledger import SqliteLedger
+from gateway.adapters.ledger import SqliteLedger
 from gateway.app import GatewayApp
 
 
@@ -111,7 +111,10 @@ async def test_a_client_that_does_not_read_its_answers_is_no_longer_read_and_the
             decided = len(await gateway.ledger.all_txns())
         while gateway.server.connections:  # then closes it: it took no answer for write_timeout_s  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-    assert 0 < decided < sent
+    # booked but never delivered: at most GATEWAY_LIMITS__UNSENT_BYTES (64 KiB) of answers the client's TCP
+    # has not acknowledged, and what its receive buffer (128 KiB) acknowledged: about 1,250 sales here.
+    # Counting only the transport's own buffer, the kernel's send queue took 4 MB of answers: 41,000 sales.
+    assert 0 < decided <= 3_000
     bystander = await IsoClient.connect(gateway.port)
     assert (await bystander.sale(100))[39] == "00"
     await bystander.close()
