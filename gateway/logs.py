@@ -70,7 +70,6 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": loggi
 _CARD_IN_TEXT: Final = re.compile(r"(?<![0-9])(?:[0-9]{13,19}|[0-9]{3,6}(?:[ -][0-9]{3,6}){2,5})(?![0-9])")
 _DIGIT_RUN: Final = re.compile(r"[0-9]{7,}")
 _ASCII_DIGITS: Final = frozenset("0123456789")
-_NO_DIGITS: Final = str.maketrans("", "", "0123456789")
 
 _PLAIN, _PAN, _SECRET = 0, 1, 2
 _PAN_NAMES: Final = frozenset({"pan", "de2", "cardnumber", "cardno", "accountnumber", "maskedpan"})
@@ -160,19 +159,30 @@ def _mask_split_numbers(values: dict[Any, Any]) -> None:
     """Mask a card number whose digits are spread over neighbouring text values (see the module
     docstring): two or three of them, read together in either order, padding and all. Anything but
     text between them ends the neighbourhood; only numbers that cross from one value into the next
-    are looked for here (each value's own are masked already)."""
-    texts = [(key, value) for key, value in values.items()]
-    digit_counts = [len(v) - len(v.translate(_NO_DIGITS)) if isinstance(v, str) else -1 for _, v in texts]
-    for start in range(len(texts) - 1):
-        for width in (2, 3):
-            window = range(start, start + width)
-            if window.stop > len(texts) or any(digit_counts[n] < 0 for n in window):
-                break
-            if sum(digit_counts[n] for n in window) < 13:
-                continue
-            keys = [texts[n][0] for n in window]
-            _mask_across(values, keys)
-            _mask_across(values, keys[::-1])
+    are looked for here (each value's own are masked already), so only where digits meet."""
+    keys = list(values)
+    # per value: whether it ends with a digit and whether it begins with one (past padding); None: not text
+    edges = [_edges(values[key]) for key in keys]
+    for n in range(len(keys) - 1):
+        first, second = edges[n], edges[n + 1]
+        if first is None or second is None:
+            continue
+        third = edges[n + 2] if n + 2 < len(keys) else None
+        if first[0] and second[1]:  # in order: ... 1234 | 5678 ...
+            _mask_across(values, keys[n:n + 2])
+            if third is not None and second[0] and third[1]:
+                _mask_across(values, keys[n:n + 3])
+        if second[0] and first[1]:  # in reverse order
+            _mask_across(values, [keys[n + 1], keys[n]])
+            if third is not None and third[0] and second[1]:
+                _mask_across(values, [keys[n + 2], keys[n + 1], keys[n]])
+
+
+def _edges(value: Any) -> tuple[bool, bool] | None:
+    if not isinstance(value, str):
+        return None
+    end, begin = value.rstrip(" -")[-1:], value.lstrip(" -")[:1]
+    return end in _ASCII_DIGITS and end != "", begin in _ASCII_DIGITS and begin != ""
 
 
 def _mask_across(values: dict[Any, Any], keys: list[Any]) -> None:
