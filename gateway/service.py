@@ -23,7 +23,7 @@ from gateway.core.reasons import Reason
 from gateway.events import new_event_id, render_event
 from gateway.ports import Clock, Completion, LedgerResult
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
-from gateway.protocol.dialect import DialectError, UnsupportedMessage, build_response, classify, response_mti
+from gateway.protocol.dialect import Dialect, DialectError, UnsupportedMessage, dialect_for
 from gateway.protocol.message import Message
 from gateway.protocol.profile import Profile
 
@@ -102,6 +102,7 @@ class GatewayService:
     ) -> None:
         self.profile = profile
         self.codec = Codec(profile)
+        self.dialect: Dialect = dialect_for(profile.dialect)
         self.ledger = ledger
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -163,12 +164,12 @@ class GatewayService:
         except DecodeError as exc:
             reply(self._format_error(exc, started))
             return
-        if response_mti(message.mti) is None:
+        if self.dialect.response_mti(message.mti) is None:
             self._warn("message.ignored", mti=message.mti, detail="not a request MTI")
             reply(None)
             return
         try:
-            request = classify(message)
+            request = self.dialect.classify(message)
         except DialectError as exc:
             reply(self._answer(message, None, Reason.FORMAT_ERROR, started, field=exc.field, detail=exc.reason))
             return
@@ -223,7 +224,7 @@ class GatewayService:
                 await task
 
     def _format_error(self, exc: DecodeError, started: float) -> bytes:
-        if exc.mti is None or response_mti(exc.mti) is None:
+        if exc.mti is None or self.dialect.response_mti(exc.mti) is None:
             self._warn("frame.rejected", field=exc.field, position=exc.position, detail=exc.reason)
             raise FrameRejectedError(str(exc)) from None
         partial = exc.partial or Message(exc.mti, {})
@@ -242,7 +243,7 @@ class GatewayService:
         """The answer for a request the ledger did not decide (format errors, network messages,
         refused terminals, ledger failures), with its metrics and log line."""
         code = self.response_code(reason.value)
-        data = self._encode(build_response(message, code))
+        data = self._encode(self.dialect.build_response(message, code))
         self._account(message, request, code, reason.value, started, extra=extra)
         return data
 
@@ -327,7 +328,7 @@ class _Answer:
     def prepare(self, result: LedgerResult) -> None:
         """Build the answer while the commit is under way (nothing leaves before it is durable)."""
         try:
-            response = build_response(self._message, result.response_code, rrn=result.rrn,
+            response = self._service.dialect.build_response(self._message, result.response_code, rrn=result.rrn,
                                       approval_code=result.approval_code)  # fmt: skip
             self._data = self._service._encode(response)
         except Exception as exc:  # a bug past the ledger: the connection pays, never the server

@@ -17,7 +17,7 @@ from gateway.adapters.ledger import SqliteLedger
 from gateway.core.engine import Context
 from gateway.core.policy import Policy
 from gateway.ports import LedgerResult
-from gateway.protocol.dialect import classify
+from gateway.protocol.iso87 import classify
 from gateway.protocol.message import Message
 from gateway.protocol.profile import load_profile
 from gateway.service import GatewayService

@@ -46,7 +46,7 @@ def test_export_writes_the_tree_of_a_revision(tmp_path: Path) -> None:
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     assert export("HEAD", tmp_path / "tree") == head.stdout.strip()
-    assert (tmp_path / "tree" / "gateway" / "adapters" / "sqlite_ledger.py").is_file()
+    assert (tmp_path / "tree" / "gateway" / "service.py").is_file()
     assert (tmp_path / "tree" / "benchmarks" / "inproc.py").is_file()
     with pytest.raises(SystemExit, match="not a revision"):
         export("no-such-revision-anywhere", tmp_path / "other")

@@ -409,7 +409,7 @@ def test_a_header_of_length_zero_cannot_have_a_value(tmp_path: Path) -> None:
 
 def test_docs_profiles_md_lists_the_fields_each_request_must_carry_as_the_dialect_checks_them() -> None:
     from gateway.core.model import Kind
-    from gateway.protocol.dialect import REQUIRED_FIELDS
+    from gateway.protocol.iso87 import REQUIRED_FIELDS
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "profiles.md").read_text()
     table = text[text.index("<!-- required-fields"):text.index("<!-- /required-fields -->")]

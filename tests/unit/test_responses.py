@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.protocol.dialect import ECHO_FIELDS, build_response
+from gateway.protocol.iso87 import ECHO_FIELDS, build_response
 from gateway.protocol.message import Message
 
 
