@@ -5,7 +5,8 @@
 
 Each run is a fresh process: an in-memory outbox holding ``--events`` rows of ``--payload`` bytes,
 an ``OutboxRelay`` with ``--batch-size``, and a private Mosquitto (``set_tcp_nodelay``, no
-persistence, shared by the runs). It reports events/s from the relay's start to the last row marked
+persistence, shared by the runs), on uvloop as the gateway runs (``--loop asyncio``: asyncio's
+own loop). It reports events/s from the relay's start to the last row marked
 sent (each mark follows the broker's PUBACK), and the event-loop thread's CPU time per event. A run
 that does not finish within ``--timeout`` seconds fails. With ``--base`` each round runs both
 versions back to back, in alternating order, as ``benchmarks.ab`` does; a version given as a git
@@ -106,7 +107,13 @@ async def _drain(url: str, events: int, payload_bytes: int, batch_size: int, lim
 
 
 def _child(args: argparse.Namespace) -> int:
-    result = asyncio.run(_drain(args.url, args.events, args.payload, args.batch_size, args.timeout))
+    drain = _drain(args.url, args.events, args.payload, args.batch_size, args.timeout)
+    if args.loop == "uvloop":  # as the gateway runs (without terminal TLS)
+        import uvloop
+
+        result = uvloop.run(drain)
+    else:
+        result = asyncio.run(drain)
     print(json.dumps(result))
     return 0
 
@@ -114,7 +121,7 @@ def _child(args: argparse.Namespace) -> int:
 def _run(root: Path, url: str, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--url", url,
                "--events", str(args.events), "--payload", str(args.payload),
-               "--batch-size", str(args.batch_size), "--timeout", str(args.timeout)]
+               "--batch-size", str(args.batch_size), "--timeout", str(args.timeout), "--loop", args.loop]
     out = subprocess.run(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
                          text=True, timeout=args.timeout + 30, check=False)
     if out.returncode != 0:
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload", type=int, default=1024, help="bytes per event")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a run may take")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the event loop (the "
+                        "gateway's is uvloop unless terminals use TLS)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             base_root = workdir / "base"
             versions.insert(0, (f"base {export(args.base, base_root)}", base_root))
         print(f"{' against '.join(label for label, _ in versions)}: {args.events} events of {args.payload} bytes, "
-              f"batches of {args.batch_size}, {args.rounds} rounds\n", flush=True)
+              f"batches of {args.batch_size}, {args.loop}, {args.rounds} rounds\n", flush=True)
         results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in versions}
         with mosquitto(workdir) as url:
             if not url.startswith("mqtt://"):
