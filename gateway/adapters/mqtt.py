@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
 import ssl
 from collections.abc import Sequence
@@ -325,8 +324,11 @@ class OutboxRelay:
         finally:
             for publish in publishes:
                 publish.cancel()  # a no-op for the finished ones
-            acknowledged = itertools.takewhile(lambda pair: _acknowledged(pair[1]), zip(rows, publishes, strict=True))
-            acked = [row.id for row, _ in acknowledged]
+            acked: list[int] = []
+            for row, publish in zip(rows, publishes, strict=True):
+                if not _acknowledged(publish):
+                    break
+                acked.append(row.id)
             if acked:
                 await self._mark_sent(acked)
 
