@@ -9,6 +9,8 @@ creates no ledger, starts no broker) and reports every problem. Each problem is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.adapters.mqtt import parse_mqtt_url
-from gateway.adapters.mqtt_publisher import BrokerRefused, MqttError, MqttPublisher
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+
+from gateway.adapters.mqtt import describe_mqtt_error, parse_mqtt_url
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port
 from gateway.protocol.dialect import IMPLEMENTED_DIALECTS
 from gateway.protocol.profile import Profile, ProfileError, load_profile
@@ -325,21 +329,33 @@ async def choose_broker(settings: Settings, *, probe_s: float = PROBE_TIMEOUT_S)
 async def _probe(
     host: str, port: int, instance_id: str, connect_s: float
 ) -> tuple[Literal["broker", "nothing", "other"], str]:
-    """What listens at ``host:port``: an MQTT broker that accepts the gateway, nothing (the
-    connection is refused), or something else (a broker that refuses the gateway, or no MQTT broker
-    at all), with what is wrong with it."""
+    """What listens at ``host:port``: an MQTT broker that accepts the gateway (one CONNECT through
+    aiomqtt), nothing (no TCP connection either), or something else (a broker that refuses the
+    gateway, or no MQTT broker at all), with what is wrong with it."""
+    client = aiomqtt.Client(host, port, identifier=f"iso-gateway-{instance_id}-probe", timeout=connect_s)
     try:
-        publisher = await MqttPublisher.connect(
-            host, port, client_id=f"iso-gateway-{instance_id}-probe", keepalive=0, connect_timeout=connect_s
-        )
-    except BrokerRefused as exc:
-        return "other", f"has a broker that refused the gateway ({exc})"
-    except MqttError as exc:
-        if isinstance(exc.__cause__, OSError):  # refused, or an address that is not this host's
+        await client.__aenter__()
+    except MqttConnectError as exc:
+        return "other", f"has a broker that refused the gateway ({describe_mqtt_error(exc)})"
+    except aiomqtt.MqttError as exc:
+        if not await _accepts_connections(host, port, connect_s):  # refused, or not this host's address
             return "nothing", ""
-        return "other", f"is taken by something that does not answer MQTT ({exc})"
-    await publisher.close()
+        return "other", f"is taken by something that does not answer MQTT ({describe_mqtt_error(exc)})"
+    with contextlib.suppress(aiomqtt.MqttError):
+        await client.__aexit__(None, None, None)
     return "broker", ""
+
+
+async def _accepts_connections(host: str, port: int, connect_s: float) -> bool:
+    try:
+        async with asyncio.timeout(connect_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except OSError:  # TimeoutError included
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 # --- everything, without starting anything (check-config) ----------------------------------------

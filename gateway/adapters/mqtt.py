@@ -6,17 +6,18 @@ so a broker outage never blocks anything else: terminals keep being answered, th
 it drains when the broker returns.
 
 Delivery is at least once: a row whose PUBACK was lost (connection dropped, gateway killed) is
-published again after reconnecting, with the same CloudEvents ``id``. A batch of rows is written in
-id order on one connection and its PUBACKs are awaited together; only the unbroken acknowledged
-prefix is marked sent, so events about one original (one ordering key) reach the broker in the order
-they were written. The connection is :class:`~gateway.adapters.mqtt_publisher.MqttPublisher`, a
-publish-only MQTT 3.1.1 client (why not aiomqtt here: see that module).
+published again after reconnecting, with the same CloudEvents ``id``. The client is aiomqtt (MQTT
+3.1.1, clean session). A batch of rows is published together: one aiomqtt publish per row, started
+in id order on one connection (so the PUBLISH packets leave in that order) and awaited together with
+``asyncio.gather`` under one time limit. Only the unbroken acknowledged prefix is marked sent, so
+events about one original (one ordering key) reach the broker in the order they were written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,18 +25,19 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError  # a refused CONNACK (not re-exported by aiomqtt)
 
-from gateway.adapters.mqtt_publisher import MqttError, MqttPublisher
 from gateway.ports import Clock, Outbox, OutboxRow
 
-__all__ = ["BrokerAddress", "OutboxRelay", "RelayStats", "parse_mqtt_url"]
+__all__ = ["BrokerAddress", "OutboxRelay", "RelayStats", "describe_mqtt_error", "parse_mqtt_url"]
 
 _BACKOFF_INITIAL = 0.1  #: seconds before the first reconnect attempt
 _BACKOFF_MAX = 5.0  #: the reconnect delay doubles up to this
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_ERROR_CHARS = 500
-#: publishes in flight at once; MQTT packet identifiers are 16 bits
+#: publishes in flight at once (a batch); MQTT packet identifiers are 16 bits
 _MAX_BATCH = 10_000
 
 
@@ -106,6 +108,15 @@ class RelayStats:
     last_error: str | None
     last_error_at: datetime | None
     last_published_at: datetime | None
+
+
+def describe_mqtt_error(exc: BaseException) -> str:
+    """An aiomqtt error in words, for logs and ``outbox status``: a reason code by its name
+    (``connection refused: not authorized``, ``keep alive timeout``), anything else as it says."""
+    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc is not None and not isinstance(exc.rc, int):
+        reason = str(exc.rc).lower()  # paho's ReasonCode: its name, without MQTT 5's code number
+        return f"connection refused: {reason}" if isinstance(exc, MqttConnectError) else reason
+    return str(exc) or type(exc).__name__
 
 
 class _BrokerFailure(Exception):
@@ -218,40 +229,66 @@ class OutboxRelay:
             context.check_hostname = False  # the chain is still verified; only the name is not
         return context
 
+    def _client(self) -> aiomqtt.Client:
+        """A client for one connection (a new one at each reconnect: nothing of a lost one is kept)."""
+        address = self._address
+        client = aiomqtt.Client(
+            address.host,
+            address.port,
+            identifier=self._client_id,
+            username=address.username,
+            password=address.password,
+            clean_session=True,  # the outbox is the relay's durable state, not a broker session
+            keepalive=self._keepalive,
+            timeout=self._publish_timeout,  # for the CONNACK and the DISCONNECT
+            tls_context=self._ssl_context(),
+            # no limit in paho: the relay's batch is the limit, all of it on the wire at once (paho's
+            # default holds back all but 20, and any limit costs a scan of its messages per PUBACK)
+            max_inflight_messages=0,
+        )
+        # a full batch in flight is the plan: no "There are N pending publish calls" warning per event
+        client.pending_calls_threshold = self._batch_size
+        return client
+
     async def _session(self) -> None:
         """One connection: publish until it fails (raises) or the task is cancelled."""
         address = self._address
         try:
-            client = await MqttPublisher.connect(
-                address.host,
-                address.port,
-                client_id=self._client_id,
-                username=address.username,
-                password=address.password,
-                ssl_context=self._ssl_context(),
-                keepalive=self._keepalive,
-                connect_timeout=self._publish_timeout,
-            )
-        except MqttError as exc:
-            raise _BrokerFailure(f"cannot connect to {address}: {exc}") from exc
+            client = self._client()
+            await client.__aenter__()
+        except (aiomqtt.MqttError, OSError) as exc:  # OSError: a CA or certificate file that cannot be read
+            raise _BrokerFailure(f"cannot connect to {address}: {describe_mqtt_error(exc)}") from exc
         try:
             self._connected = True
             self._log.info("outbox.connected", broker=str(address), client_id=self._client_id)
+            watcher = asyncio.create_task(self._until_disconnected(client))
             pump = asyncio.create_task(self._pump(client))
             try:
-                await asyncio.wait((client.lost, pump), return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait((watcher, pump), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
-            if client.lost.done():
-                lost = client.lost.exception()
-                raise _BrokerFailure(f"connection to {address} lost: {lost}") from lost
-            pump.result()
+                for task in (watcher, pump):
+                    task.cancel()
+                await asyncio.gather(watcher, pump, return_exceptions=True)
+            for task in (watcher, pump):  # a lost connection first: it is why a publish failed
+                if task in done:
+                    task.result()
         finally:
             self._connected = False
-            await client.close()
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
 
-    async def _pump(self, client: MqttPublisher) -> None:
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Raises when the connection is lost (aiomqtt ends its message iterator then; the relay
+        subscribes to nothing, so no message ever arrives)."""
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError as exc:
+            reason = describe_mqtt_error(exc.__cause__ or exc)
+            raise _BrokerFailure(f"connection to {self._address} lost: {reason}") from exc
+        raise _BrokerFailure(f"connection to {self._address} closed")
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
         while True:
             self._wake.clear()
             rows = await self._outbox.pending(self._batch_size)
@@ -264,43 +301,44 @@ class OutboxRelay:
                 continue
             await self._publish_batch(client, rows)
 
-    async def _publish_batch(self, client: MqttPublisher, rows: Sequence[OutboxRow]) -> None:
-        """Publish a batch in id order and mark the acknowledged prefix sent.
+    async def _publish_batch(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
+        """Publish a batch together and mark the acknowledged prefix sent.
 
-        The PUBLISH packets leave in id order in one write; their PUBACKs are awaited together,
-        within one time limit for the whole batch, so a busy event loop costs one round trip per
-        batch instead of one per event. Only the unbroken run of acknowledged rows from the first one
-        is marked sent: after a failure or a time-out the rest is published again (at least once, in
-        order).
+        One aiomqtt publish per row, each returning once its PUBACK arrived; they start in id order
+        (tasks run in the order they were made), so the PUBLISH packets leave in that order, and they
+        are awaited together within one time limit for the whole batch (``timeout=math.inf`` gives
+        none, and no extra task, to each publish). Only the unbroken run of acknowledged rows from
+        the first one is marked sent: after a failure, a time-out or a lost connection the rest is
+        published again (at least once, in order).
         """
-        acked: list[int] = []
+        publishes = [
+            asyncio.ensure_future(client.publish(row.topic, row.payload, qos=1, timeout=math.inf)) for row in rows
+        ]
         try:
-            try:
-                batch = client.publish([(row.topic, row.payload) for row in rows])
-            except MqttError as exc:
-                raise _BrokerFailure(f"publish to {self._address} failed: {exc}") from exc
-            failure: Exception | None = None
-            try:
-                async with asyncio.timeout(self._publish_timeout):
-                    await batch.done
-            except TimeoutError:
-                failure = _BrokerFailure(f"publish to {self._address} timed out")
-            except MqttError as exc:
-                failure = _BrokerFailure(f"publish to {self._address} failed: {exc}")
-            for row, packet_id in zip(rows, batch.packet_ids, strict=True):
-                if packet_id not in batch.acked:
+            async with asyncio.timeout(self._publish_timeout):
+                await asyncio.gather(*publishes)
+        except TimeoutError:
+            raise _BrokerFailure(f"publish to {self._address} timed out") from None
+        except aiomqtt.MqttError as exc:
+            raise _BrokerFailure(f"publish to {self._address} failed: {describe_mqtt_error(exc)}") from exc
+        finally:
+            for publish in publishes:
+                publish.cancel()  # a no-op for the finished ones
+            acked: list[int] = []
+            for row, publish in zip(rows, publishes, strict=True):
+                if not _acknowledged(publish):
                     break
                 acked.append(row.id)
-            if failure is not None:
-                raise failure
-        finally:
             if acked:
-                sent_at = self._clock.now()
-                await self._outbox.mark_sent(acked, sent_at)
-                self._published += len(acked)
-                self._last_published_at = sent_at
-                self._session_published = True
-                self._log.info("outbox.published", count=len(acked), first_id=acked[0], last_id=acked[-1])
+                await self._mark_sent(acked)
+
+    async def _mark_sent(self, acked: list[int]) -> None:
+        sent_at = self._clock.now()
+        await self._outbox.mark_sent(acked, sent_at)
+        self._published += len(acked)
+        self._last_published_at = sent_at
+        self._session_published = True
+        self._log.info("outbox.published", count=len(acked), first_id=acked[0], last_id=acked[-1])
 
     async def _report(self, exc: Exception, *, retry_in: float) -> None:
         message = str(exc) if isinstance(exc, _BrokerFailure) else f"outbox: {type(exc).__name__}: {exc}"
@@ -329,3 +367,8 @@ class OutboxRelay:
                 if pruned:
                     self._log.info("outbox.pruned", count=pruned)
             await asyncio.sleep(self._prune_interval)
+
+
+def _acknowledged(publish: asyncio.Future[None]) -> bool:
+    """The publish returned: its PUBACK arrived (a cancelled or failed one did not)."""
+    return publish.done() and not publish.cancelled() and publish.exception() is None
