@@ -78,8 +78,8 @@ EventType = Literal[
     "pos.batch.mismatch",
     "pos.batch.closed",
     "pos.upstream.reversal_queued",
-    "pos.upstream.acknowledged",
-    "pos.upstream.failed",
+    "pos.upstream.reversal_acknowledged",
+    "pos.upstream.reversal_failed",
 ]
 
 #: Every event type the gateway publishes, in documentation order.

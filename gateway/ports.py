@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Protocol
 
 from gateway.core.events import CorrectionEvent
+from gateway.core.host import HostRequest
+from gateway.protocol.message import Message
 
 #: renders a correction fact for the outbox: (event id, topic, payload)
 Renderer = Callable[[CorrectionEvent], tuple[str, str, bytes]]
@@ -72,6 +74,15 @@ class LedgerResult:
     #: the record answered: the new one, or the first one for a replay; None when nothing is recorded
     #: (a duplicate conflict). Marked answered once the answer is written (see Ledger.mark_answered).
     txn_id: int | None = None
+    #: the record is pending: what to send the acquirer host, whose answer decides it (Ledger.conclude);
+    #: nothing is answered before that
+    host: HostRequest | None = None
+    #: entries written to the host's store-and-forward queue (reversals, advices)
+    queued: int = 0
+
+    @property
+    def forward(self) -> bool:
+        return self.host is not None
 
 
 class Completion(Protocol):
@@ -90,3 +101,25 @@ class Completion(Protocol):
     def committed(self, result: LedgerResult) -> None: ...
 
     def failed(self, error: Exception) -> None: ...
+
+
+class UpstreamDown(Exception):
+    """No connection to the acquirer host is signed on: nothing was sent."""
+
+
+class UpstreamTimeout(Exception):
+    """Sent to the acquirer host (or possibly sent) and not answered in time: the host may have acted."""
+
+
+class HostExchange(Protocol):
+    @property
+    def answer(self) -> Message: ...
+
+
+class Upstream(Protocol):
+    """The link to the acquirer host (``gateway.adapters.upstream``), as the service uses it."""
+
+    async def send(self, message: Message, *, stamp: bool = True) -> HostExchange:
+        """The host's answer to ``message`` (sent as given when ``stamp`` is False). Raises
+        :class:`UpstreamDown` when nothing was sent, :class:`UpstreamTimeout` when no answer came in time."""
+        ...

@@ -20,10 +20,12 @@ from gateway.core.events import CorrectionEvent
 from gateway.core.model import Kind, Request
 from gateway.core.policy import Policy
 from gateway.core.reasons import Reason
+from gateway.core.upstream import HostAnswer, NoAnswer
 from gateway.events import new_event_id, render_event
-from gateway.ports import Clock, Completion, LedgerResult
+from gateway.ports import Clock, Completion, LedgerResult, Renderer, Upstream, UpstreamDown, UpstreamTimeout
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
 from gateway.protocol.dialect import Dialect, DialectError, UnsupportedMessage, dialect_for
+from gateway.protocol.host import CARD_FIELDS, host_message
 from gateway.protocol.message import Message
 from gateway.protocol.profile import Profile
 
@@ -35,6 +37,12 @@ class Ledger(Protocol):
 
     async def mark_answered(self, txn_ids: Sequence[int]) -> None:
         """Record that these records' answers were written to their terminals."""
+        ...
+
+    async def conclude(
+        self, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context, render: Renderer
+    ) -> LedgerResult:
+        """The acquirer host's answer (or its absence) for a pending record, committed durably."""
         ...
 
 
@@ -99,6 +107,7 @@ class GatewayService:
         logger: Any = None,
         recorder: Recorder | None = None,
         answered_flush_s: float = ANSWERED_FLUSH_S,
+        upstream: Upstream | None = None,
     ) -> None:
         self.profile = profile
         self.codec = Codec(profile)
@@ -113,6 +122,15 @@ class GatewayService:
         self._answered_flush: asyncio.TimerHandle | None = None
         self._answered_flush_s = answered_flush_s
         self._marking: set[asyncio.Task[None]] = set()
+        #: the acquirer host; None: the gateway stands in (decides purchases itself)
+        self.upstream = upstream
+        #: pending records whose host answer is awaited -> repeats of their request waiting for it too
+        self._awaiting: dict[int, list[_Answer]] = {}
+        self._forwarding: set[asyncio.Task[None]] = set()
+        #: told when a decision queued something for the host (the store-and-forward sender looks at once)
+        self.on_queued: Callable[[], None] | None = None
+        #: card fields of stand-in approvals by record id, for their advices (memory only; the sender's)
+        self.advice_cards: dict[int, dict[int, str]] | None = None
 
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)
@@ -192,6 +210,58 @@ class GatewayService:
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
 
         self.ledger.submit(request, ctx, _Answer(self, message, request, started, reply, fail))
+
+    # the acquirer host -----------------------------------------------------------------------------
+
+    def _forward(self, answer: _Answer, result: LedgerResult) -> None:
+        """Send a pending record's request to the host (no transaction open meanwhile), then conclude it."""
+        assert result.txn_id is not None
+        self._awaiting[result.txn_id] = []
+        task = asyncio.get_running_loop().create_task(self._exchange(answer, result))
+        self._forwarding.add(task)
+        task.add_done_callback(self._forwarding.discard)
+
+    async def _exchange(self, answer: _Answer, result: LedgerResult) -> None:
+        txn_id, host = result.txn_id, result.host
+        assert txn_id is not None and host is not None and self.upstream is not None
+        outcome: HostAnswer | NoAnswer
+        try:
+            exchange = await self.upstream.send(host_message(host, answer.message), stamp=False)
+            fields = exchange.answer.fields
+            outcome = HostAnswer(fields.get(39) or self.response_code(Reason.UPSTREAM_DECLINED.value), fields.get(38))
+        except UpstreamTimeout:
+            outcome = NoAnswer(sent=True)
+        except UpstreamDown:
+            outcome = NoAnswer(sent=False)
+        waiting = self._awaiting.pop(txn_id, [])
+        ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
+        try:
+            final = await self.ledger.conclude(txn_id, answer.request, outcome, ctx, self.render)
+        except Exception as exc:  # the record stays pending: the next start concludes it (and reverses it)
+            for waiter in (answer, *waiting):
+                waiter.failed(exc)
+            return
+        if isinstance(outcome, NoAnswer) and not outcome.sent and final.queued and self.advice_cards is not None:
+            card = answer.message.fields
+            self.advice_cards[txn_id] = {number: card[number] for number in CARD_FIELDS if number in card}
+        answer.committed(final)
+        repeat = LedgerResult(final.response_code, final.reason, final.rrn, final.approval_code, True, 0, txn_id)
+        for waiter in waiting:
+            waiter.committed(repeat)
+
+    def _wait_for_host(self, txn_id: int | None, answer: _Answer) -> bool:
+        """A repeat of a request whose host answer is awaited here: it gets that answer when it comes."""
+        waiting = self._awaiting.get(txn_id) if txn_id is not None else None
+        if waiting is None:
+            return False  # awaited by another instance, or concluded meanwhile: 09, the terminal asks again
+        waiting.append(answer)
+        return True
+
+    async def drain_forwarded(self) -> None:
+        """At shutdown, before the ledger closes: every exchange with the host under way ends (each within
+        the host timeout) and is recorded."""
+        while self._forwarding:
+            await asyncio.gather(*list(self._forwarding), return_exceptions=True)
 
     def _mark_answered(self, txn_id: int) -> None:
         self._answered.append(txn_id)
@@ -307,7 +377,7 @@ class _Answer:
     """One decided request's way back to its terminal: what the ledger tells (a
     :class:`gateway.ports.Completion`) becomes the answer, its metrics and its log line."""
 
-    __slots__ = ("_data", "_fail", "_message", "_reply", "_request", "_service", "_started")
+    __slots__ = ("_data", "_fail", "_reply", "_service", "_started", "message", "request")
 
     def __init__(
         self,
@@ -318,7 +388,7 @@ class _Answer:
         reply: Callable[..., None],
         fail: Callable[[BaseException], None],
     ) -> None:
-        self._service, self._message, self._request, self._started = service, message, request, started
+        self._service, self.message, self.request, self._started = service, message, request, started
         self._reply, self._fail = reply, fail
         self._data: bytes | None = None
 
@@ -327,21 +397,30 @@ class _Answer:
 
     def prepare(self, result: LedgerResult) -> None:
         """Build the answer while the commit is under way (nothing leaves before it is durable)."""
+        if result.forward or result.reason == Reason.UPSTREAM_PENDING:
+            return  # the host's answer will be the terminal's
         try:
-            response = self._service.dialect.build_response(self._message, result.response_code, rrn=result.rrn,
+            response = self._service.dialect.build_response(self.message, result.response_code, rrn=result.rrn,
                                       approval_code=result.approval_code)  # fmt: skip
             self._data = self._service._encode(response)
         except Exception as exc:  # a bug past the ledger: the connection pays, never the server
             self._fail(exc)
 
     def committed(self, result: LedgerResult) -> None:
+        service = self._service
+        if result.forward:
+            service._forward(self, result)
+            return
+        if result.reason == Reason.UPSTREAM_PENDING and service._wait_for_host(result.txn_id, self):
+            return
+        if result.queued and service.on_queued is not None:
+            service.on_queued()
         if self._data is None:
             self.prepare(result)
             if self._data is None:
                 return
         try:
-            service = self._service
-            service._account(self._message, self._request, result.response_code, result.reason, self._started,
+            service._account(self.message, self.request, result.response_code, result.reason, self._started,
                              rrn=result.rrn, replayed=result.replayed)  # fmt: skip
             txn_id = result.txn_id
             self._reply(self._data, None if txn_id is None else lambda: service._mark_answered(txn_id))
@@ -353,6 +432,6 @@ class _Answer:
         service = self._service
         try:
             service._error("ledger.failed", error=type(error).__name__, detail=str(error)[:200])
-            self._reply(service._answer(self._message, self._request, Reason.SYSTEM_ERROR, self._started))
+            self._reply(service._answer(self.message, self.request, Reason.SYSTEM_ERROR, self._started))
         except Exception as exc:
             self._fail(exc)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+import pytest
+from postgres import schema_settings
 
 from gateway.adapters.ledger import PostgresLedger, SqliteLedger
 from gateway.core.engine import Context
@@ -276,3 +281,15 @@ def stored(txns: list[Txn]) -> list[tuple[object, ...]]:
         )
         for t in txns
     ]
+
+
+NewLedger = Callable[[], Ledger]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> NewLedger:
+    if request.param == "sqlite":
+        return lambda: SqliteLedger(tmp_path / "ledger.db", synchronous="OFF")
+    url = request.getfixturevalue("postgres_url")
+    settings = schema_settings(request.getfixturevalue("postgres_schema"))
+    return lambda: PostgresLedger(url, server_settings=settings)

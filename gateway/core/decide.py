@@ -51,6 +51,19 @@ class Snapshot:
     #: an unmatched reversal that names this request (it arrived first)
     tombstone: Txn | None = None
     velocity: Velocity = field(default_factory=Velocity)
+    #: corrections of the original sent to the acquirer host and not answered yet: they reserve what
+    #: they would take (read with the original locked, so concurrent corrections queue behind them)
+    pending: tuple[Txn, ...] = ()
+
+    @property
+    def reserved(self) -> int:
+        """What pending corrections would take from the original's refundable amount (a void: all of it)."""
+        original = self.original
+        if original is None or not self.pending:
+            return 0
+        if any(txn.kind is Kind.VOID for txn in self.pending):
+            return original.refundable
+        return sum(txn.effective_amount for txn in self.pending if txn.kind is Kind.REFUND)
 
 
 @dataclass(slots=True)
@@ -82,6 +95,8 @@ def decide(request: Request, snapshot: Snapshot, policy: Policy, now: datetime) 
         # the terminal reversed this very request before it arrived: whatever it is, it must not move money
         return _declined(Reason.REVERSED_BEFORE_ARRIVAL)
     if kind is Kind.PURCHASE or kind is Kind.PREAUTH:
+        if kind in policy.forward:  # the host decides: the gateway checked format, duplicates, allow-list
+            return _approved() if (request.amount or 0) > 0 else _declined(Reason.INVALID_AMOUNT)
         return decide_standin(request, snapshot, policy, now)
     if kind is Kind.VOID:
         return decide_void(request, snapshot)
@@ -137,7 +152,7 @@ def decide_void(request: Request, snapshot: Snapshot) -> Decision:
     final = _finality(original)
     if final is not None:
         return _declined(final)
-    if original.refunded_amount > 0 or original.completed:
+    if original.refunded_amount > 0 or original.completed or snapshot.pending:
         return _declined(Reason.HAS_LATER_ACTIVITY)
     if original.terminal_id != request.terminal_id:
         return _declined(Reason.TERMINAL_MISMATCH)
@@ -180,7 +195,7 @@ def decide_refund(request: Request, snapshot: Snapshot, policy: Policy, now: dat
         return _declined(Reason.CURRENCY_MISMATCH)
     if amount <= 0:
         return _declined(Reason.INVALID_AMOUNT)
-    if amount > original.refundable:
+    if amount > original.refundable - snapshot.reserved:
         return _declined(Reason.EXCEEDS_REFUNDABLE)
     if now - original.created_at > policy.refund_window:
         return _declined(Reason.REFUND_WINDOW_EXPIRED)
@@ -215,8 +230,10 @@ def decide_completion(request: Request, snapshot: Snapshot, policy: Policy, now:
     final = _finality(preauth)
     if final is not None:
         return _declined(final)
-    if preauth.completed:
+    if preauth.completed or any(txn.kind is Kind.COMPLETION for txn in snapshot.pending):
         return _declined(Reason.ALREADY_COMPLETED)
+    if snapshot.pending:  # a void of the pre-auth awaits the host
+        return _declined(Reason.HAS_LATER_ACTIVITY)
     if not _same_card(snapshot.pan_hmac, preauth):
         return _declined(Reason.PAN_MISMATCH)
     if request.currency != preauth.currency:
@@ -243,10 +260,16 @@ def decide_reversal(request: Request, snapshot: Snapshot) -> Decision:
         return Decision(Reason.REVERSAL_UNMATCHED, outcome="unmatched")
     if original.status is TxnStatus.REVERSED:
         return Decision(Reason.APPROVED, outcome="replayed", repeat=True)
+    if original.status is TxnStatus.PENDING:
+        # still awaiting the host's answer: it stands for nothing yet, and the host gets a reversal
+        partial = request.replacement_amount
+        if partial is not None and 0 < partial < original.effective_amount:
+            return Decision(Reason.APPROVED, (TxnChange(original.id, effective_amount=partial),), outcome="applied")
+        return Decision(Reason.APPROVED, (TxnChange(original.id, status=TxnStatus.REVERSED),), outcome="applied")
     if original.status is not TxnStatus.APPROVED:
         # declined, or voided already: nothing stands that could be reversed
         return Decision(Reason.APPROVED, outcome="applied")
-    later_activity = original.refunded_amount > 0 or original.completed
+    later_activity = original.refunded_amount > 0 or original.completed or bool(snapshot.pending)
     preauth = snapshot.voided_preauth
     if preauth is not None and (preauth.completed or preauth.status is not TxnStatus.APPROVED):
         # reversing a completion's void re-opens that completion: the pre-auth was completed again, voided

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from gateway.core.cards import keyed_sha256, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
 from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
+from gateway.core.host import HostRequest, host_request
 from gateway.core.model import (
     ORIGINAL_KINDS,
     REVERSIBLE_KINDS,
@@ -178,6 +179,14 @@ class BatchTxns(Query):
 
 
 @dataclass(slots=True, unsafe_hash=True)
+class PendingCorrections(Query):
+    """The corrections of an original sent to the acquirer host and not answered yet (status pending),
+    in id order. Answer: ``list[Txn]``."""
+
+    original_id: int
+
+
+@dataclass(slots=True, unsafe_hash=True)
 class StandingCorrections(Query):
     """The approved refunds and completions recorded against an original, in id order.
     Answer: ``list[Txn]``."""
@@ -199,6 +208,28 @@ class BatchClose:
     ledger_totals: SettlementTotals
 
 
+@dataclass(frozen=True, slots=True)
+class SafEntry:
+    """A message for the acquirer host's store-and-forward queue, about the record ``txn_id``: a reversal
+    of what the host may have approved (``reverse``; ``amount``: a partial reversal's new amount), or
+    an advice of what the gateway approved in its place (``advise``). Built from the record when sent."""
+
+    txn_id: int
+    action: str  #: reverse | advise
+    amount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a pending record became once the host answered (or did not)."""
+
+    txn_id: int
+    status: TxnStatus
+    response_code: str
+    reason: str | None
+    approval_code: str | None
+
+
 @dataclass(slots=True)
 class Plan:
     """What to write, and what to answer. ``record`` is None for replays and conflicts."""
@@ -217,11 +248,20 @@ class Plan:
     exception: ExceptionCase | None = None
     #: for a replay: the first request's record, whose answer this one repeats
     replay_of: int | None = None
+    #: the record is pending: what to send the acquirer host, whose answer is the terminal's
+    #: (:func:`gateway.core.upstream.conclude`)
+    host: HostRequest | None = None
+    #: a pending record's outcome (written over it)
+    outcome: Outcome | None = None
+    #: messages for the host's store-and-forward queue
+    saf: list[SafEntry] = field(default_factory=list)
 
     @property
     def answered_id(self) -> int | None:
         """The record this plan's answer answers (the ledger gives a new record its id when it writes it)."""
-        return self.record.id if self.record is not None else self.replay_of
+        if self.record is not None:
+            return self.record.id
+        return self.outcome.txn_id if self.outcome is not None else self.replay_of
 
 
 @dataclass(slots=True)
@@ -243,7 +283,7 @@ _NO_REFUNDS = Velocity()  #: immutable: one value serves every request that does
 #: kinds that answer with a gateway RRN (DE37) and, approved, an approval code (DE38)
 _RRN_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
 #: corrections publish events; plain purchases and pre-auths do not
-_EVENT_KINDS = {Kind.VOID: "void", Kind.REFUND: "refund", Kind.COMPLETION: "completion", Kind.REVERSAL: "reversal"}
+EVENT_KINDS = {Kind.VOID: "void", Kind.REFUND: "refund", Kind.COMPLETION: "completion", Kind.REVERSAL: "reversal"}
 
 
 #: 32 characters without I and O (easily misread on receipts)
@@ -303,8 +343,11 @@ def process(request: Request, ctx: Context) -> Step:
         tombstone = yield FindTombstone(
             request.merchant_id, request.terminal_id, request.stan, mti_class, request.amount or 0, since
         )
+    pending: tuple[Txn, ...] = ()
     if kind is not Kind.PURCHASE and kind is not Kind.PREAUTH:
         original = yield from _find_original(request, pan_hmac, since)
+        if original is not None and ctx.policy.forward:
+            pending = tuple((yield PendingCorrections(original.id)))
         if original is not None and original.batch_id is not None:
             original_batch = yield GetBatch(original.batch_id)
             original_batch = yield from _close_if_past_cutoff(original_batch, ctx, events)
@@ -316,20 +359,33 @@ def process(request: Request, ctx: Context) -> Step:
         day_start = ctx.policy.day_start(ctx.now)
         velocity = yield RefundVelocity(request.merchant_id, request.terminal_id, pan_hmac, day_start)
 
-    snapshot = Snapshot(pan_hmac, original, voided, voided_preauth, original_batch, tombstone, velocity)
+    snapshot = Snapshot(pan_hmac, original, voided, voided_preauth, original_batch, tombstone, velocity, pending)
     decision = decide(request, snapshot, ctx.policy, ctx.now)
     batch = yield from _open_batch(request, ctx, events)
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
     approved = rrn is not None and decision.reason is Reason.APPROVED
+    if approved and kind in ctx.policy.forward:
+        # the host decides: recorded pending (reserving what it would take), answered once it answers
+        record = _record(request, decision, code, rrn, None, pan_hmac, print_, original, batch, ctx)
+        record.status, record.response_code = TxnStatus.PENDING, ctx.response_code(Reason.UPSTREAM_TIMEOUT)
+        plan = Plan(record.response_code, Reason.UPSTREAM_PENDING, rrn, None, record, events=events)
+        plan.host = host_request(record, original)
+        return plan
     approval = approval_code_for(ctx.pan_key, rrn) if approved and rrn is not None else None
     record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, events=events)
-    kind_name = _EVENT_KINDS.get(kind)
+    if kind is Kind.REVERSAL and original is not None and original.kind in ctx.policy.forward and decision.changes:
+        # the host has it (or may): it gets the reversal too, through the store-and-forward queue
+        partial = request.replacement_amount if original.kind is not Kind.VOID else None
+        plan.saf.append(SafEntry(original.id, "reverse", partial if partial and partial < original.effective_amount
+                                 else None))  # fmt: skip
+        plan.events.append(saf_event("reversal_queued", original, reason="terminal_reversal"))
+    kind_name = EVENT_KINDS.get(kind)
     if kind_name is not None:
         if decision.repeat:
             kind_name = "duplicate"
-        after = _apply_changes(original, decision.changes) if original is not None else None
+        after = apply_changes(original, decision.changes) if original is not None else None
         details: dict[str, object] = {}
         if decision.outcome == "conflict" and original is not None and after is not None:
             # what stands against the original, or against the pre-auth whose completion's void it reverses
@@ -338,7 +394,8 @@ def process(request: Request, ctx: Context) -> Step:
             late = original_batch is not None and original_batch.state is BatchState.CLOSED
             details = _conflict_details(original, after, standing, late=late)
             plan.exception = _conflict_case(request, credited, details, ctx.now)
-        plan.events.append(_event(kind_name, decision.outcome, request, record, after or original, details=details))
+        event = correction_event(kind_name, decision.outcome, request, record, after or original, details=details)
+        plan.events.append(event)
     return plan
 
 
@@ -477,7 +534,7 @@ def _record_status(request: Request, decision: Decision) -> TxnStatus:
     return TxnStatus.APPROVED if decision.approved else TxnStatus.DECLINED
 
 
-def _apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
+def apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     """The original as it stands after the decision's changes (for the event's balance)."""
     after = original.copy()
     for change in changes:
@@ -534,11 +591,15 @@ def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Pla
     if earlier.fingerprint != print_:
         code = ctx.response_code(Reason.DUPLICATE_CONFLICT.value)
         plan = Plan(code, Reason.DUPLICATE_CONFLICT, None, None, replayed=False)
-        plan.events.append(_event("duplicate", "conflict", request, None, None, earlier=earlier, code=code))
+        plan.events.append(correction_event("duplicate", "conflict", request, None, None, earlier=earlier, code=code))
         return plan
+    if earlier.status is TxnStatus.PENDING:
+        # the first copy awaits the host's answer: the service repeats that answer when it comes (else 09)
+        code = ctx.response_code(Reason.UPSTREAM_PENDING)
+        return Plan(code, Reason.UPSTREAM_PENDING, earlier.rrn, None, replayed=True, replay_of=earlier.id)
     reason = Reason(earlier.reason) if earlier.reason else Reason.APPROVED
     plan = Plan(earlier.response_code, reason, earlier.rrn, earlier.approval_code, replayed=True, replay_of=earlier.id)
-    plan.events.append(_event("duplicate", "replayed", request, None, None, earlier=earlier))
+    plan.events.append(correction_event("duplicate", "replayed", request, None, None, earlier=earlier))
     return plan
 
 
@@ -577,7 +638,7 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
     }
     if not matched:
         details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
-    plan.events.append(_event("batch", decision.outcome, request, record, None, code=code, details=details))
+    plan.events.append(correction_event("batch", decision.outcome, request, record, None, code=code, details=details))
     return plan
 
 
@@ -673,7 +734,7 @@ def _event_reason(kind: str, outcome: str, record: Txn | None) -> str | None:
     return None
 
 
-def _event(
+def correction_event(
     kind: str,
     outcome: str,
     request: Request,
@@ -706,8 +767,28 @@ def _event(
     )
 
 
+def saf_event(outcome: str, txn: Txn, *, reason: str | None = None, details: dict[str, object] | None = None
+              ) -> CorrectionEvent:  # fmt: skip
+    """``pos.upstream.<outcome>`` (reversal_queued, reversal_acknowledged, reversal_failed) about the record
+    the host gets a reversal for."""
+    return CorrectionEvent(
+        kind="upstream",
+        outcome=outcome,
+        merchant_id=txn.merchant_id,
+        terminal_id=txn.terminal_id,
+        response_code=None,
+        reason=reason,
+        subject_rrn=txn.rrn or txn.stan,
+        request=RequestInfo(txn.mti, txn.stan, txn.rrn, txn.amount, txn.currency, txn.pan_masked),
+        original=original_info(txn) if txn.rrn else None,
+        details=details or {},
+    )
+
+
+
 __all__ = [
     "CONFLICT_REASON",
+    "EVENT_KINDS",
     "BatchClose",
     "BatchTxns",
     "CloseBatch",
@@ -719,15 +800,21 @@ __all__ = [
     "GetBatch",
     "GetTxn",
     "NextRrn",
+    "Outcome",
+    "PendingCorrections",
     "Plan",
     "Query",
     "RefundVelocity",
+    "SafEntry",
     "StaleBatches",
     "StandingCorrections",
     "UnreconciledBatches",
+    "apply_changes",
     "approval_code_for",
     "close_batches_at_cutoff",
+    "correction_event",
     "fingerprint",
     "ledger_totals",
     "process",
+    "saf_event",
 ]

@@ -44,6 +44,8 @@ class TxnStatus(StrEnum):
     REVERSED = "reversed"
     #: a reversal that found no original (its tombstone)
     UNMATCHED = "unmatched"
+    #: sent to the acquirer host, its answer awaited: reserves what it would take from its original
+    PENDING = "pending"
 
 
 #: statuses of records that were answered approved (voided or reversed later)
@@ -262,3 +264,21 @@ class ExceptionCase:
     @property
     def resolved(self) -> bool:
         return self.resolved_at is not None
+
+
+@dataclass(slots=True)
+class SafItem:
+    """An entry of the acquirer host's store-and-forward queue: a reversal (``reverse``) of ``txn``, or an
+    advice (``advise``) of a stand-in approval, sent in queue order until the host answers it."""
+
+    id: int
+    txn: Txn
+    action: str  #: reverse | advise
+    amount: int | None  #: a partial reversal's new amount (DE95); None: all of it
+    state: str  #: queued | acknowledged | failed
+    created_at: datetime
+    attempts: int = 0
+    last_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+    response_code: str | None = None  #: the host's DE39
+    last_error: str | None = None

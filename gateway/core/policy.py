@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta, tzinfo
 
+from gateway.core.model import Kind
+
 
 @dataclass(frozen=True, slots=True)
 class Velocity:
@@ -35,6 +37,10 @@ class Policy:
     timezone: tzinfo = UTC
     #: the daily settlement cut-off, a local time of day in ``timezone``; None: no cut-off
     cutoff: time | None = None
+    #: kinds the acquirer host decides (an upstream is configured); empty: the gateway stands in
+    forward: frozenset[Kind] = frozenset()
+    #: with the host unreachable: approve by the stand-in rules and advise the host later (else 91)
+    standin_when_down: bool = False
 
     def allows_unreferenced_refund(self, merchant_id: str, terminal_id: str) -> bool:
         allowed = self.unreferenced_refund_terminals

@@ -54,6 +54,11 @@ class Reason(StrEnum):
     TERMINAL_NOT_ALLOWED = "terminal_not_allowed"
     UNSUPPORTED_MESSAGE = "unsupported_message"
     SYSTEM_ERROR = "system_error"
+    # acquirer host (GATEWAY_UPSTREAM__URL)
+    UPSTREAM_DECLINED = "upstream_declined"  #: the host declined (the terminal gets the host's code)
+    UPSTREAM_TIMEOUT = "upstream_timeout"  #: sent, no answer in time: a reversal is queued
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"  #: no connection to the host: nothing was sent
+    UPSTREAM_PENDING = "upstream_pending"  #: a repeat of a request whose host answer is awaited
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ RULES: tuple[Rule, ...] = (
     Rule("void", "original kind is voidable (purchase, completion, pre-auth)", Reason.NOT_VOIDABLE, "12"),
     Rule("void", "not already voided", Reason.ALREADY_VOIDED, "12"),
     Rule("void", "not already reversed", Reason.ALREADY_REVERSED, "12"),
-    Rule("void", "no refund or completion against it", Reason.HAS_LATER_ACTIVITY, "12"),
+    Rule("void", "no refund or completion against it, approved or awaiting the host", Reason.HAS_LATER_ACTIVITY, "12"),
     Rule("void", "same terminal as the original", Reason.TERMINAL_MISMATCH, "12"),
     Rule(
         "void", "original's batch still open: not settled, not past the cut-off (else use a refund)",
@@ -108,7 +113,10 @@ RULES: tuple[Rule, ...] = (
     Rule("refund", "same card", Reason.PAN_MISMATCH, "14"),
     Rule("refund", "same currency", Reason.CURRENCY_MISMATCH, "12"),
     Rule("refund", "amount > 0", Reason.INVALID_AMOUNT, "13"),
-    Rule("refund", "amount <= original - approved refunds", Reason.EXCEEDS_REFUNDABLE, "64"),
+    Rule(
+        "refund", "amount <= original - approved refunds - refunds awaiting the host's answer",
+        Reason.EXCEEDS_REFUNDABLE, "64",
+    ),
     Rule("refund", "within policy.refund_window_days of the original", Reason.REFUND_WINDOW_EXPIRED, "12"),
     Rule(
         "refund", "daily (settlement time zone) refund count per terminal and per card",
@@ -123,7 +131,7 @@ RULES: tuple[Rule, ...] = (
     Rule("completion", "original is a pre-auth", Reason.NOT_COMPLETABLE, "12"),
     Rule("completion", "pre-auth not voided", Reason.ALREADY_VOIDED, "12"),
     Rule("completion", "pre-auth not reversed", Reason.ALREADY_REVERSED, "12"),
-    Rule("completion", "not already completed", Reason.ALREADY_COMPLETED, "12"),
+    Rule("completion", "not already completed, nor a completion awaiting the host", Reason.ALREADY_COMPLETED, "12"),
     Rule("completion", "same card", Reason.PAN_MISMATCH, "14"),
     Rule("completion", "same currency", Reason.CURRENCY_MISMATCH, "12"),
     Rule("completion", "amount > 0", Reason.INVALID_AMOUNT, "13"),
@@ -138,7 +146,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "reversal",
-        "no refund or completion stands against the original (0400 only; advices apply)",
+        "no refund or completion stands against the original, approved or awaiting the host (0400 only; advices "
+        "apply)",
         Reason.HAS_LATER_ACTIVITY,
         "12",
     ),
@@ -148,6 +157,24 @@ RULES: tuple[Rule, ...] = (
         "one and those the cut-off closed)",
         Reason.SETTLEMENT_MISMATCH,
         "95",
+    ),
+    Rule(
+        "upstream", "no earlier copy of this request still awaits the host's answer", Reason.UPSTREAM_PENDING, "09"
+    ),
+    Rule(
+        "upstream",
+        "the acquirer host approves (purchases and pre-auths after the local checks; voids, refunds and "
+        "completions after the rules above): the terminal gets the host's DE39 and DE38",
+        Reason.UPSTREAM_DECLINED,
+        "05",
+    ),
+    Rule(
+        "upstream", "a connection to the host is signed on (when_down = decline; standin applies the stand-in rules)",
+        Reason.UPSTREAM_UNAVAILABLE, "91",
+    ),
+    Rule(
+        "upstream", "the host answers within GATEWAY_UPSTREAM__TIMEOUT_S (else a reversal is queued for it)",
+        Reason.UPSTREAM_TIMEOUT, "91",
     ),
     Rule("any", "the message type is supported", Reason.UNSUPPORTED_MESSAGE, "12"),
     Rule("any", "the ledger is reachable", Reason.SYSTEM_ERROR, "96"),

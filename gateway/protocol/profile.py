@@ -90,6 +90,10 @@ STANDARD_REASONS: frozenset[str] = frozenset(
         "terminal_not_allowed",
         "format_error",
         "system_error",
+        "upstream_declined",
+        "upstream_timeout",
+        "upstream_unavailable",
+        "upstream_pending",
     }
 )
 

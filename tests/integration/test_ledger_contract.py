@@ -8,10 +8,8 @@ record in test_postgres_ledger.py; here each must keep the rules on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import time, timedelta
-from pathlib import Path
 
 import pytest
 from ledger_scripts import (
@@ -22,30 +20,20 @@ from ledger_scripts import (
     START,
     T1,
     T2,
-    Ledger,
+    NewLedger,
     Script,
     Till,
+    new_ledger,
     render,
     scripted_business_day,
     scripted_refund_controls_ii,
 )
-from postgres import postgres_schema, postgres_url, schema_settings
+from postgres import postgres_schema, postgres_url
 
-from gateway.adapters.ledger import LedgerClosedError, PostgresLedger, SqliteLedger
+from gateway.adapters.ledger import LedgerClosedError
 from gateway.core.model import Kind, SettlementTotals
 
-__all__ = ["postgres_schema", "postgres_url"]  # fixtures requested by the PostgreSQL parameter
-
-NewLedger = Callable[[], Ledger]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def new_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> NewLedger:
-    if request.param == "sqlite":
-        return lambda: SqliteLedger(tmp_path / "ledger.db", synchronous="OFF")
-    url = request.getfixturevalue("postgres_url")
-    settings = schema_settings(request.getfixturevalue("postgres_schema"))
-    return lambda: PostgresLedger(url, server_settings=settings)
+__all__ = ["new_ledger", "postgres_schema", "postgres_url"]  # fixtures
 
 
 async def test_a_business_day_gets_the_answers_the_rules_give(new_ledger: NewLedger) -> None:

@@ -99,8 +99,8 @@ _SHAPES: dict[str, tuple[str | None, str | None, bool, dict[str, object]]] = {
         },
     ),
     "pos.upstream.reversal_queued": ("00", None, True, {"attempts": 0}),
-    "pos.upstream.acknowledged": ("00", None, True, {"attempts": 2}),
-    "pos.upstream.failed": ("00", "upstream_unreachable", True, {"attempts": 5, "last_error": "timeout"}),
+    "pos.upstream.reversal_acknowledged": (None, None, True, {"attempts": 2, "host_response_code": "00"}),
+    "pos.upstream.reversal_failed": (None, "not answered in 86400 s (5 attempts)", True, {"attempts": 5}),
 }
 
 

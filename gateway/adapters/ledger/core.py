@@ -38,18 +38,22 @@ from gateway.core.engine import (
     GetBatch,
     GetTxn,
     NextRrn,
+    PendingCorrections,
     Plan,
     Query,
     RefundVelocity,
     StaleBatches,
     StandingCorrections,
+    Step,
     UnreconciledBatches,
     close_batches_at_cutoff,
     process,
+    saf_event,
 )
 from gateway.core.events import CorrectionEvent
-from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, Txn
+from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, SafItem, Txn
 from gateway.core.policy import Policy, Velocity
+from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
 T = TypeVar("T")
@@ -113,9 +117,10 @@ _TOMBSTONE = (
     "AND ((ref_stan = $4 AND substr(ref_mti, 1, 3) = $5) OR (ref_same_stan AND stan = $4 AND amount = $6)) "
     "ORDER BY id DESC LIMIT 1"
 )
+#: refunds approved, or awaiting the host's answer (they count until it declines them)
 _VELOCITY = (
-    "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' AND status = 'approved' "
-    "AND merchant_id = $1 AND created_at >= $2 AND {who} = $3"
+    "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
+    "AND status IN ('approved', 'pending') AND merchant_id = $1 AND created_at >= $2 AND {who} = $3"
 )
 _BATCH_TOTALS = (
     "SELECT b.*,"
@@ -154,13 +159,24 @@ class LedgerCore:
             NextRrn: lambda db, query: self.dialect.next_rrn(db),
             BatchTxns: self._batch_txns,
             StandingCorrections: self._standing_corrections,
+            PendingCorrections: self._pending_corrections,
         }
 
     # ------------------------------------------------------------------ one request
 
     async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
         """Decide and record one request inside the caller's transaction."""
-        steps = process(request, ctx)
+        return await self.drive(db, process(request, ctx), render)
+
+    async def conclude(
+        self, db: Db, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context,
+        render: Renderer,
+    ) -> LedgerResult:  # fmt: skip
+        """What the acquirer host's answer (or its absence) makes of the pending record ``txn_id``."""
+        return await self.drive(db, conclude(txn_id, request, result, ctx), render)
+
+    async def drive(self, db: Db, steps: Step, render: Renderer) -> LedgerResult:
+        """Answer the engine's queries, then write its plan; what to answer the terminal."""
         answer: Any = None
         while True:
             try:
@@ -172,7 +188,7 @@ class LedgerCore:
         await self.apply(db, plan, render)
         return LedgerResult(
             plan.response_code, str(plan.reason), plan.rrn, plan.approval_code, plan.replayed, len(plan.events),
-            plan.answered_id,
+            plan.answered_id, plan.host, len(plan.saf),
         )  # fmt: skip
 
     async def answer(self, db: Db, query: Query) -> Any:
@@ -191,6 +207,18 @@ class LedgerCore:
             record.id = int(row[0])
         for change in plan.changes:
             await _update_txn(db, change)
+        outcome = plan.outcome
+        if outcome is not None:
+            await db.execute(
+                "UPDATE txns SET status = $1, response_code = $2, reason = $3, approval_code = $4 WHERE id = $5",
+                str(outcome.status), outcome.response_code, outcome.reason, outcome.approval_code, outcome.txn_id,
+            )  # fmt: skip
+        if plan.saf:
+            created = store(record.created_at if record is not None else datetime.now(UTC))
+            await db.executemany(
+                "INSERT INTO saf (txn_id, action, amount, created_at) VALUES ($1, $2, $3, $4)",
+                [(entry.txn_id, entry.action, entry.amount, created) for entry in plan.saf],
+            )
         if plan.batch_closes:
             await db.executemany(_RECONCILE_BATCH, [reconcile_values(c, store(c.closed_at)) for c in plan.batch_closes])
         if plan.exception is not None:
@@ -350,6 +378,10 @@ class LedgerCore:
         return [self._txn(row) for row in await db.fetch("SELECT * FROM txns WHERE batch_id = $1 ORDER BY id",
                                                           query.batch_id)]  # fmt: skip
 
+    async def _pending_corrections(self, db: Db, query: PendingCorrections) -> list[Txn]:
+        sql = "SELECT * FROM txns WHERE original_id = $1 AND status = 'pending' ORDER BY id"
+        return [self._txn(row) for row in await db.fetch(sql, query.original_id)]
+
     async def _standing_corrections(self, db: Db, query: StandingCorrections) -> list[Txn]:
         sql = (
             "SELECT * FROM txns WHERE original_id = $1 AND kind IN ('refund', 'completion') "
@@ -399,6 +431,54 @@ class LedgerCore:
         )  # fmt: skip
         return self._exception(row) if row is not None else None
 
+    # ------------------------------------------------------------------ the host's store-and-forward queue
+
+    async def pending_records(self, db: Db) -> list[Txn]:
+        """Records still awaiting the host's answer (at start: a stop cut their exchange short)."""
+        return [self._txn(row) for row in await db.fetch("SELECT * FROM txns WHERE status = 'pending' ORDER BY id")]
+
+    def _saf(self, row: Any, txn: Txn) -> SafItem:
+        moment = self.dialect.moment
+        return SafItem(
+            id=int(row["id"]), txn=txn, action=row["action"], amount=row["amount"], state=row["state"],
+            created_at=moment(row["created_at"]), attempts=int(row["attempts"]),
+            last_attempt_at=moment(row["last_attempt_at"]) if row["last_attempt_at"] is not None else None,
+            finished_at=moment(row["finished_at"]) if row["finished_at"] is not None else None,
+            response_code=row["response_code"], last_error=row["last_error"],
+        )  # fmt: skip
+
+    async def saf_items(self, db: Db, *, queued_only: bool, limit: int) -> list[SafItem]:
+        """Queue entries in the order they are sent (oldest first), with their records."""
+        where = "WHERE state = 'queued' " if queued_only else ""
+        rows = await db.fetch(f"SELECT * FROM saf {where}ORDER BY id LIMIT $1", limit)
+        ids = sorted({int(row["txn_id"]) for row in rows})
+        txns: dict[int, Txn] = {}
+        if ids:
+            found = await db.fetch(f"SELECT * FROM txns WHERE id IN ({_marks(1, len(ids))})", *ids)
+            txns = {txn.id: txn for txn in map(self._txn, found)}
+        return [self._saf(row, txns[int(row["txn_id"])]) for row in rows]
+
+    async def saf_attempted(self, db: Db, item_id: int, at: datetime) -> None:
+        sql = "UPDATE saf SET attempts = attempts + 1, last_attempt_at = $1 WHERE id = $2"
+        await db.execute(sql, self.dialect.store(at), item_id)
+
+    async def saf_finished(self, db: Db, item: SafItem, state: str, at: datetime, response_code: str | None,
+                           error: str | None, render: Renderer) -> None:  # fmt: skip
+        """The host answered the entry (``acknowledged``), or it grew too old (``failed``): its event."""
+        changed = await db.execute(
+            "UPDATE saf SET state = $1, finished_at = $2, response_code = $3, last_error = $4 "
+            "WHERE id = $5 AND state = 'queued'",
+            state, self.dialect.store(at), response_code, error, item.id,
+        )  # fmt: skip
+        if not changed:
+            return  # another instance finished it first
+        outcome = "reversal_acknowledged" if state == "acknowledged" else "reversal_failed"
+        if item.action == "reverse":
+            details: dict[str, object] = {"attempts": item.attempts, "queued_at": item.created_at.isoformat()}
+            if response_code is not None:
+                details["host_response_code"] = response_code
+            await self.insert_events(db, [saf_event(outcome, item.txn, reason=error, details=details)], at, render)
+
     async def pending(self, db: Db, limit: int) -> list[OutboxRow]:
         moment = self.dialect.moment
         rows = await db.fetch(_PENDING, limit)
@@ -414,6 +494,25 @@ class LedgerCore:
 
     async def record_error(self, db: Db, message: str, at: datetime) -> None:
         await self.set_meta(db, last_error=message[:500], last_error_at=at.isoformat())
+
+    async def hold_lease(self, db: Db, name: str, token: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``token`` (a ``meta`` row naming its holder until an expiry),
+        renewing only once half of it has passed, so that an idle holder's polls write nothing. Several
+        processes may share one ledger; one of them relays events, one sends the host's queue."""
+        now = int(datetime.now(UTC).timestamp() * 1_000_000)
+        ttl = int(ttl_s * 1_000_000)
+        row = await db.fetchrow("SELECT value FROM meta WHERE key = $1" + self.dialect.lock("UPDATE"), name)
+        if row is not None:
+            holder, _, expires = str(row[0]).partition(" ")
+            if holder != token and int(expires or 0) > now:
+                return False
+            if holder == token and int(expires or 0) - now > ttl // 2:
+                return True
+        await self.set_meta(db, **{name: f"{token} {now + ttl}"})
+        return True
+
+    async def release_lease(self, db: Db, name: str, token: str) -> None:
+        await db.execute("DELETE FROM meta WHERE key = $1 AND value LIKE $2", name, f"{token} %")
 
     async def set_meta(self, db: Db, **values: str) -> None:
         await db.executemany(
@@ -473,6 +572,43 @@ class LedgerBase:
         """``work`` in a transaction of its own, committed (durably, unless it is bookkeeping) before this
         returns."""
         raise NotImplementedError
+
+    on_events: Callable[[], None] | None
+
+    def _notify(self) -> None:
+        if self.on_events is not None:
+            self.on_events()
+
+    async def conclude(
+        self, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context, render: Renderer
+    ) -> LedgerResult:
+        """The acquirer host's answer, or its absence, for the pending record ``txn_id``
+        (:func:`gateway.core.upstream.conclude`), committed durably before this returns."""
+        outcome = await self.run(lambda db: self.core.conclude(db, txn_id, request, result, ctx, render))
+        if outcome.events:
+            self._notify()
+        return outcome
+
+    async def pending_records(self) -> list[Txn]:
+        return await self.run(self.core.pending_records)
+
+    async def saf_items(self, *, queued_only: bool = True, limit: int = 100) -> list[SafItem]:
+        return await self.run(lambda db: self.core.saf_items(db, queued_only=queued_only, limit=limit), durable=False)
+
+    async def saf_attempted(self, item_id: int, at: datetime) -> None:
+        await self.run(lambda db: self.core.saf_attempted(db, item_id, at))
+
+    async def hold_lease(self, name: str, token: str, ttl_s: float) -> bool:
+        """Whether ``token`` holds the lease ``name`` now (taken or renewed; see LedgerCore.hold_lease)."""
+        return await self.run(lambda db: self.core.hold_lease(db, name, token, ttl_s), durable=False)
+
+    async def release_lease(self, name: str, token: str) -> None:
+        await self.run(lambda db: self.core.release_lease(db, name, token), durable=False)
+
+    async def saf_finished(self, item: SafItem, state: str, at: datetime, *, response_code: str | None = None,
+                           error: str | None = None, render: Renderer) -> None:  # fmt: skip
+        await self.run(lambda db: self.core.saf_finished(db, item, state, at, response_code, error, render))
+        self._notify()
 
     async def close_batches(self, policy: Policy, now: datetime, render: Renderer) -> int:
         return await self.run(lambda db: self.core.close_batches(db, policy, now, render))

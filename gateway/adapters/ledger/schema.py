@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: the schema version a new ledger is created at, on either database
-VERSION = 5
+VERSION = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +118,40 @@ CREATE INDEX exceptions_open ON exceptions (id) WHERE resolved_at IS NULL;
 CREATE TABLE meta (key text PRIMARY KEY, value text);
 """
 
+#: the acquirer host's store-and-forward queue (version 6): reversals of what the host may have approved,
+#: advices of what the gateway approved in its place; sent in id order, one at a time
+_SAF = """
+CREATE TABLE saf (
+    id {key},
+    txn_id {integer} NOT NULL REFERENCES txns (id),
+    action text NOT NULL CHECK (action IN ('reverse', 'advise')),
+    amount {integer},
+    state text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'acknowledged', 'failed')),
+    created_at {time} NOT NULL,
+    attempts {integer} NOT NULL DEFAULT 0,
+    last_attempt_at {time},
+    finished_at {time},
+    response_code text,
+    last_error text
+);
+CREATE INDEX saf_queued ON saf (id) WHERE state = 'queued';
+CREATE INDEX txns_pending ON txns (id) WHERE status = 'pending'
+"""
+
+
+def _statements(template: str, types: Types) -> list[str]:
+    script = template.format(**{name: getattr(types, name) for name in Types.__slots__})
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
+
 
 def schema(types: Types) -> list[str]:
     """The statements creating an empty ledger at :data:`VERSION`."""
-    script = _SCHEMA.format(**{name: getattr(types, name) for name in Types.__slots__})
-    return [statement.strip() for statement in script.split(";") if statement.strip()]
+    return _statements(_SCHEMA + ";" + _SAF, types)
+
+
+def saf_tables(types: Types) -> str:
+    """Version 5 -> 6 on either database: the store-and-forward queue."""
+    return ";\n".join(_statements(_SAF, types))
 
 
 #: SQLite ledgers of earlier releases (``PRAGMA user_version``) -> the steps to the next version
@@ -152,6 +181,7 @@ SQLITE_UPGRADES: dict[int, str] = {
     UPDATE txns SET answered = 1
     """,
     4: "SELECT 1",  # version 4 is version 5: the versions are counted alike from here on
+    5: saf_tables(SQLITE),
 }
 
 #: PostgreSQL ledgers of earlier releases (``schema_version``) -> the steps to the next version
@@ -188,4 +218,5 @@ POSTGRES_UPGRADES: dict[int, str] = {
     DROP INDEX txns_approval;
     CREATE INDEX txns_approval ON txns (merchant_id, approval_code) WHERE kind = 'preauth'
     """,
+    5: saf_tables(POSTGRES),
 }

@@ -210,7 +210,7 @@ class SqliteLedger(LedgerBase):
     async def _release(self, db: Db) -> None:
         """At a clean close: the relay lease, and the unused rest of the RRN block, given back (a restart
         continues at the next RRN, unless another process took a block meanwhile)."""
-        await db.execute("DELETE FROM meta WHERE key = 'relay_lease' AND value LIKE $1", f"{self._token} %")
+        await self.core.release_lease(db, "relay_lease", self._token)
         if self.dialect.rrn_next < self.dialect.rrn_limit:
             await db.execute(
                 "UPDATE meta SET value = $1 WHERE key = 'rrn_next' AND CAST(value AS INTEGER) = $2",
@@ -327,24 +327,10 @@ class SqliteLedger(LedgerBase):
         may share one file, and one relay publishes (keeping the order of events per original)."""
 
         async def lease_then_read(db: Db) -> list[OutboxRow]:
-            return await self.core.pending(db, limit) if await self._hold_lease(db) else []
+            held = await self.core.hold_lease(db, "relay_lease", self._token, RELAY_LEASE_S)
+            return await self.core.pending(db, limit) if held else []
 
         return await self.run(lease_then_read, durable=False)
-
-    async def _hold_lease(self, db: Db) -> bool:
-        """Take or renew the lease (a ``meta`` row naming its holder until an expiry), renewing only once
-        half of it has passed, so that an idle gateway's polls write nothing."""
-        now = self.dialect.store(datetime.now(UTC))
-        row = await db.fetchrow("SELECT value FROM meta WHERE key = 'relay_lease'")
-        if row is not None:
-            holder, _, expires = str(row[0]).partition(" ")
-            if holder != self._token and int(expires or 0) > now:
-                return False
-            if holder == self._token and int(expires or 0) - now > RELAY_LEASE_S * 500_000:
-                return True
-        await self.core.set_meta(db, relay_lease=f"{self._token} {now + int(RELAY_LEASE_S * 1_000_000)}")
-        return True
-
 
 def _fail(job: _Job, error: Exception) -> None:
     if job.completion is not None:
