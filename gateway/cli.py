@@ -33,7 +33,7 @@ from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, requested_
 from gateway.tables import Column, render_table
 
 if TYPE_CHECKING:
-    from gateway.core.model import BatchSummary, ExceptionCase, Txn
+    from gateway.core.model import BatchSummary, ExceptionCase, SafItem, Txn
     from gateway.ports import OutboxStatus
 
 __all__ = ["app", "main"]
@@ -54,6 +54,8 @@ exceptions_app = typer.Typer(
     help="Cases an operator must resolve: reversal advices applied over refunds or a completion."
 )
 app.add_typer(exceptions_app, name="exceptions")
+saf_app = typer.Typer(help="The acquirer host's store-and-forward queue (reversals and advices).", no_args_is_help=True)
+app.add_typer(saf_app, name="saf")
 
 ConfigOption = Annotated[
     Path | None,
@@ -575,6 +577,58 @@ def resolve_exception(
         _json(_exception_dict(case))
         return
     _out().print(f"case {case.id} resolved by {escape(by.strip())}")
+
+
+def _saf_dict(item: SafItem) -> dict[str, Any]:
+    txn = item.txn
+    return {
+        "id": item.id,
+        "action": item.action,
+        "state": item.state,
+        "queued_at": item.created_at,
+        "attempts": item.attempts,
+        "last_attempt_at": item.last_attempt_at,
+        "finished_at": item.finished_at,
+        "host_response_code": item.response_code,
+        "last_error": item.last_error,
+        "amount": item.amount,
+        "record": _txn_dict(txn),
+    }
+
+
+@saf_app.command("status")
+def saf_status(
+    ctx: typer.Context,
+    include_finished: Annotated[
+        bool, typer.Option("--all", help="Acknowledged and failed entries too (the last --limit).")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="At most this many entries, oldest first.")] = 1000,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What waits to be sent to the acquirer host, in the order it is sent: reversals of requests it may
+    have approved (0420, repeated as 0421 until answered) and advices of stand-in approvals (0220)."""
+    settings = _load(ctx, config)
+    items: list[SafItem] = _with_ledger(
+        settings, lambda ledger: ledger.saf_items(queued_only=not include_finished, limit=limit)
+    )
+    rows = [_saf_dict(item) for item in items]
+    if as_json:
+        _json(rows)
+        return
+    if not rows:
+        _out().print("nothing queued for the host" if not include_finished else "no entries")
+        return
+    columns = [Column(name) for name in ("id", "queued", "action", "terminal", "stan", "rrn", "amount", "attempts",
+                                         "state")]  # fmt: skip
+    cells = [
+        [str(row["id"]), _when(row["queued_at"]), row["action"], row["record"]["terminal_id"], row["record"]["stan"],
+         row["record"]["rrn"] or "-", f"{row['amount'] or row['record']['amount']} {row['record']['currency']}",
+         str(row["attempts"]),
+         row["state"] if row["host_response_code"] is None else f"{row['state']} ({row['host_response_code']})"]
+        for row in rows
+    ]  # fmt: skip
+    _print_table("Store-and-forward queue (sent oldest first)", columns, cells, heading=2)
 
 
 def main() -> None:
