@@ -362,3 +362,21 @@ class _Both:
 
         return log
 
+
+
+async def test_a_host_that_accepts_but_never_completes_the_tls_handshake_fails_at_the_connect_deadline() -> None:
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the ClientHello, answers nothing, until the link gives up
+        writer.close()
+
+    server = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lines = Lines()
+    try:
+        async with link_to(f"tls://127.0.0.1:{port}", logger=lines, connect_timeout_s=0.3) as link:
+            started = time.monotonic()
+            [down] = await lines.wait_for("upstream.down")
+            assert 0.25 <= time.monotonic() - started < 2 and not link.up
+    finally:
+        server.close()
+    assert (down["reason"], down["detail"]) == ("connect_failed", "no connection within 0.3s")
