@@ -64,8 +64,10 @@ class Connection(asyncio.Protocol):
         try:
             frames = self.buffer.feed(data)
         except FramingError as exc:  # the stream cannot be read any further: this connection is over
-            frames = exc.frames
+            for frame in exc.frames:  # the answers complete before the fault still reach their callers
+                self.owner.received(self, frame.payload)
             self.close("framing_error", exc.reason)
+            return
         for frame in frames:
             self.owner.received(self, frame.payload)
 

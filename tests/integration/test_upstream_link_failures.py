@@ -12,7 +12,7 @@ import time
 
 import pytest
 from brokers import async_wait_until
-from fake_acquirer import FakeAcquirer, HostConnection, answer_to
+from fake_acquirer import FakeAcquirer, HostConnection, answer_to, encode
 from upstream_helpers import CARD, TERMINAL, Lines, link_to, purchase, sample
 
 from gateway.adapters.upstream import DuplicateInFlight, UpstreamDown, UpstreamTimeout
@@ -380,3 +380,21 @@ async def test_a_host_that_accepts_but_never_completes_the_tls_handshake_fails_a
     finally:
         server.close()
     assert (down["reason"], down["detail"]) == ("connect_failed", "no connection within 0.3s")
+
+
+async def test_an_answer_in_the_same_bytes_just_before_a_broken_frame_still_reaches_its_caller() -> None:
+    async def answer_then_break(conn: HostConnection, mti: str, fields: dict[int, str]) -> None:
+        if mti == "0200" and fields[4] == "000000000002":
+            [(_, _, first)] = [r for r in host.of("0200") if r[2][4] == "000000000001"]
+            conn.send_raw(encode(*answer_to("0200", first)) + b"\xff\xff")
+        elif mti != "0200":
+            conn.answer(mti, fields)
+
+    async with FakeAcquirer(answer_then_break) as host, link_to(host.url) as link:
+        await link.wait_up(5)
+        first = asyncio.create_task(link.send(purchase(1), timeout=5))
+        await host.wait_for(lambda: bool(host.of("0200")))
+        second = asyncio.create_task(link.send(purchase(2), timeout=5))
+        answered, lost = await asyncio.gather(first, second, return_exceptions=True)
+    assert not isinstance(answered, BaseException) and answered.answer.fields[39] == "00"
+    assert isinstance(lost, UpstreamTimeout) and lost.reason == "connection_lost"
