@@ -121,7 +121,7 @@ class Slot:
 def describe_os_error(exc: OSError) -> str:
     """``Connection refused``, ``TLS: CERTIFICATE_VERIFY_FAILED``: the cause, without addresses or values."""
     if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or type(exc).__name__}"
+        return f"TLS: {exc.reason or exc.strerror or type(exc).__name__}"
     if isinstance(exc, socket.gaierror):  # a name that does not resolve: its errno is no errno
         return exc.strerror or type(exc).__name__
     if exc.errno:  # asyncio's text adds the address: the system's words alone
@@ -146,13 +146,14 @@ def tls_context(settings: UpstreamSettings) -> ssl.SSLContext:
             raise TlsFilesError(f"GATEWAY_UPSTREAM__{name}", f"no such file: {path}")
     try:
         context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
-    except ssl.SSLError as exc:
-        raise TlsFilesError("GATEWAY_UPSTREAM__TLS_CA", f"not a CA bundle: {exc.reason or exc}") from None
+    except OSError as exc:  # ssl.SSLError is one; so is a file we may not read
+        raise TlsFilesError("GATEWAY_UPSTREAM__TLS_CA", f"not a CA bundle: {describe_os_error(exc)}") from None
     if settings.tls_cert is not None:
         key = str(settings.tls_key) if settings.tls_key else None
         try:
             context.load_cert_chain(str(settings.tls_cert), key)
-        except ssl.SSLError as exc:
+        except OSError as exc:
             setting = "GATEWAY_UPSTREAM__TLS_KEY" if key else "GATEWAY_UPSTREAM__TLS_CERT"
-            raise TlsFilesError(setting, f"cannot load the certificate and its key: {exc.reason or exc}") from None
+            detail = f"cannot load the certificate and its key: {describe_os_error(exc)}"
+            raise TlsFilesError(setting, detail) from None
     return context
