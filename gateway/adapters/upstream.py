@@ -217,11 +217,11 @@ class UpstreamLink:
         if connection is None:
             self._record("down", None)
             raise UpstreamDown("no upstream connection is signed on")
+        wait = self.settings.timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            answer = await self._exchange(connection, message, frame, self.settings.timeout_s if timeout is None
-                                          else timeout)  # fmt: skip
+            answer = await self._exchange(connection, message, frame, wait)
         except UpstreamTimeout:
             self._record("timeout", None)
             raise
@@ -342,7 +342,9 @@ class UpstreamLink:
     # --- the MUX ----------------------------------------------------------------------------------
 
     def _pick(self) -> Connection | None:
-        """The next signed-on connection in turn, or None."""
+        """The next signed-on connection in turn, or None (always while stopping)."""
+        if self._stopping:
+            return None
         live = [connection for slot in self._slots if (connection := slot.live) is not None]
         if not live:
             return None
