@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -139,6 +140,73 @@ class LimitsSettings(BaseModel):
     unsent_bytes: int = Field(default=65536, ge=1024, description="Unsent answers per connection before it is not read")
 
 
+def parse_upstream_url(value: str) -> tuple[str, str, int]:
+    """``tcp://host:port`` or ``tls://host:port`` (``[v6]`` hosts too) -> (scheme, host, port);
+    ``ValueError`` saying what is wrong otherwise (without the value: it may hold a password)."""
+    expected = "expected tcp://host:port or tls://host:port"
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{expected}: {exc}") from None
+    if parts.scheme not in ("tcp", "tls"):
+        raise ValueError(f"{expected}: scheme {parts.scheme!r}" if parts.scheme else f"{expected}: no scheme")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{expected}: no user or password in the URL")
+    if not parts.hostname:
+        raise ValueError(f"{expected}: no host")
+    if not port:
+        raise ValueError(f"{expected}: no port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{expected}: nothing may follow the port")
+    return parts.scheme, parts.hostname, port
+
+
+class UpstreamSettings(BaseModel):
+    """The acquirer host link (docs/upstream.md). Without ``url`` the gateway stands in alone."""
+
+    url: str | None = Field(default=None, description="tcp://host:port or tls://host:port; unset: no upstream")
+    profile: str = Field(default="iso87-binary", description="Wire profile of the host link (specs/NAME.toml)")
+    connections: int = Field(default=1, ge=1, le=64, description="Connections kept open and signed on")
+    timeout_s: float = Field(default=10.0, gt=0, description="How long a request waits for the host's answer")
+    when_down: Literal["decline", "standin"] = Field(
+        default="decline", description="No connection signed on: decline (91) or approve by the stand-in rules"
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="TCP (and TLS) connect deadline")
+    network_timeout_s: float = Field(default=10.0, gt=0, description="How long a sign-on or echo waits for its 0810")
+    echo_interval_s: float = Field(default=30.0, gt=0, description="Echo test after this long without a frame")
+    backoff_initial_s: float = Field(default=0.5, gt=0, description="First reconnect delay (doubled per failure)")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="Longest reconnect delay")
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the host (tls:// only)")
+    tls_cert: Path | None = Field(default=None, description="Client certificate for mutual TLS (tls:// only)")
+    tls_key: Path | None = Field(default=None, description="Its private key, unless the certificate file holds it")
+    saf_max_age_s: float = Field(default=86400.0, gt=0, description="A queued reversal older than this is given up")
+    saf_retry_s: float = Field(default=5.0, gt=0, description="Pause before a queued reversal is repeated")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_upstream_url(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UpstreamSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
+        tls_files = [name for name in ("tls_ca", "tls_cert", "tls_key") if getattr(self, name) is not None]
+        if tls_files and (self.url is None or not self.url.startswith("tls://")):
+            raise ValueError(f"{', '.join(tls_files)} set but the upstream url is not tls://")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key set without tls_cert")
+        return self
+
+    def endpoint(self) -> tuple[str, str, int] | None:
+        """(scheme, host, port) of ``url``, or None without an upstream."""
+        return parse_upstream_url(self.url) if self.url is not None else None
+
+
 class Settings(BaseSettings):
     """Every setting of the gateway. See docs/configuration.md."""
 
@@ -176,6 +244,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 
     _v_listen = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -20,6 +20,15 @@ Exposed names (``namespace`` prefix, ``gateway`` by default):
 - ``gateway_outbox_pending``: gauge, correction events written but not yet published
 - ``gateway_events_published_total``: counter, correction events acknowledged by the broker
 - ``gateway_ledger_commit_batch_size``: histogram, requests made durable by one commit
+- ``gateway_upstream_connections_up``: gauge, upstream connections signed on now
+- ``gateway_upstream_requests_total{outcome}``: counter, requests sent to the upstream host by
+  outcome: ``answered``, ``timeout`` (written, no answer in time, or the connection dropped),
+  ``down`` (no connection signed on: not sent)
+- ``gateway_upstream_latency_seconds``: histogram, request written -> answer received (answered only)
+- ``gateway_upstream_late_answers_total``: counter, answers that came after their request gave up
+- ``gateway_upstream_undecodable_total``: counter, frames from the host that could not be decoded
+- ``gateway_upstream_disconnects_total{reason}``: counter, connection attempts and connections lost,
+  by reason (``connect_failed``, ``signon_refused``, ``echo_timeout``, ``closed_by_host``, ...)
 """
 
 from __future__ import annotations
@@ -108,6 +117,12 @@ class Metrics(Collector):
         self.outbox_pending = 0
         self.events_published_total = 0
         self.ledger_commit_batch_size = _Histogram(BATCH_BUCKETS)
+        self.upstream_up = 0
+        self.upstream_requests: dict[str, int] = {}
+        self.upstream_latency = _Histogram(LATENCY_BUCKETS)
+        self.upstream_late_answers = 0
+        self.upstream_undecodable = 0
+        self.upstream_disconnects: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -150,6 +165,26 @@ class Metrics(Collector):
         """One durable ledger commit that carried ``batch_size`` requests."""
         self.ledger_commit_batch_size.observe(batch_size)
 
+    def upstream_connections_up(self, count: int) -> None:
+        """Upstream connections signed on now."""
+        self.upstream_up = count
+
+    def upstream_request_done(self, outcome: str, latency_s: float | None) -> None:
+        """One request to the upstream host: ``answered`` (with its latency), ``timeout`` or ``down``."""
+        _count(self.upstream_requests, outcome)
+        if latency_s is not None:
+            self.upstream_latency.observe(latency_s)
+
+    def upstream_late_answer(self) -> None:
+        self.upstream_late_answers += 1
+
+    def upstream_undecodable_answer(self) -> None:
+        self.upstream_undecodable += 1
+
+    def upstream_disconnected(self, reason: str) -> None:
+        """A connection attempt failed or a connection was lost; ``reason`` is a stable word."""
+        _count(self.upstream_disconnects, reason)
+
     # --- exposition -------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
@@ -182,6 +217,40 @@ class Metrics(Collector):
         yield self.ledger_commit_batch_size.family(
             f"{ns}_ledger_commit_batch_size", "Requests made durable by one ledger commit"
         )
+        yield from self._upstream_families()
+
+    def _upstream_families(self) -> Iterator[Metric]:
+        ns = self.namespace
+        yield GaugeMetricFamily(
+            f"{ns}_upstream_connections_up", "Upstream host connections signed on now", value=self.upstream_up
+        )
+        requests = CounterMetricFamily(
+            f"{ns}_upstream_requests", "Requests sent to the upstream host, by outcome", labels=["outcome"]
+        )
+        for outcome, value in list(self.upstream_requests.items()):
+            requests.add_metric([outcome], value)
+        yield requests
+        yield self.upstream_latency.family(
+            f"{ns}_upstream_latency_seconds", "Time from a request written to the upstream host to its answer"
+        )
+        yield CounterMetricFamily(
+            f"{ns}_upstream_late_answers",
+            "Upstream answers that came after their request had given up (dropped)",
+            value=self.upstream_late_answers,
+        )
+        yield CounterMetricFamily(
+            f"{ns}_upstream_undecodable",
+            "Frames from the upstream host that could not be decoded (dropped)",
+            value=self.upstream_undecodable,
+        )
+        disconnects = CounterMetricFamily(
+            f"{ns}_upstream_disconnects",
+            "Upstream connection attempts failed and connections lost, by reason",
+            labels=["reason"],
+        )
+        for reason, value in list(self.upstream_disconnects.items()):
+            disconnects.add_metric([reason], value)
+        yield disconnects
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
@@ -190,6 +259,13 @@ class Metrics(Collector):
     def serve(self, host: str, port: int) -> MetricsServer:
         """Serve these metrics over HTTP on ``host:port``; see :func:`start_http_server`."""
         return start_http_server(self, host, port)
+
+
+def _count(counts: dict[str, int], label: str) -> None:
+    """One more under ``label``, or under "other" once there are too many distinct labels."""
+    if label not in counts and len(counts) >= MAX_LABEL_SETS:
+        label = OTHER
+    counts[label] = counts.get(label, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,3 +94,23 @@ def test_the_http_endpoint_serves_the_text_format() -> None:
     assert 'gateway_requests_total{kind="preauth",mti="0100",response_code="00"} 1.0' in body
     assert "# TYPE gateway_request_latency_seconds histogram" in body
     assert body == metrics.render().decode()
+
+
+def test_the_upstream_link_is_exposed_by_outcome_reason_and_latency() -> None:
+    metrics = Metrics()
+    metrics.upstream_connections_up(2)
+    metrics.upstream_request_done("answered", 0.004)
+    metrics.upstream_request_done("timeout", None)
+    metrics.upstream_request_done("down", None)
+    metrics.upstream_request_done("down", None)
+    metrics.upstream_late_answer()
+    metrics.upstream_undecodable_answer()
+    metrics.upstream_disconnected("echo_timeout")
+    assert sample(metrics, "gateway_upstream_connections_up") == 2
+    assert sample(metrics, "gateway_upstream_requests_total", outcome="answered") == 1
+    assert sample(metrics, "gateway_upstream_requests_total", outcome="down") == 2
+    assert sample(metrics, "gateway_upstream_latency_seconds_count") == 1  # answered ones only
+    assert sample(metrics, "gateway_upstream_latency_seconds_bucket", le="0.005") == 1
+    assert sample(metrics, "gateway_upstream_late_answers_total") == 1
+    assert sample(metrics, "gateway_upstream_undecodable_total") == 1
+    assert sample(metrics, "gateway_upstream_disconnects_total", reason="echo_timeout") == 1
