@@ -19,7 +19,10 @@ from gateway.adapters.ledger import SWITCH_INTERVAL_S, PostgresLedger, SqliteLed
 from gateway.adapters.ledger.schema import VERSION as LEDGER_VERSION
 from gateway.adapters.tcp import Limits
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, split_host_port, unknown_environment
+from gateway.core.engine import Context
+from gateway.core.model import Kind
 from gateway.core.policy import Policy
+from gateway.core.upstream import NoAnswer
 from gateway.protocol.profile import Profile
 from gateway.service import GatewayService, ServiceConfig, SystemClock
 from gateway.startup import (
@@ -56,7 +59,16 @@ def build_policy(settings: Settings) -> Policy:
         duplicate_ttl=timedelta(hours=policy.duplicate_ttl_hours),
         timezone=ZoneInfo(settings.settlement.timezone),
         cutoff=settings.settlement.cutoff,
+        forward=FORWARDED_KINDS if settings.upstream.url is not None else frozenset(),
+        standin_when_down=settings.upstream.when_down == "standin",
     )
+
+
+#: what the acquirer host decides when there is one (design §5, "Upstream host")
+FORWARDED_KINDS = frozenset({Kind.PURCHASE, Kind.PREAUTH, Kind.VOID, Kind.REFUND, Kind.COMPLETION})
+#: a record pending this long past the host timeout was abandoned by its gateway (killed, or another
+#: instance that stopped): it is concluded as unanswered and reversed at the host
+ABANDONED_AFTER_S = 30.0
 
 
 Ledger = SqliteLedger | PostgresLedger
@@ -122,6 +134,8 @@ class GatewayApp:
         self.metrics: Any = None
         self.metrics_server: Any = None
         self.mqtt_url: str | None = None
+        self.upstream: Any = None
+        self.saf: Any = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -160,6 +174,13 @@ class GatewayApp:
             logger=self.log,
             recorder=self.metrics,
         )
+        if settings.upstream.url is not None:
+            from gateway.adapters.upstream import UpstreamLink
+
+            self.upstream = UpstreamLink.from_settings(
+                settings.upstream, logger=self.log, recorder=self.metrics, clock=self.clock
+            )
+            self.service.upstream = self.upstream
         host, port = split_host_port(settings.listen, 8583)
         self.server = TerminalServer(
             self.service,
@@ -190,6 +211,8 @@ class GatewayApp:
                     raise StartupError("GATEWAY_METRICS_LISTEN", f"cannot listen on {where}: {reason}") from None
             await self._open_ledger()
             self._start_relay()
+            if self.upstream is not None:
+                await self._start_upstream()
             self.ledger.on_commit = self.metrics.ledger_committed
             self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
             if settings.settlement.cutoff is not None:
@@ -209,6 +232,7 @@ class GatewayApp:
             mqtt=_hide(self.mqtt_url or ""),
             instance=settings.instance_id,
             metrics=f"{m_host}:{self.metrics_server.port}" if self.metrics_server is not None else None,
+            upstream=_hide(settings.upstream.url) if settings.upstream.url else None,
         )
         unknown = unknown_environment()
         if unknown:
@@ -258,11 +282,63 @@ class GatewayApp:
         self.ledger.on_events = self.relay.notify
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
 
+    async def _start_upstream(self) -> None:
+        """The host link, what an earlier run left pending concluded, the store-and-forward sender."""
+        from gateway.adapters.saf import SafSender
+
+        assert self.ledger is not None and self.service is not None
+        upstream = self.settings.upstream
+        await self.conclude_abandoned(older_than_s=5.0)  # left by a stop (younger ones: the loop, later)
+        self.saf = SafSender(
+            self.ledger, self.upstream, render=self.service.render, retry_s=upstream.saf_retry_s,
+            max_age_s=upstream.saf_max_age_s, clock=self.clock.now, logger=self.log,
+        )  # fmt: skip
+        self.service.on_queued = self.saf.notify
+        self.service.advice_cards = self.saf.card_fields
+        await self.upstream.start()
+        self.saf.start()
+        self._tasks.append(asyncio.create_task(self._abandoned_loop(), name="upstream-abandoned"))
+        if not await self.upstream.wait_up(min(upstream.connect_timeout_s, 5.0)):
+            self.log.warning("upstream.not_up_yet", detail=f"when_down = {upstream.when_down} applies meanwhile")
+
+    async def conclude_abandoned(self, *, older_than_s: float) -> int:
+        """Conclude records left pending longer than the host timeout plus ``older_than_s`` as unanswered:
+        91 for their terminal (which gave up long ago) and a reversal queued for the host."""
+        assert self.ledger is not None and self.service is not None
+        service = self.service
+        now = self.clock.now()
+        cutoff = now - timedelta(seconds=self.settings.upstream.timeout_s + older_than_s)
+        count = 0
+        for record in await self.ledger.pending_records():
+            if record.created_at > cutoff:
+                continue  # its gateway may still be waiting for the host (this one, or another instance)
+            ctx = Context(now, service.config.policy, service.config.pan_key, service.profile.response_code)
+            await self.ledger.conclude(record.id, None, NoAnswer(sent=True), ctx, service.render)
+            self.log.warning("upstream.abandoned", rrn=record.rrn, terminal=record.terminal_id, stan=record.stan,
+                             kind=str(record.kind))  # fmt: skip
+            count += 1
+        if count and self.saf is not None:
+            self.saf.notify()
+        return count
+
+    async def _abandoned_loop(self, interval_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.conclude_abandoned(older_than_s=ABANDONED_AFTER_S)
+            except Exception as exc:  # the ledger failed: next time
+                self.log.warning("upstream.abandoned_failed", error=type(exc).__name__)
+
     async def _undo_start(self) -> None:
         """Stop what a failed :meth:`start` started, quietly (the failure is what gets reported)."""
         with contextlib.suppress(Exception):
             if self.server is not None:
                 await self.server.stop(grace_s=0)
+        with contextlib.suppress(Exception):
+            if self.saf is not None:
+                await self.saf.stop()
+            if self.upstream is not None:
+                await self.upstream.stop()
         await self._close_events()
         self._close_metrics_server()
         if self.ledger is not None:
@@ -336,7 +412,12 @@ class GatewayApp:
             await self.server.stop()
         if self.service is not None and self.ledger is not None:
             with contextlib.suppress(Exception):  # the ledger may have failed to open
+                await self.service.drain_forwarded()  # each within the host timeout
                 await self.service.drain_answered()
+        if self.saf is not None:
+            await self.saf.stop()
+        if self.upstream is not None:
+            await self.upstream.stop()
         if self.relay is not None and self.ledger is not None:
             # give the relay a moment to publish what the last requests wrote
             with contextlib.suppress(Exception):

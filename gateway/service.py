@@ -233,6 +233,9 @@ class GatewayService:
             outcome = NoAnswer(sent=True)
         except UpstreamDown:
             outcome = NoAnswer(sent=False)
+        except Exception as exc:  # nothing was written (a message the host's profile cannot carry): a bug
+            self._error("upstream.send_failed", error=type(exc).__name__, detail=str(exc)[:200], rrn=host.rrn)
+            outcome = NoAnswer(sent=False)
         waiting = self._awaiting.pop(txn_id, [])
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
         try:

@@ -31,7 +31,7 @@ from gateway.protocol.host import host_message
 from gateway.protocol.message import Message
 
 #: how long a sender's lease outlives its last poll (another instance takes over after it)
-SAF_LEASE_S = 30.0
+SAF_LEASE_S = 10.0
 
 
 class SafLedger(Protocol):

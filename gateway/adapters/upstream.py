@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from gateway import ports
 from gateway.adapters.upstream_connection import (
     Connection,
     Slot,
@@ -54,11 +55,11 @@ __all__ = ["DuplicateInFlight", "Exchange", "State", "UpstreamDown", "UpstreamLi
 _NEEDED_FIELDS = (7, 11, 39, 41, 70)
 
 
-class UpstreamDown(Exception):
+class UpstreamDown(ports.UpstreamDown):
     """No signed-on connection: nothing was sent (the caller may decline or stand in)."""
 
 
-class UpstreamTimeout(Exception):
+class UpstreamTimeout(ports.UpstreamTimeout):
     """Sent (or possibly sent: a write failed midway, the connection dropped after the write) and no
     answer in time. ``sent`` is the request as stamped, so the caller can build the reversal;
     ``reason`` is ``timeout``, ``connection_lost``, ``write_failed`` or ``stopped``."""

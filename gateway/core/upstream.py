@@ -67,10 +67,10 @@ def conclude(txn_id: int, request: Request | None, result: HostAnswer | NoAnswer
     if record is None:
         raise LookupError(f"no record {txn_id}")
     if record.status is not TxnStatus.PENDING:
-        # reversed by the terminal meanwhile (a reversal for the host is queued already): the record
-        # stands reversed; the terminal, which gave up on it, still gets what the host said
-        code = result.response_code if isinstance(result, HostAnswer) else record.response_code
-        return Plan(code, Reason(record.reason) if record.reason else Reason.APPROVED, record.rrn, None)
+        # concluded meanwhile without this answer: reversed by the terminal, or given up as unanswered
+        # (its reversal is queued for the host either way): the terminal gets what the ledger says
+        reason = Reason(record.reason) if record.reason else Reason.UPSTREAM_TIMEOUT
+        return Plan(record.response_code, reason, record.rrn, None)
     original: Txn | None = (yield GetTxn(record.original_id)) if record.original_id is not None else None
 
     if isinstance(result, HostAnswer):

@@ -152,7 +152,7 @@ async def test_a_terminal_reversal_of_a_pending_request_wins_over_the_host_appro
 
     assert (reversed_.response_code, reversed_.queued) == ("00", 1)
     assert record.status is TxnStatus.REVERSED
-    assert late.response_code == "00"  # what the host said, to a terminal that gave up on it
+    assert late.response_code == "91"  # what the ledger says (reversed): not the host's late approval
     assert original is not None and original.refunded_amount == 0
     assert [(i.action, i.txn.id) for i in queued] == [("reverse", pending.txn_id)]
 
