@@ -501,14 +501,16 @@ def cut(profile: str, stream: bytes) -> Framed:
     return framed
 
 
-def decode_partial(profile: str, payload: bytes) -> dict[str, Any]:
-    """What pyiso8583 decodes of ``payload``: all of it, or what came before the element it failed on."""
+def decode_partial(profile: str, payload: bytes) -> dict[str, Any] | None:
+    """What pyiso8583 decodes of ``payload``: all of it, or what came before the element it failed on;
+    None when it fails otherwise than with its DecodeError and says nothing of what it read (a
+    KeyError for bit 65 set in a secondary bitmap, which it reads as announcing a third one)."""
     try:
         doc, _ = iso8583.decode(payload, SPECS[profile])
     except iso8583.DecodeError as exc:
         return dict(exc.doc_dec)
-    except Exception:  # pyiso8583 on bytes it was never meant for: nothing decoded
-        return {}
+    except Exception:
+        return None
     return doc
 
 
@@ -542,7 +544,7 @@ def card_numbers_in(profile: str, stream: bytes, payloads: Iterable[bytes]) -> s
     issuer), and runs of zeros (DE3 and DE4 side by side) pass Luhn."""
     found = {match.decode() for match in _DIGIT_RUN.findall(stream) if 13 <= len(match) <= 19}
     for payload in payloads:
-        doc = decode_partial(profile, payload)
+        doc = decode_partial(profile, payload) or {}
         found.add(str(doc.get("2", "")))
         found.add(re.split("[=D]", str(doc.get("35", "")))[0])
     return {n for n in found if 13 <= len(n) <= 19 and n.isascii() and n.isdigit() and n[0] != "0" and luhn_ok(n)}
