@@ -11,9 +11,10 @@ MTI changed, an element overwritten, oversized or zero or non-digit length heade
 unreadable 0xFF MTI), and retransmissions, valid and broken ones together in one write or cut into
 chunks. A session then half-closes and reads every answer until the gateway closes; or (8%)
 vanishes with a reset right after its last write; or (3%) reads late, through a 4 KB receive
-buffer, after 100 to 200 echoes that fill it, its chunks 50 ms apart. The client reads with a plain
-socket: a write refused because the gateway closed first must not throw away the answers already
-in its kernel (the gateway counts them delivered once they are acknowledged).
+buffer, after 100 to 200 echoes that fill it, its chunks 50 ms apart; or (2%) is a pipelining
+terminal's burst: 100 to 200 valid requests in one write, then the half-close. The client reads
+with a plain socket: a write refused because the gateway closed first must not throw away the
+answers already in its kernel (the gateway counts them delivered once they are acknowledged).
 
 Checked, each failure saying the seed, the session and its frames:
 
@@ -106,6 +107,8 @@ class Session:
     #: reads late through a 4 KB receive buffer, after ``filler`` echoes that fill it
     late: bool = False
     filler: int = 0
+    #: 100 to 200 valid requests in one write, then the half-close
+    burst: bool = False
     received: bytes = b""
     write_failed: bool = False
     #: the gateway reset the connection (after the answers that were read)
@@ -122,6 +125,8 @@ class Session:
         how = "one write" if len(sizes) == 1 else f"writes of {sizes} bytes"
         if self.vanish:
             how += ", vanished"
+        if self.burst:
+            how += f", a burst of {len(self.items)} valid requests, then the half-close"
         if self.late:
             how += f", read late through a 4 KB buffer, {self.filler} echoes first"
             frames = "; ".join(f"{item.label}: {item.data.hex()[:SHOWN]}" for item in self.items[self.filler :])
@@ -159,26 +164,26 @@ class Run:
 
 def make_session(rng: random.Random, requests: Requests, mutator: Mutator, worker: int, number: int) -> Session:
     profile = requests.profile
+    shape = rng.random()
+    vanish, late, burst = shape < 0.08, 0.08 <= shape < 0.11, 0.11 <= shape < 0.13
     items: list[Item] = []
-    for _ in range(rng.randint(1, 10)):
+    for _ in range(rng.randint(100, 200) if burst else rng.randint(1, 10)):
         draw = rng.random()
-        if draw < 0.05 and items:
+        if draw < 0.05 and items and not burst:
             again = rng.choice(items)
             items.append(Item(again.data, f"again({again.label})", again.request))
-        elif draw < 0.40:
+        elif draw < 0.40 or burst:
             request = requests.make()
             items.append(Item(frame(profile, request.payload), f"valid {request.kind}", request))
         else:
             request = requests.make(remember=False)
             mutated = mutator.mutate(request)
             items.append(Item(mutated.data, f"{request.kind}: {mutated.label}", request))
-    shape = rng.random()
-    vanish, late = shape < 0.08, 0.08 <= shape < 0.11
     filler = rng.randint(100, 200) if late else 0
     echoes = [requests.make(kind="network-echo") for _ in range(filler)]
     items = [Item(frame(profile, echo.payload), "filler echo", echo) for echo in echoes] + items
     stream = b"".join(item.data for item in items)
-    if (rng.random() < 0.5 and not late) or len(stream) < 2:
+    if (rng.random() < 0.5 and not late) or burst or len(stream) < 2:
         chunks = [stream]
     else:
         first = sum(len(item.data) for item in items[: filler + 1]) if late else 1
@@ -186,15 +191,16 @@ def make_session(rng: random.Random, requests: Requests, mutator: Mutator, worke
         cuts = [at for at in cuts if 0 < at < len(stream)]
         chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     pauses = [rng.choice([0.0, 0.0, 0.001, 0.005]) for _ in chunks]
-    if vanish:
-        # back to back, then a reset: within microseconds, before any decision reaches the ledger,
-        # so that no answer is acknowledged by this side's kernel and left unread (it would count as
-        # delivered, rightly, and be listed nowhere)
+    if vanish or burst:
+        # vanish: back to back, then a reset: within microseconds, before any decision reaches the
+        # ledger, so that no answer is acknowledged by this side's kernel and left unread (it would
+        # count as delivered, rightly, and be listed nowhere); burst: a pipelining terminal's batch,
+        # then its half-close
         pauses = [0.0] * len(chunks)
     if late:
         # the gateway has closed for a bad frame by the time the next chunk comes
         pauses = [0.05] * len(chunks)
-    return Session(worker, number, items, chunks, pauses, vanish, late, filler)
+    return Session(worker, number, items, chunks, pauses, vanish, late, filler, burst)
 
 
 async def play(port: int, session: Session) -> None:
@@ -476,6 +482,7 @@ async def test_mutated_frames_of_every_kind_never_crash_hang_misanswer_lose_an_a
         "sending_s": round(sending, 1), "answers": len(run.answers),
         "answer codes": dict(collections.Counter(f.get("39") for _, f in run.answers).most_common(8)),
         "vanished": sum(s.vanish for s in run.sessions), "read late": sum(s.late for s in run.sessions),
+        "bursts": sum(s.burst for s in run.sessions),
         "filler echoes": run.filler, "write refused": sum(s.write_failed for s in run.sessions),
         "reset by the gateway": sum(s.reset for s in run.sessions),
     }  # fmt: skip
