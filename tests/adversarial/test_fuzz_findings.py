@@ -14,6 +14,9 @@ smallest request that shows it. They fail on the code they were found on.
    terminal's receive window is full). The next bytes the terminal sends are answered with a TCP
    reset, which throws them away; yet the close counted them delivered (``connection_lost`` without
    an error), so an approved sale is neither received nor listed by ``transactions --unanswered``.
+4. A pipelining terminal that half-closes after its last request: the gateway takes 32 frames per
+   turn of its loop, and the half-close stops it taking more, so the requests it had received but
+   not taken yet are never decided, answered or logged (100 sales: 32 answered).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import uuid
 from collections.abc import Callable
 
@@ -158,4 +162,27 @@ async def test_a_sale_answered_before_a_closing_frame_is_received_or_listed_when
     assert stan in received or listed, (
         f"sale {stan} recorded approved (answered = {recorded[0]['answered']}), not received (the terminal got "
         f"{echoes_received} of 300 echo answers, then a reset), and not listed as unanswered"
+    )
+
+
+async def test_every_request_received_before_a_half_close_is_answered(gateway: Callable[..., GatewayProcess]) -> None:
+    # a batch of 100 sales in one write, then shutdown(SHUT_WR): the TCP way to say "that is all"
+    proc = gateway()
+    terminal = "TERMFZ04"
+    sock = connect(proc.port)
+    try:
+        sock.sendall(b"".join(sale_frame(f"{n:06d}", terminal=terminal) for n in range(840_001, 840_101)))
+        sock.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    finally:
+        sock.close()
+    answered = [fields.get(39) for mti, fields in split_frames(bytes(data)) if mti == "0210"]
+    assert proc.signal(signal.SIGTERM) == 0
+    recorded = ledger_rows(proc.db, "SELECT stan FROM txns WHERE terminal_id = ?", terminal)
+    assert len(answered) == 100, (
+        f"100 sales received before the half-close: {len(answered)} answered, {len(recorded)} recorded, "
+        f"the others never decided"
     )
