@@ -533,8 +533,6 @@ def mti_of(payload: bytes) -> str | None:
 
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _NON_DIGITS = re.compile(r"[^0-9]")
-#: an ISO 8601 time, or a UUID
-_MADE_BY_THE_GATEWAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-")
 
 
 def card_numbers_in(profile: str, stream: bytes, payloads: Iterable[bytes]) -> set[str]:
@@ -571,30 +569,27 @@ def given_away(text: str, originals: set[str], found_in_frames: set[str]) -> set
 
     ``originals`` (the PANs of the requests before mutation) as ``test_card_data_in_logs.leaks``
     looks for them: in the digits of the whole text, of each JSON string value or key, and of each
-    pair of neighbouring string values read in either order. ``found_in_frames`` (numbers the mutated
-    bytes carried: hundreds in a long run) in each value or key, and in pairs of neighbouring values
-    that came from the wire: not in the whole text's digits, which join unrelated numbers (a STAN
-    and an RRN) into runs that some of them would match by chance, nor in pairs with the gateway's
-    own clock or ids (a time ending in 4 before a value holding the other 15 digits of a PAN). A
-    text that is no JSON: its whitespace-separated words."""
+    pair of neighbouring string values read in either order (a PAN split across DE41 and DE42).
+    ``found_in_frames`` (numbers the mutated bytes carried: hundreds in a long run, many of them
+    mostly zeros) in each string value or key only: the whole text's digits, and even a pair of
+    neighbouring values, join unrelated numbers into runs that some of them match by chance (an
+    event's currency "840" before its RRN "000000001960" reads "4000000000196", a Luhn-valid run a
+    mutated frame carried). A text that is no JSON: its whitespace-separated words."""
     found = {pan for pan in originals if pan in digits(text)}
     try:
         document = json.loads(text)
     except ValueError:
-        singles, pairs, wire_pairs = [digits(word) for word in text.split()], [], []
+        singles, pairs = [digits(word) for word in text.split()], []
     else:
         values = list(string_values(document))
         singles = [digits(value) for value in values]
         if isinstance(document, dict):
             singles += [digits(str(key)) for key in document]
         pairs = [digits(ab) for a, b in itertools.pairwise(values) for ab in (a + b, b + a)]
-        wire = [value for value in values if not _MADE_BY_THE_GATEWAY.match(value)]
-        wire_pairs = [digits(ab) for a, b in itertools.pairwise(wire) for ab in (a + b, b + a)]
     found |= {pan for pan in originals for part in singles + pairs if pan in part}
-    cards = found_in_frames | originals
-    for part in singles + wire_pairs:
+    for part in singles:
         for size in range(13, min(19, len(part)) + 1):
             for start in range(len(part) - size + 1):
-                if part[start : start + size] in cards:
+                if part[start : start + size] in found_in_frames:
                     found.add(part[start : start + size])
     return found

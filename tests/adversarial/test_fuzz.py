@@ -28,8 +28,9 @@ Checked, each failure saying the seed, the session and its frames:
   ``iso-gateway transactions --unanswered --json``;
 - no log line and no event (received over MQTT, or in the outbox table) gives away a card number
   the frames carried: the PANs of DE2 and DE35 before mutation (the check of
-  ``test_card_data_in_logs.py``), and every Luhn-valid 13-19 digit run of the mutated bytes and
-  every DE2 / DE35 they decode to (each string value, and neighbouring pairs either way round).
+  ``test_card_data_in_logs.py``: the whole line's digits, each value, neighbouring values either way
+  round), and every Luhn-valid 13-19 digit run of the mutated bytes and every DE2 / DE35 they
+  decode to (each value; see ``fuzzing.given_away``).
 
 Bounded: ``FUZZ_FRAMES`` frames per profile (default 6,000, a quarter per terminal; the echoes that
 fill a late reader's buffer are not counted) or ``FUZZ_SECONDS`` of sending per profile (default
