@@ -56,6 +56,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,8 @@ class Session:
     write_failed: bool = False
     #: the gateway reset the connection (after the answers that were read)
     reset: bool = False
+    #: when this client reset the connection (vanish), by the clock of the gateway's log lines
+    reset_at: float = 0.0
     hung: bool = False
 
     @property
@@ -229,6 +232,8 @@ async def play(port: int, session: Session) -> None:
                 session.received = sock.recv(1 << 20, socket.MSG_DONTWAIT)  # what came already (echoes)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            session.reset_at = time.time()
             return
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
@@ -342,7 +347,12 @@ async def worker(run: Run, number: int) -> None:
 
 
 def check_ledger(run: Run) -> dict[str, int]:
-    """Every approved record was answered to its terminal or is listed as unanswered."""
+    """Every approved record was answered to its terminal or is listed as unanswered.
+
+    One exception: a session that vanished may have had an answer acknowledged by its kernel
+    between its last read and its reset (the OS can pause the test there for milliseconds), and the
+    gateway then rightly counts it delivered. So an approval of a vanished session that the gateway
+    logged (just before writing its answer) before the reset is not held against it."""
     rows = ledger_rows(
         run.proc.db,
         "SELECT id, kind, mti, mti_class, merchant_id, terminal_id, stan, rrn, status, response_code FROM txns "
@@ -356,17 +366,36 @@ def check_ledger(run: Run) -> dict[str, int]:
     answered = {row["id"] for row in rows if row["rrn"] in by_rrn
                 or (row["merchant_id"], row["terminal_id"], row["stan"], row["mti_class"]) in by_key}  # fmt: skip
     missing = [row for row in rows if row["id"] not in answered and row["id"] not in listed]
-    for row in missing[:20]:
+    logged = answer_times(run) if missing else {}
+    excused = 0
+    for row in missing:
         carriers = [s for s in run.sessions
                     if any(i.request and i.request.fields.get(11) == row["stan"]
                            and i.request.fields.get(41) == row["terminal_id"] for i in s.items)]  # fmt: skip
         if not carriers:  # a mutated frame: its ids as the wire has them
             wire = (row["terminal_id"].ljust(8) + row["merchant_id"].ljust(15)).encode("latin-1", "replace")
             carriers = [s for s in run.sessions if wire in s.stream]
+        at = logged.get((row["terminal_id"], row["stan"], row["mti"]))
+        if carriers and at is not None and all(s.vanish and at < s.reset_at for s in carriers):
+            excused += 1
+            continue
         run.fail("approved, not answered, not listed",
                  f"{dict(row)}; sent in: {[s.describe(run.profile) for s in carriers[:2]]}", *carriers[:1])
     return {"approved records": len(rows), "answered": len(answered), "listed unanswered": len(listed),
-            "listed though answered": len(answered & listed)}  # fmt: skip
+            "listed though answered": len(answered & listed), "answered before a vanishing client's reset": excused}
+
+
+def answer_times(run: Run) -> dict[tuple[str, str, str], float]:
+    """(terminal, STAN, MTI) -> when the gateway first logged the request's answer (``message.processed``)."""
+    times: dict[tuple[str, str, str], float] = {}
+    for line in run.proc.logs().splitlines():
+        if '"message.processed"' not in line:
+            continue
+        doc = json.loads(line)
+        key = (str(doc.get("terminal") or "").strip(), str(doc.get("stan")), str(doc.get("mti")))
+        when = datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp()
+        times[key] = min(when, times.get(key, when))
+    return times
 
 
 def card_numbers(run: Run) -> set[str]:
