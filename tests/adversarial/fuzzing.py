@@ -533,6 +533,7 @@ def mti_of(payload: bytes) -> str | None:
 
 _DIGIT_RUN = re.compile(rb"[0-9]+")
 _NON_DIGITS = re.compile(r"[^0-9]")
+_GROUPED_DIGITS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
 
 
 def card_numbers_in(profile: str, stream: bytes, payloads: Iterable[bytes]) -> set[str]:
@@ -571,25 +572,27 @@ def given_away(text: str, originals: set[str], found_in_frames: set[str]) -> set
     looks for them: in the digits of the whole text, of each JSON string value or key, and of each
     pair of neighbouring string values read in either order (a PAN split across DE41 and DE42).
     ``found_in_frames`` (numbers the mutated bytes carried: hundreds in a long run, many of them
-    mostly zeros) in each string value or key only: the whole text's digits, and even a pair of
-    neighbouring values, join unrelated numbers into runs that some of them match by chance (an
-    event's currency "840" before its RRN "000000001960" reads "4000000000196", a Luhn-valid run a
-    mutated frame carried). A text that is no JSON: its whitespace-separated words."""
+    mostly zeros) in each run of digits of a value or key, written together or in groups joined by
+    a space or a dash: not across other characters or values, which join unrelated numbers into runs
+    that some of them match by chance (an event's subject "MERCHANT0000001/FZA00004/000000000196"
+    reads "4000000000196" with its separators dropped, a Luhn-valid run a mutated frame carried).
+    A text that is no JSON: its whitespace-separated words."""
     found = {pan for pan in originals if pan in digits(text)}
     try:
         document = json.loads(text)
     except ValueError:
-        singles, pairs = [digits(word) for word in text.split()], []
+        values, pairs = text.split(), []
     else:
         values = list(string_values(document))
-        singles = [digits(value) for value in values]
         if isinstance(document, dict):
-            singles += [digits(str(key)) for key in document]
+            values += [str(key) for key in document]
         pairs = [digits(ab) for a, b in itertools.pairwise(values) for ab in (a + b, b + a)]
-    found |= {pan for pan in originals for part in singles + pairs if pan in part}
-    for part in singles:
-        for size in range(13, min(19, len(part)) + 1):
-            for start in range(len(part) - size + 1):
-                if part[start : start + size] in found_in_frames:
-                    found.add(part[start : start + size])
+    found |= {pan for pan in originals for part in [*map(digits, values), *pairs] if pan in part}
+    for value in values:
+        for run in _GROUPED_DIGITS.findall(value):
+            part = digits(run)
+            for size in range(13, min(19, len(part)) + 1):
+                for start in range(len(part) - size + 1):
+                    if part[start : start + size] in found_in_frames:
+                        found.add(part[start : start + size])
     return found
