@@ -416,8 +416,8 @@ def check_text(run: Run, where: str, text: str, cards: set[str]) -> None:
 
 
 def carrier(run: Run, text: str) -> Session | None:
-    """The first session whose bytes hold the terminal and merchant ids of a log line or event as the
-    wire has them (DE41, then DE42)."""
+    """The first session with a frame that pyiso8583 reads as the MTI, terminal and merchant ids of a
+    log line or event (DE41 and DE42 as the wire has them)."""
     try:
         document = json.loads(text)
     except ValueError:
@@ -429,12 +429,15 @@ def carrier(run: Run, text: str) -> Session | None:
     mti = ids.get("mti", (ids.get("request") or {}).get("mti", ""))
     if not isinstance(terminal, str) or not isinstance(merchant, str) or not isinstance(mti, str):
         return None
-    wire = terminal.ljust(8).encode("latin-1", "replace") + merchant.ljust(15).encode("latin-1", "replace")
+    wire = terminal.strip().encode("latin-1", "replace")
     for session in run.sessions:
-        if wire in session.stream and any(
-            p.startswith(mti.encode()) and wire in p for p in cut(run.profile, session.stream).payloads
-        ):
-            return session
+        if wire not in session.stream:
+            continue
+        for payload in cut(run.profile, session.stream).payloads:
+            if payload.startswith(mti.encode()) and wire in payload:
+                doc = decode_partial(run.profile, payload) or {}
+                if (doc.get("41", "").strip(), doc.get("42", "").strip()) == (terminal.strip(), merchant.strip()):
+                    return session
     return None
 
 
