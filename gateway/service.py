@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -349,13 +350,18 @@ class GatewayService:
         if self.log is None:
             return
         fields = message.fields
+        terminal, merchant = fields.get(41), fields.get(42)
+        if request is None and reason_text == Reason.FORMAT_ERROR:
+            # a frame that could not be read may have card data where its ids should be (a shifted
+            # bitmap reads DE2 or DE35, length digits first, as DE41 and DE42): long digit runs are hidden
+            terminal, merchant = _hide_digit_runs(terminal), _hide_digit_runs(merchant)
         # neighbouring values are read together for split card numbers (gateway.logs): the wire's text
         # (DE41 then DE42, as on the wire) is kept apart from the gateway's own numbers (STAN, RRN, codes)
         self.log.info(
             "message.processed",
             mti=message.mti,
-            terminal=fields.get(41),
-            merchant=fields.get(42),
+            terminal=terminal,
+            merchant=merchant,
             kind=kind,
             stan=fields.get(11),
             reason=None if reason_text == "approved" else reason_text,
@@ -374,6 +380,14 @@ class GatewayService:
     def _error(self, event: str, **fields: Any) -> None:
         if self.log is not None:
             self.log.error(event, **fields)
+
+
+_DIGIT_RUN = re.compile(r"[0-9]{7,}")
+
+
+def _hide_digit_runs(value: str | None) -> str | None:
+    """``value`` with every run of 7 or more digits replaced by as many ``*``."""
+    return _DIGIT_RUN.sub(lambda match: "*" * len(match.group()), value) if value else value
 
 
 class _Answer:

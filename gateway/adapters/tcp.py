@@ -58,6 +58,11 @@ class Service(Protocol):
 _BUFFERED_BYTES = 16 * 1024
 #: how soon after an answer is written its acknowledgement is looked for (then 5 times later, then each sweep)
 _CONFIRM_AFTER_S = 0.05
+#: a connection that is done waits this long at most for its client to take the last answers and close:
+#: closing while the client still sends would reset the connection, and a reset throws away the answers
+#: waiting in the client's buffers (the longest is GATEWAY_LIMITS__WRITE_TIMEOUT_S, for a client that
+#: takes none of them)
+_LINGER_S = 2.0
 #: frames of one connection decided per loop iteration at most, so that one busy client cannot make
 #: every other connection wait for its whole burst
 _BATCH = 32
@@ -122,6 +127,11 @@ class _Connection(asyncio.Protocol):
         self.pending = 0
         #: no more frames are taken; the connection closes once its pending answers are written
         self.closing = False
+        #: the client half-closed: the frames it sent before are still decided and answered
+        self.eof = False
+        #: since when every answer is written and the connection waits for its client to take them and
+        #: close (what it still sends is read and dropped); None before
+        self.lingering: float | None = None
         self.reading = True
         self.frames = 0
         #: answers finished in this loop iteration, written together by one flush
@@ -173,8 +183,12 @@ class _Connection(asyncio.Protocol):
         self._take_frames(data)
 
     def eof_received(self) -> bool | None:
-        # half-close: finish what is in flight, then close
-        self.closing = True
+        # half-close: decide what was received before it, answer all of it, then close
+        self.eof = True
+        if self.lingering is not None:
+            self.linger_check(time.monotonic())
+            return True
+        self._schedule_more()
         self._close_when_done()
         return True
 
@@ -188,10 +202,9 @@ class _Connection(asyncio.Protocol):
         self._schedule_more()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None:  # a clean close, after what was written was flushed: those answers are delivered
-            while self.to_confirm:
-                self.to_confirm.popleft()[1]()
-        self.to_confirm.clear()  # a reset: what was not acknowledged stays unanswered
+        # answers are confirmed as the client's TCP acknowledges them (the close waits for that): what was
+        # not acknowledged by now stays unanswered, whichever side closed
+        self.to_confirm.clear()
         if self.confirm_timer is not None:
             self.confirm_timer.cancel()
         self.server.forget(self)
@@ -248,7 +261,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or self.handshaking:
             return
         server = self.server
-        wanted = not (
+        wanted = self.lingering is not None or not (  # lingering: read, to drop what the client still sends
             self.closing
             or self.pending >= server.limits.in_flight
             or self.held_back()
@@ -334,16 +347,25 @@ class _Connection(asyncio.Protocol):
     def _confirm_later(self) -> None:
         self.confirm_timer = None
         self.confirm_delivered()
-        if (self.to_confirm or self.unacked_since) and self.transport is not None:
+        if self.lingering is not None:
+            self.linger_check(time.monotonic())
+        if (self.to_confirm or self.unacked_since or self.lingering is not None) and self.transport is not None:
             # not yet: look again (the sweeper looks too)
             self.confirm_timer = asyncio.get_running_loop().call_later(5 * _CONFIRM_AFTER_S, self._confirm_later)
 
     def _unacknowledged(self) -> int:
-        """Bytes written that the client's TCP has not acknowledged: what the transport and the kernel
-        still hold (on a system that cannot say, what the transport holds)."""
-        assert self.transport is not None
-        held = _kernel_unsent(self.transport) or 0
-        self.acknowledged = self.written - self.transport.get_write_buffer_size() - held
+        """Bytes written that the client's TCP has not acknowledged. On Linux over plain TCP, the kernel's
+        count of acknowledged bytes (exact, and unchanged by a reset, which empties the send queue);
+        over TLS (the kernel counts encrypted bytes), what the transport and the send queue still hold
+        (elsewhere, what the transport holds)."""
+        transport = self.transport
+        assert transport is not None
+        acknowledged = _kernel_acknowledged(transport)
+        if acknowledged is not None:
+            self.acknowledged = min(self.written, acknowledged)
+        else:
+            held = _kernel_unsent(transport) or 0
+            self.acknowledged = self.written - transport.get_write_buffer_size() - held
         return self.written - self.acknowledged
 
     def confirm_delivered(self) -> None:
@@ -360,8 +382,34 @@ class _Connection(asyncio.Protocol):
             self._schedule_more()
 
     def _close_when_done(self) -> None:
-        if self.closing and not self.pending and not self.outgoing and self.transport is not None:
-            self.transport.close()  # after the answers already written (close flushes)
+        """Once nothing more will be decided and every answer is written: end this side (FIN after the
+        answers), then linger until the client took them and closed (:meth:`linger_check`)."""
+        transport = self.transport
+        if transport is None or self.lingering is not None or self.pending or self.outgoing:
+            return
+        if not (self.closing or (self.eof and not self.buffer.has_frame())):
+            return
+        self.closing = True
+        self.lingering = time.monotonic()
+        if not self.eof and transport.can_write_eof():  # not over TLS: it cannot half-close
+            transport.write_eof()
+        self.update_reading()
+        self.linger_check(self.lingering)
+        if self.transport is not None and self.confirm_timer is None:
+            self.confirm_timer = asyncio.get_running_loop().call_later(_CONFIRM_AFTER_S, self._confirm_later)
+
+    def linger_check(self, now: float) -> None:
+        """Close a lingering connection once the client took every answer and closed too (or after
+        _LINGER_S with every answer taken, or after the write timeout with some not taken: those stay
+        unanswered)."""
+        transport = self.transport
+        if transport is None or self.lingering is None:
+            return
+        self.confirm_delivered()
+        taken = not self.to_confirm and not transport.get_write_buffer_size() and not _kernel_unsent(transport)
+        waited = now - self.lingering
+        if (taken and (self.eof or waited >= _LINGER_S)) or waited >= self.server.limits.write_timeout_s:
+            transport.close()
 
     def _reject(self, reason: str, *, label: str) -> None:
         server = self.server
@@ -392,6 +440,23 @@ def _kernel_unsent(transport: asyncio.BaseTransport) -> int | None:
     try:
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
     except (OSError, AttributeError, ValueError):  # not a Linux socket, or already closed
+        return None
+
+
+#: struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a 64-bit count at this offset (Linux 4.1 and later)
+_TCP_INFO_BYTES_ACKED = 120
+
+
+def _kernel_acknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes the client's TCP acknowledged over the connection's life (Linux, plain TCP); None when
+    unknown, or over TLS."""
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_ACKED + 8)
+        return int(struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)[0])
+    except (OSError, AttributeError, struct.error):
         return None
 
 
@@ -583,6 +648,9 @@ class TerminalServer:
             frame_s = limits.frame_timeout_s
             for conn in list(self.connections):
                 if conn.closing and conn.transport is None:
+                    continue
+                if conn.lingering is not None:
+                    conn.linger_check(now)
                     continue
                 conn.confirm_delivered()
                 stalled = conn.write_blocked or conn.unacked_since or _kernel_stall(conn, now, interval)

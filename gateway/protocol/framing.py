@@ -83,6 +83,16 @@ class FrameBuffer:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buf)
 
+    def has_frame(self) -> bool:
+        """Whether ``feed(b"")`` would give a frame, or raise: a whole header and the body it announces."""
+        if self._broken is not None or len(self._buf) < self._hsize:
+            return False
+        try:
+            body = self._body_length(self._buf[: self._hsize])
+        except FramingError:
+            return True
+        return self._hsize + body <= len(self._buf)
+
     def feed(self, data: bytes, limit: int | None = None) -> list[Frame]:
         """Add received bytes; return the frames complete so far, in order (often none), at most
         ``limit`` of them: the others stay buffered for a later call (``feed(b"", limit)``)."""

@@ -92,6 +92,12 @@ def classify(message: Message) -> Request:
         pan = pan_from_track2(fields[35])
         if pan is None:
             raise DialectError("track 2 without a PAN", 35)
+    if pan is not None:
+        for number in (41, 42):
+            if holds_card_digits(fields.get(number, ""), pan):
+                # part of the request's own card number in an id (a shifted bitmap, a bad terminal set-up):
+                # it must not be recorded, published or logged as a terminal or merchant
+                raise DialectError("holds card data", number)
     if kind in _NEEDS_PAN and not pan:
         raise DialectError("missing (needs DE2 or DE35)", 2)
     if pan is not None and not (pan.isdigit() and 12 <= len(pan) <= 19):
@@ -117,6 +123,17 @@ def classify(message: Message) -> Request:
         totals=_totals(fields) if kind is Kind.SETTLEMENT else None,
         original_data=fields.get(90),
     )
+
+
+#: digits of the card number an id may share with it by chance (8: about one numeric id in a million)
+_CARD_FRAGMENT = 8
+
+
+def holds_card_digits(value: str, pan: str) -> bool:
+    """Whether ``value`` holds 8 or more consecutive digits of ``pan``."""
+    if len(value) < _CARD_FRAGMENT:
+        return False
+    return any(pan[start:start + _CARD_FRAGMENT] in value for start in range(len(pan) - _CARD_FRAGMENT + 1))
 
 
 def _amount(value: str | None, field: int) -> int | None:
