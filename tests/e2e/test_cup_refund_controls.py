@@ -9,16 +9,19 @@ before the process starts, under the same PAN key, so that cards compare equal.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from brokers import async_wait_until
 from cup_frames import CARD, MERCHANT, OTHER_CARD, TERMINAL, CupTerminal
 from harness import GatewayProcess
+from test_refund_controls_ii import events_of
 
 from gateway.adapters.ledger import SqliteLedger
 from gateway.core.engine import Context
@@ -30,6 +33,8 @@ from gateway.protocol.profile import load_profile
 
 #: the PAN key GatewayProcess gives the gateway: seeded records must hash cards with it
 PAN_KEY = b"e2e-key"
+#: the committed event schemas (docs/events/)
+DOCS_EVENTS = Path(__file__).resolve().parents[2] / "docs" / "events"
 
 
 @pytest.fixture
@@ -181,3 +186,29 @@ async def test_a_terminal_not_on_the_allow_list_answers_97(proc: GatewayProcess)
 
     assert refused[39] == "97"
     assert approved[39] == "00"
+
+
+# --------------------------------------------------------------------------- settlement
+
+
+async def test_a_settlement_whose_totals_disagree_answers_result_2_raises_the_mismatch_and_closes_the_batch(
+    proc: GatewayProcess,
+) -> None:
+    proc.start()
+    async with events_of(proc) as events, connected(proc) as pos:
+        sale = await pos.sale(10000)
+        await pos.refund(sale[37], 3000, sale[13])
+        settlement = await pos.settle(debits=(1, 10000), credits=(1, 3001))  # the terminal counted 30.01
+        mismatch = await events.wait_for("pos.batch.mismatch", lambda event: event.type == "pos.batch.mismatch")
+        void_after = await pos.void(sale, 10000)
+        next_settlement = await pos.settle(debits=(0, 0), credits=(0, 0))
+
+    assert settlement[39] == "00" and settlement[48][30] == "2"  # not balanced: in DE48, not DE39
+    assert mismatch.data["response_code"] == "00" and mismatch.data["reason"] == "settlement_mismatch"
+    details = mismatch.data["details"]
+    assert details["terminal_totals"]["credit_amount"] == 3001 and details["ledger_totals"]["credit_amount"] == 3000
+    schema = json.loads((DOCS_EVENTS / "pos.batch.mismatch.schema.json").read_text())
+    jsonschema.validate(mismatch.document, schema, cls=jsonschema.Draft202012Validator)
+    assert CARD not in json.dumps(mismatch.document)
+    assert void_after[39] == "12"  # the batch closed all the same
+    assert next_settlement[48][30] == "1"
