@@ -175,6 +175,13 @@ class CupTerminal:
         """冲正 (0400): the original's fields (11 and 60 included) and the reason, 98: no answer."""
         return await self.send("0400", {**original, 39: "98"})
 
+    async def sign_on(self, operator: str = "01 ") -> dict[int, str]:
+        """签到 (0800, 60.3 = 003): the answer's 60.2 is the batch number to use from now on."""
+        fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 60: "00" + self.batch + "003", 63: operator}
+        answer = await self.send("0800", fields)
+        self.batch = answer[60][2:8]
+        return answer
+
     async def settle(self, debits: tuple[int, int], credits: tuple[int, int]) -> dict[int, str]:
         """批结算 (0500, 60.3 = 201): DE48 domestic debit amount n12, count n3, credit amount n12, count n3,
         result n1, then zero foreign-card totals."""

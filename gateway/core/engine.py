@@ -31,6 +31,7 @@ from gateway.core.model import (
     Txn,
     TxnStatus,
     balance_status,
+    next_batch_no,
 )
 from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
@@ -433,6 +434,17 @@ def _close_at_cutoff(batch: Batch, cutoff: datetime, events: list[CorrectionEven
         events.append(_batch_closed_event(batch, cutoff, ledger_totals(txns)))
 
 
+def batch_to_use(latest: Batch | None, policy: Policy, now: datetime) -> str:
+    """The batch number a terminal signing on is to use: its open batch's, else the number its next
+    transaction opens (after a settlement, or once the cut-off passed its open batch, the next one)."""
+    if latest is None:
+        return next_batch_no(None)
+    cutoff = policy.last_cutoff(now)
+    if latest.state is BatchState.OPEN and (cutoff is None or latest.opened_at >= cutoff):
+        return latest.batch_no
+    return next_batch_no(latest.batch_no)
+
+
 def close_batches_at_cutoff(policy: Policy, now: datetime) -> SubStep[list[CorrectionEvent]]:
     """The cut-off sweep: close every batch still open though the latest cut-off passed since it
     opened (terminals that forgot to settle, and were silent since), with a ``pos.batch.closed``
@@ -528,6 +540,7 @@ def _record(
         created_at=ctx.now,
         fingerprint=print_,
         reference=request.reference,
+        terminal_batch=request.terminal_batch,
     )
 
 
@@ -814,6 +827,7 @@ __all__ = [
     "UnreconciledBatches",
     "apply_changes",
     "approval_code_for",
+    "batch_to_use",
     "close_batches_at_cutoff",
     "correction_event",
     "fingerprint",

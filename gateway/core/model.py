@@ -119,6 +119,10 @@ class Request:
     network_code: str | None = None  #: DE70
     totals: SettlementTotals | None = None  #: DE74/76/86/88 for settlement
     original_data: str | None = None  #: DE90 as sent (part of the retransmission fingerprint)
+    #: the batch number the terminal gave (cup DE60.2), kept on its record; None when the dialect has none
+    terminal_batch: str | None = None
+    #: a sign-on whose answer names the batch number the terminal is to use (cup DE60.2)
+    assigns_batch: bool = False
     #: the PAN as logs, events and the ledger show it (first 6 + last 4), worked out once
     masked_pan: str | None = field(init=False, compare=False)
 
@@ -169,6 +173,8 @@ class Txn:
     fingerprint: str
     reference: Reference | None = None
     reversed_after_settlement: bool = False
+    #: the batch number the terminal gave (cup DE60.2); None when its dialect has none
+    terminal_batch: str | None = None
 
     @property
     def approved(self) -> bool:
@@ -201,6 +207,11 @@ class Batch:
     #: "settled" or "mismatch" once a 0500 reconciled it; None before (a batch the cut-off closed
     #: stays unreconciled until the terminal's next 0500)
     result: str | None = None
+
+
+def next_batch_no(previous: str | None) -> str:
+    """The batch number after ``previous`` (6 digits, 000001 again after 999999); 000001 for a first batch."""
+    return f"{int(previous) % 999_999 + 1:06d}" if previous is not None else "000001"
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,7 @@ def classify(message: Message) -> Request:
     if txn is not None and kind is not Kind.REVERSAL and fields[25] != txn.condition:
         raise DialectError(f"condition code must be {txn.condition} for a {txn.name}", 25)
     pan = card_number(fields, required=kind in _NEEDS_PAN, track_separator=_TRACK_SEPARATOR)
-    network_code = _private(fields)[2]
+    _, batch_no, network_code = _private(fields)
     return Request(
         kind=kind,
         mti=mti,
@@ -139,6 +139,8 @@ def classify(message: Message) -> Request:
         reference=_reference(kind, txn, fields),
         network_code=network_code or None,
         totals=settlement_totals(fields[48]) if kind is Kind.SETTLEMENT else None,
+        terminal_batch=batch_no,
+        assigns_batch=kind is Kind.NETWORK,  # a sign-on: its answer names the batch to use
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import pytest
@@ -78,11 +79,16 @@ async def seed(proc: GatewayProcess, at: datetime, kind: Kind, **fields: Any) ->
         await ledger.close()
 
 
+def ledger_row(proc: GatewayProcess, sql: str, *args: str) -> tuple[Any, ...] | None:
+    """The first row of ``sql`` in the gateway's ledger file, read-only."""
+    with contextlib.closing(sqlite3.connect(f"file:{proc.db}?mode=ro", uri=True)) as db:
+        row: tuple[Any, ...] | None = db.execute(sql, args).fetchone()
+    return row
+
+
 def recorded(proc: GatewayProcess, trace: str) -> bool:
     """Whether the ledger holds a record of this terminal's request with this trace."""
-    with contextlib.closing(sqlite3.connect(f"file:{proc.db}?mode=ro", uri=True)) as db:
-        row = db.execute("SELECT 1 FROM txns WHERE terminal_id = ? AND stan = ?", (TERMINAL, trace)).fetchone()
-    return row is not None
+    return ledger_row(proc, "SELECT 1 FROM txns WHERE terminal_id = ? AND stan = ?", TERMINAL, trace) is not None
 
 
 async def test_a_second_refund_of_the_whole_sale_answers_64(proc: GatewayProcess) -> None:
@@ -212,3 +218,29 @@ async def test_a_settlement_whose_totals_disagree_answers_result_2_raises_the_mi
     assert CARD not in json.dumps(mismatch.document)
     assert void_after[39] == "12"  # the batch closed all the same
     assert next_settlement[48][30] == "1"
+
+
+# --------------------------------------------------------------------------- sign-on
+
+
+async def test_a_sign_on_is_told_its_batch_and_the_host_time_and_after_a_settlement_the_next_batch(
+    proc: GatewayProcess,
+) -> None:
+    proc.env["GATEWAY_SETTLEMENT__TIMEZONE"] = "Asia/Shanghai"
+    proc.start()
+    async with connected(proc) as pos:
+        before = datetime.now(ZoneInfo("Asia/Shanghai"))
+        first = await pos.sign_on()
+        after = datetime.now(ZoneInfo("Asia/Shanghai"))
+        sale = await pos.sale(1000)
+        again = await pos.sign_on()
+        await pos.settle(debits=(1, 1000), credits=(0, 0))
+        next_day = await pos.sign_on()
+
+    assert first[39] == "00" and first[60] == "00000001003"
+    host_time = datetime.strptime(f"{before.year}{first[13]}{first[12]}", "%Y%m%d%H%M%S")
+    assert before.replace(tzinfo=None, microsecond=0) <= host_time <= after.replace(tzinfo=None)
+    assert sale[60] == "22000001"
+    assert again[60][2:8] == "000001"  # the batch is still open
+    assert next_day[60][2:8] == "000002"
+    assert ledger_row(proc, "SELECT terminal_batch FROM txns WHERE stan = ?", sale[11]) == ("000001",)

@@ -201,3 +201,25 @@ async def test_no_full_card_number_is_stored(new_ledger: NewLedger) -> None:
     assert "476173******0119" in dumped
     assert CARD_A not in dumped
     assert CARD_B not in dumped
+
+
+async def test_records_keep_the_terminals_batch_number_and_a_sign_on_learns_the_batch_to_use(
+    new_ledger: NewLedger,
+) -> None:
+    till = Till()
+    settlement = SettlementTotals(credit_count=0, credit_amount=0, debit_count=1, debit_amount=1000)
+    async with new_ledger() as ledger:
+        before_any = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        await ledger.process(till.sale(1000, terminal_batch="000001"), till.ctx(), render)
+        while_open = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        settle = till.request(Kind.SETTLEMENT, "0500", "", None, card=None, totals=settlement, terminal_batch="000001")
+        assert (await ledger.process(settle, till.ctx(), render)).response_code == "00"
+        after_settlement = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        other_terminal = await ledger.batch_to_use(MID, T2, POLICY, till.now)
+        await ledger.process(till.sale(500, terminal_batch=after_settlement), till.ctx(), render)
+        txns = await ledger.all_txns()
+        batches = await ledger.list_batches(terminal=T1)
+
+    assert (before_any, while_open, after_settlement, other_terminal) == ("000001", "000001", "000002", "000001")
+    assert [txn.terminal_batch for txn in txns] == ["000001", "000001", "000002"]
+    assert [batch.batch_no for batch in batches] == ["000001", "000002"]

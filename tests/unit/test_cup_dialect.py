@@ -6,12 +6,14 @@ Requests are the shared interop vectors (built by an encoder that is not ours) o
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 
 import pytest
 
-from gateway.core.model import Kind, Reference, SettlementTotals
+from gateway.core.engine import batch_to_use
+from gateway.core.model import Batch, BatchState, ClosedBy, Kind, Reference, SettlementTotals
+from gateway.core.policy import Policy
 from gateway.protocol.cup import DIALECT, TRANSACTIONS, settlement_totals
 from gateway.protocol.dialect import AnswerFacts, DialectError, UnsupportedMessage, dialect_for
 from gateway.protocol.message import Message
@@ -169,3 +171,15 @@ def test_a_sign_on_answer_gives_the_batch_to_use_in_60_2() -> None:
 
     assert answer.fields[60] == "00000002003"
     assert (answer.fields[12], answer.fields[13]) == ("103020", "1207")
+
+
+def test_a_sign_on_is_told_the_open_batch_else_the_next_number() -> None:
+    opened = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    open_batch = Batch(1, "M", "T", "000007", BatchState.OPEN, opened)
+    settled = Batch(1, "M", "T", "999999", BatchState.CLOSED, opened, opened, ClosedBy.SETTLEMENT, "settled")
+    with_cutoff = Policy(cutoff=time(23, 0))
+
+    assert batch_to_use(None, Policy(), opened) == "000001"
+    assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=22)) == "000007"
+    assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=23, minute=1)) == "000008"  # past the cut-off
+    assert batch_to_use(settled, Policy(), opened) == "000001"  # counting starts again after 999999

@@ -46,12 +46,13 @@ from gateway.core.engine import (
     StandingCorrections,
     Step,
     UnreconciledBatches,
+    batch_to_use,
     close_batches_at_cutoff,
     process,
     saf_event,
 )
 from gateway.core.events import CorrectionEvent
-from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, SafItem, Txn
+from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, SafItem, Txn, next_batch_no
 from gateway.core.policy import Policy, Velocity
 from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
@@ -331,12 +332,12 @@ class LedgerCore:
                 "SELECT batch_no FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
                 query.merchant_id, query.terminal_id,
             )  # fmt: skip
-            number = int(last[0]) % 999_999 + 1 if last is not None else 1
+            number = next_batch_no(last[0] if last is not None else None)
             row = await db.fetchrow(
                 "INSERT INTO batches (merchant_id, terminal_id, batch_no, state, opened_at) "
                 "VALUES ($1, $2, $3, 'open', $4) ON CONFLICT (merchant_id, terminal_id) WHERE state = 'open' "
                 "DO NOTHING RETURNING *",
-                query.merchant_id, query.terminal_id, f"{number:06d}", self.dialect.store(query.now),
+                query.merchant_id, query.terminal_id, number, self.dialect.store(query.now),
             )  # fmt: skip
             if row is not None:
                 return self._batch(row)
@@ -395,6 +396,13 @@ class LedgerCore:
                            ) -> list[BatchSummary]:  # fmt: skip
         rows = await db.fetch(_BATCH_TOTALS, merchant or "", terminal or "", int(open_only))
         return [summary_from_row(row, self._batch(row)) for row in rows]
+
+    async def latest_batch(self, db: Db, merchant_id: str, terminal_id: str) -> Batch | None:
+        row = await db.fetchrow(
+            "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
+            merchant_id, terminal_id,
+        )  # fmt: skip
+        return self._batch(row) if row is not None else None
 
     async def find_txn(self, db: Db, merchant_id: str, rrn: str) -> Txn | None:
         return await self._one(db, "SELECT * FROM txns WHERE merchant_id = $1 AND rrn = $2", merchant_id, rrn)
@@ -619,6 +627,11 @@ class LedgerBase:
 
     async def find_txn(self, merchant_id: str, rrn: str) -> Txn | None:
         return await self.run(lambda db: self.core.find_txn(db, merchant_id, rrn))
+
+    async def batch_to_use(self, merchant_id: str, terminal_id: str, policy: Policy, now: datetime) -> str:
+        """The batch number a terminal signing on is to use (:func:`gateway.core.engine.batch_to_use`)."""
+        latest = await self.run(lambda db: self.core.latest_batch(db, merchant_id, terminal_id), durable=False)
+        return batch_to_use(latest, policy, now)
 
     async def all_txns(self) -> list[Txn]:
         return await self.run(self.core.all_txns)

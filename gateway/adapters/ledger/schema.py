@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: the schema version a new ledger is created at, on either database
-VERSION = 6
+VERSION = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,7 @@ CREATE TABLE txns (
     ref_same_stan {flag} NOT NULL DEFAULT {false},
     reversed_after_settlement {flag} NOT NULL DEFAULT {false},
     answered {flag} NOT NULL DEFAULT {false},
+    terminal_batch text,
     CHECK (amount >= 0 AND effective_amount >= 0 AND refunded_amount >= 0)
 );
 CREATE INDEX txns_key ON txns (merchant_id, stan, mti_class, terminal_id, transmission_time);
@@ -154,6 +155,9 @@ def saf_tables(types: Types) -> str:
     return ";\n".join(_statements(_SAF, types))
 
 
+#: version 6 -> 7 on either database: the batch number the terminal gave (UnionPay DE60.2) on its records
+TERMINAL_BATCH = "ALTER TABLE txns ADD COLUMN terminal_batch text"
+
 #: SQLite ledgers of earlier releases (``PRAGMA user_version``) -> the steps to the next version
 SQLITE_UPGRADES: dict[int, str] = {
     1: """
@@ -182,6 +186,7 @@ SQLITE_UPGRADES: dict[int, str] = {
     """,
     4: "SELECT 1",  # version 4 is version 5: the versions are counted alike from here on
     5: saf_tables(SQLITE),
+    6: TERMINAL_BATCH,
 }
 
 #: PostgreSQL ledgers of earlier releases (``schema_version``) -> the steps to the next version
@@ -219,4 +224,5 @@ POSTGRES_UPGRADES: dict[int, str] = {
     CREATE INDEX txns_approval ON txns (merchant_id, approval_code) WHERE kind = 'preauth'
     """,
     5: saf_tables(POSTGRES),
+    6: TERMINAL_BATCH,
 }
