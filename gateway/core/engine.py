@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from gateway.core.cards import keyed_sha256, pan_digest
+from gateway.core.cards import keyed_sha256, mask_pan, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
 from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
 from gateway.core.host import HostRequest, host_request
@@ -30,11 +30,13 @@ from gateway.core.model import (
     SettlementTotals,
     Txn,
     TxnStatus,
+    UploadedLine,
     balance_status,
     next_batch_no,
 )
 from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
+from gateway.core.uploads import differences
 
 T = TypeVar("T")
 
@@ -195,6 +197,26 @@ class StandingCorrections(Query):
     original_id: int
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class TerminalBatchTxns(Query):
+    """Every record of a terminal that carries its batch number ``terminal_batch`` (cup DE60.2), in id
+    order. Answer: ``list[Txn]``."""
+
+    merchant_id: str
+    terminal_id: str
+    terminal_batch: str
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class UploadedLines(Query):
+    """The lines a terminal uploaded for its batch ``terminal_batch``, in trace order.
+    Answer: ``list[UploadedLine]``."""
+
+    merchant_id: str
+    terminal_id: str
+    terminal_batch: str
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -256,6 +278,8 @@ class Plan:
     outcome: Outcome | None = None
     #: messages for the host's store-and-forward queue
     saf: list[SafEntry] = field(default_factory=list)
+    #: a batch upload's lines, kept (a line uploaded again replaces the earlier one) until its batch end
+    uploads: tuple[UploadedLine, ...] = ()
 
     @property
     def answered_id(self) -> int | None:
@@ -331,6 +355,8 @@ def process(request: Request, ctx: Context) -> Step:
     kind = request.kind
     if kind is Kind.SETTLEMENT:
         return (yield from _settlement(request, pan_hmac, print_, ctx))
+    if kind is Kind.BATCH_UPLOAD:
+        return (yield from _batch_upload(request, print_, ctx))
 
     #: events of batches this request found past the cut-off (closed now, before it is decided)
     events: list[CorrectionEvent] = []
@@ -658,6 +684,34 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
     return plan
 
 
+def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
+    """A batch upload's lines are kept (cards masked and keyed-hashed); its end compares them with the
+    ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
+    disagree on (:func:`gateway.core.uploads.differences`), empty when they agree."""
+    code = ctx.response_code(Reason.APPROVED)
+    record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
+    plan = Plan(code, Reason.APPROVED, None, None, record)
+    key = ctx.pan_key
+    plan.uploads = tuple(
+        UploadedLine(line.stan, line.amount, mask_pan(line.pan), pan_digest(key, line.pan) if line.pan else None)
+        for line in request.uploads
+    )
+    if request.upload_complete:
+        batch_no = request.terminal_batch or ""
+        merchant, terminal = request.merchant_id, request.terminal_id
+        txns: list[Txn] = yield TerminalBatchTxns(merchant, terminal, batch_no)
+        uploaded: list[UploadedLine] = yield UploadedLines(merchant, terminal, batch_no)
+        details: dict[str, object] = {
+            "batch": batch_no,
+            "stage": "batch_upload",
+            "uploaded": len(uploaded),
+            "differences": differences(txns, uploaded),
+        }
+        event = correction_event("batch", "mismatch", request, record, None, code=code, details=details)
+        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value))
+    return plan
+
+
 def _batch_closed_event(batch: Batch, cutoff: datetime, totals: SettlementTotals) -> CorrectionEvent:
     """``pos.batch.closed``: the gateway closed a batch at the cut-off, on its own (no request, no answer)."""
     return CorrectionEvent(
@@ -824,7 +878,9 @@ __all__ = [
     "SafEntry",
     "StaleBatches",
     "StandingCorrections",
+    "TerminalBatchTxns",
     "UnreconciledBatches",
+    "UploadedLines",
     "apply_changes",
     "approval_code_for",
     "batch_to_use",

@@ -24,6 +24,8 @@ class Kind(StrEnum):
     REFUND = "refund"
     REVERSAL = "reversal"
     SETTLEMENT = "settlement"
+    #: the transactions of a settled batch, listed by the terminal after a settlement that did not balance
+    BATCH_UPLOAD = "batch_upload"
 
 
 #: kinds whose approval creates money movement that corrections may point at
@@ -94,6 +96,25 @@ class SettlementTotals:
     debit_amount: int
 
 
+@dataclass(slots=True)
+class UploadLine:
+    """One transaction a terminal lists in a batch upload (cup 0320, DE48). ``pan`` stays in memory."""
+
+    stan: str  #: the transaction's trace number (DE11)
+    amount: int  #: minor units
+    pan: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedLine:
+    """An uploaded line as the ledger keeps it: the card masked and keyed-hashed, never in full."""
+
+    stan: str
+    amount: int
+    pan_masked: str | None
+    pan_hmac: str | None
+
+
 # Request, Reference (here), Message (protocol), Snapshot, Decision and TxnChange (decide) are
 # per-request values that nothing changes once built. Like the engine's queries they are plain
 # slots dataclasses, not frozen ones: a frozen dataclass pays object.__setattr__ per field (about
@@ -123,6 +144,10 @@ class Request:
     terminal_batch: str | None = None
     #: a sign-on whose answer names the batch number the terminal is to use (cup DE60.2)
     assigns_batch: bool = False
+    #: a batch upload's lines (cup 0320, 60.3 = 201)
+    uploads: tuple[UploadLine, ...] = ()
+    #: the end of a batch upload (cup 0320, 60.3 = 202 / 207): the lines are compared with the ledger
+    upload_complete: bool = False
     #: the PAN as logs, events and the ledger show it (first 6 + last 4), worked out once
     masked_pan: str | None = field(init=False, compare=False)
 

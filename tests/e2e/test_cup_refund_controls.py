@@ -244,3 +244,35 @@ async def test_a_sign_on_is_told_its_batch_and_the_host_time_and_after_a_settlem
     assert again[60][2:8] == "000001"  # the batch is still open
     assert next_day[60][2:8] == "000002"
     assert ledger_row(proc, "SELECT terminal_batch FROM txns WHERE stan = ?", sale[11]) == ("000001",)
+
+
+async def test_a_batch_upload_after_a_mismatch_lists_what_the_ledger_and_the_terminal_disagree_on(
+    proc: GatewayProcess,
+) -> None:
+    proc.start()
+    async with events_of(proc) as events, connected(proc) as pos:
+        kept = await pos.sale(10000)
+        forgotten = await pos.sale(2000)  # approved, but the terminal's journal lost it
+        refund = await pos.refund(kept[37], 3000, kept[13])
+        never_sent = pos.sale_request(500)  # in the terminal's journal, never reached the gateway
+        settlement = await pos.settle(debits=(2, 10500), credits=(1, 3500))
+        uploaded = await pos.upload([(kept[11], OTHER_CARD, 10000), (never_sent[11], CARD, 500),
+                                     (refund[11], CARD, 3500)])  # fmt: skip
+        end = await pos.upload_end(3)
+        listing = await events.wait_for(
+            "the batch upload's differences", lambda event: "differences" in event.data.get("details", {})
+        )
+
+    assert settlement[48][30] == "2" and uploaded[39] == "00" and end[39] == "00"
+    found = {line["stan"]: line for line in listing.data["details"]["differences"]}
+    assert {stan: line["difference"] for stan, line in found.items()} == {
+        kept[11]: "card",
+        forgotten[11]: "not_on_terminal",
+        never_sent[11]: "not_in_ledger",
+        refund[11]: "amount",
+    }
+    assert (found[refund[11]]["ledger_amount"], found[refund[11]]["terminal_amount"]) == (3000, 3500)
+    assert found[forgotten[11]]["rrn"] == forgotten[37]
+    assert listing.type == "pos.batch.mismatch" and listing.data["details"]["batch"] == pos.batch
+    dumped = json.dumps(listing.document) + repr(ledger_row(proc, "SELECT group_concat(pan_masked) FROM batch_uploads"))
+    assert CARD not in dumped and OTHER_CARD not in dumped

@@ -100,12 +100,12 @@ def test_a_refund_without_an_rrn_is_unreferenced() -> None:
     [
         sale(f3="310000", f60="01000002"),  # balance inquiry
         sale(f60="36000002"),  # a 60.1 the table does not know
-        sale(mti="0320", f60="00000002201"),  # batch upload
+        sale(mti="0320", f60="00000002203"),  # an IC card batch upload
         sale(mti="0800", f60="00000002360"),  # parameter download
         sale(mti="0500", f60="00000002202"),
         sale(mti="0400", f3="310000", f60="01000002"),  # a reversal of something not reversible
     ],
-    ids=["balance inquiry", "unknown 60.1", "batch upload", "parameter download", "0500 not 201", "reversal"],
+    ids=["balance inquiry", "unknown 60.1", "IC card batch upload", "parameter download", "0500 not 201", "reversal"],
 )
 def test_what_the_dialect_does_not_handle_is_unsupported(message: Message) -> None:
     with pytest.raises(UnsupportedMessage):
@@ -126,6 +126,8 @@ def test_what_the_dialect_does_not_handle_is_unsupported(message: Message) -> No
         (sale(f41="1234=281"), 41),
         (sale(f42="6217D2812101000"), 42),  # track 2 with its BCD separator
         (sale(mti="0500", f60="00000002201", f48="0001"), 48),
+        (sale(mti="0320", f60="00000002201", f48="01" + "0" * 39), 48),
+        (sale(mti="0320", f60="00000002201", f48="01" + "00000001" + "0" * 20 + "000000000100"), 48),
     ],
 )
 def test_a_malformed_request_is_a_format_error_naming_the_field(message: Message, field: int) -> None:
