@@ -185,3 +185,15 @@ def test_a_sign_on_is_told_the_open_batch_else_the_next_number() -> None:
     assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=22)) == "000007"
     assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=23, minute=1)) == "000008"  # past the cut-off
     assert batch_to_use(settled, Policy(), opened) == "000001"  # counting starts again after 999999
+
+
+def test_the_transaction_table_of_docs_profiles_is_the_dialects() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "profiles.md").read_text(encoding="utf-8")
+    table = text.split("<!-- cup-transactions")[1].split("<!-- /cup-transactions -->")[0]
+    documented = set()
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if len(cells) == 6 and cells[2].isdigit() and len(cells[2]) == 6:
+            documented.add((cells[1][:3], cells[2], cells[4], cells[3]))
+
+    assert documented == {(mti, code, kind, txn.condition) for (mti, code, kind), txn in TRANSACTIONS.items()}
