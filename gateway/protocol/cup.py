@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.core.model import Kind, Reference, Request, SettlementTotals, UploadLine
-from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage
+from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, FunctionDialect, UnsupportedMessage
 from gateway.protocol.fields import amount, card_number, expiry
 from gateway.protocol.iso87 import response_mti
 from gateway.protocol.message import Message
@@ -281,13 +281,4 @@ def _answer_private(mti: str, private: str, batch_no: str | None) -> str:
     return private[:8]
 
 
-class Cup:
-    """The ``cup`` dialect as :class:`gateway.protocol.dialect.Dialect` (this module's functions)."""
-
-    name = "cup"
-    response_mti = staticmethod(response_mti)
-    classify = staticmethod(classify)
-    build_response = staticmethod(build_response)
-
-
-DIALECT: Dialect = Cup()
+DIALECT: Dialect = FunctionDialect("cup", response_mti, classify, build_response)
