@@ -184,8 +184,8 @@ class CupTerminal:
 
     async def upload(self, lines: list[tuple[str, str, int]]) -> dict[int, str]:
         """批上送 (0320, 60.3 = 201): DE48 = the number of lines n2, then per (trace, card, amount): card
-        organisation n2 (00), trace n6, card number n20 (right-aligned), amount n12."""
-        listed = "".join(f"00{trace}{card:0>20}{amount:012d}" for trace, card, amount in lines)
+        organisation n2 (00), trace n6, card number n20 (left-aligned, filled with 0), amount n12."""
+        listed = "".join(f"00{trace}{card:0<20}{amount:012d}" for trace, card, amount in lines)
         fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 48: f"{len(lines):02d}{listed}",
                   60: "00" + self.batch + "201"}  # fmt: skip
         return await self.send("0320", fields)
