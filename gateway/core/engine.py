@@ -687,7 +687,7 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
 def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
     """A batch upload's lines are kept (cards masked and keyed-hashed); its end compares them with the
     ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
-    disagree on (:func:`gateway.core.uploads.differences`), empty when they agree."""
+    disagree on (:func:`gateway.core.uploads.differences`), or ``pos.batch.settled`` when they agree."""
     code = ctx.response_code(Reason.APPROVED)
     record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
     plan = Plan(code, Reason.APPROVED, None, None, record)
@@ -700,14 +700,12 @@ def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
     if request.upload_complete:
         txns: list[Txn] = yield TerminalBatchTxns(merchant, terminal, batch_no)
         uploaded: list[UploadedLine] = yield UploadedLines(merchant, terminal, batch_no)
-        details: dict[str, object] = {
-            "batch": batch_no,
-            "stage": "batch_upload",
-            "uploaded": len(uploaded),
-            "differences": differences(txns, uploaded),
-        }
-        event = correction_event("batch", "mismatch", request, record, None, code=code, details=details)
-        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value))
+        found = differences(txns, uploaded)
+        details: dict[str, object] = {"batch": batch_no, "stage": "batch_upload", "uploaded": len(uploaded),
+                                      "differences": found}  # fmt: skip
+        event = correction_event("batch", "mismatch" if found else "settled", request, record, None, code=code,
+                                 details=details)  # fmt: skip
+        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value) if found else event)
     return plan
 
 
