@@ -296,4 +296,5 @@ async def test_a_batch_upload_after_a_mismatch_lists_what_the_ledger_and_the_ter
     assert found[forgotten[11]]["rrn"] == forgotten[37]
     assert listing.type == "pos.batch.mismatch" and listing.data["details"]["batch"] == pos.batch
     dumped = json.dumps(listing.document) + repr(ledger_row(proc, "SELECT group_concat(pan_masked) FROM batch_uploads"))
+    dumped += proc.logs()
     assert CARD not in dumped and OTHER_CARD not in dumped
