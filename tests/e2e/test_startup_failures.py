@@ -95,6 +95,16 @@ CASES = {
     "the terminal TLS certificate is no certificate": Case(
         "GATEWAY_TLS__CERT", "cannot load the certificate", lambda *_: {"GATEWAY_TLS__CERT": str(SHIPPED_PROFILE)}
     ),
+    "the upstream host's profile does not exist": Case(
+        "GATEWAY_UPSTREAM__PROFILE",
+        "no-such-profile",
+        lambda *_: {"GATEWAY_UPSTREAM__URL": "tcp://127.0.0.1:9", "GATEWAY_UPSTREAM__PROFILE": "no-such-profile"},
+    ),
+    "the upstream host's TLS CA file is missing": Case(
+        "GATEWAY_UPSTREAM__TLS_CA",
+        "no such file",
+        lambda tmp, _: {"GATEWAY_UPSTREAM__URL": "tls://127.0.0.1:9", "GATEWAY_UPSTREAM__TLS_CA": str(tmp / "ca.pem")},
+    ),
     "MQTT TLS settings come with a plain MQTT broker": Case(
         "GATEWAY_MQTT__TLS_CA",
         "need a broker URL mqtts://",
