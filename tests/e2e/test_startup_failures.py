@@ -179,3 +179,11 @@ def test_check_config_of_settings_that_start_reports_each_part_and_leaves_nothin
     for free in (port, metrics):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", free))  # released again
+
+
+def test_check_config_reports_the_upstream_host_without_contacting_it(tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "GATEWAY_UPSTREAM__URL": f"tcp://127.0.0.1:{free_port()}"}
+    result = run("check-config", env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "upstream: ok (tcp://127.0.0.1:" in result.stdout
+    assert "profile iso87-binary (not contacted)" in result.stdout
