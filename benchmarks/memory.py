@@ -337,6 +337,8 @@ async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dic
             "GATEWAY_IDLE_TIMEOUT_S": str(args.idle_timeout),
             "GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
             "GATEWAY_MAX_CONNECTIONS": str(max(GATEWAY_MAX_CONNECTIONS, args.connections + 100)),
+            # every connection comes from 127.0.0.1: above the default of 250 per address (issue 21)
+            "GATEWAY_LIMITS__PER_ADDRESS": str(args.connections + args.load_connections + 100),
         },
     )
     rec = Recorder(server, workdir / "ledger-1.db", metrics_port)
