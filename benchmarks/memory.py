@@ -201,13 +201,16 @@ async def close_sessions(sessions: list[Session]) -> None:
 
 
 # --- load ---------------------------------------------------------------------------------------
-async def drive(port: int, count: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``count`` requests through the emulator's load mode; its JSON summary."""
+async def drive(port: int, count: int, args: argparse.Namespace, slice_no: int = 0) -> dict[str, Any]:
+    """``count`` requests through the emulator's load mode; its JSON summary. Each slice's terminals
+    have ids of their own (``S<slice>...``): the load numbers its STANs from 1 in every run, so the
+    same terminals would send the same requests again, which the gateway answers as retransmissions
+    (a replay and a ``pos.duplicate.replayed`` event each), not as new transactions."""
     command = [
         sys.executable, "-m", "terminal_emulator", "--port", str(port), "--profile", args.profile,
         "--mid", args.mid, "--json", "--timeout", "30", "load", "--count", str(count),
         "-c", str(args.load_connections), "--pipeline", str(args.pipeline), "--mix", args.mix, "--quiet",
-        "--seed", "7",
+        "--seed", "7", "--tid-prefix", f"S{slice_no % 1000:03d}",
     ]  # fmt: skip
     process = await asyncio.create_subprocess_exec(
         *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -337,6 +340,8 @@ async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dic
             "GATEWAY_IDLE_TIMEOUT_S": str(args.idle_timeout),
             "GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
             "GATEWAY_MAX_CONNECTIONS": str(max(GATEWAY_MAX_CONNECTIONS, args.connections + 100)),
+            # every connection comes from 127.0.0.1: above the default of 250 per address (issue 21)
+            "GATEWAY_LIMITS__PER_ADDRESS": str(args.connections + args.load_connections + 100),
         },
     )
     rec = Recorder(server, workdir / "ledger-1.db", metrics_port)
@@ -362,7 +367,7 @@ async def measure(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dic
         while done < args.messages:
             count = min(per_slice, args.messages - done)
             try:
-                summary = await drive(server.port, count, args)
+                summary = await drive(server.port, count, args, len(loads) + 1)
             except RuntimeError:
                 # the better message when the gateway died under load (it may still be shutting down)
                 with contextlib.suppress(subprocess.TimeoutExpired):

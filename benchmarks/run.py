@@ -10,7 +10,13 @@ its measured maximum to report latency under normal load.
 Prints throughput, p50/p99 latency, peak memory and the ratio gateway / limit, and writes the
 figures with a description of the machine to ``benchmarks/results/latest.json``.
 
+With ``--upstream iso-host`` each round also runs the gateway forwarding to the acquirer host
+simulator (``iso-host serve`` on a free loopback port, ``GATEWAY_UPSTREAM__URL``; a fresh host each
+round) after the stand-in gateway, and reports bare / stand-in / via-host side by side. The host
+runs on the same cores, so the via-host figure pays for the host's CPU too.
+
     python -m benchmarks.run --duration 10 --rounds 3
+    python -m benchmarks.run --duration 8 --rounds 3 --upstream iso-host     # make bench BENCH_ARGS="..."
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -201,6 +208,97 @@ def outbox_pending(db: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0])
 
 
+@dataclass
+class Host:
+    """``iso-host serve`` (terminal_emulator/host) on a free loopback port, approving everything."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def stop(self) -> int:
+        """Stop it; the number of requests it says it received (its stop line), -1 if it did not say."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        found = re.search(r"stopped after (\d+) request", self.log.read_text(errors="replace"))
+        return int(found.group(1)) if found else -1
+
+
+def start_host(workdir: Path, round_no: int) -> Host:
+    port = free_port()
+    script = Path(sys.executable).parent / "iso-host"
+    command = ([str(script)] if script.exists()
+               else [sys.executable, "-c", "from terminal_emulator.host.cli import main; main()"])
+    log = workdir / f"host-{round_no}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([*command, "serve", "--listen", f"127.0.0.1:{port}", "--quiet"], cwd=ROOT,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    wait_listening(port, process)
+    return Host(process, port, log)
+
+
+def via_host_round(args: argparse.Namespace, workdir: Path, mqtt_url: str, round_no: int,
+                   rate: float | None = None) -> tuple[dict[str, Any], float]:
+    """The gateway forwarding every purchase and checked refund to a fresh ``iso-host``: its figures
+    (with the host's CPU per message and how many requests the host received) and its peak memory."""
+    host = start_host(workdir, round_no)
+    try:
+        gateway = start_gateway(args.profile, workdir, mqtt_url, round_no,
+                                {"GATEWAY_UPSTREAM__URL": f"tcp://127.0.0.1:{host.port}"})
+        try:
+            host_before = cpu_seconds(host.process.pid)
+            summary = measured(gateway, args, rate)
+            summary["host_cpu_us_per_msg"] = ((cpu_seconds(host.process.pid) - host_before)
+                                              / max(1, summary["received"]) * 1e6)
+        finally:
+            peak = gateway.stop()
+    finally:
+        received = host.stop()
+    summary["host_received"] = received
+    return summary, peak
+
+
+def via_host_summary(rounds: list[dict[str, Any]], bare_tps: float, gw_tps: float) -> dict[str, Any]:
+    """Medians of the via-host runs and their ratios to the bare server and the stand-in gateway."""
+    via = [r["via_host"] for r in rounds]
+    tps = statistics.median(v["tps"] for v in via)
+    return {
+        "via_host_tps_median": tps,
+        "via_host_p50_ms_median": statistics.median(v["p50_ms"] for v in via),
+        "via_host_p99_ms_median": statistics.median(v["p99_ms"] for v in via),
+        "gateway_p50_ms_median": statistics.median(r["gateway"]["p50_ms"] for r in rounds),
+        "gateway_p99_ms_median": statistics.median(r["gateway"]["p99_ms"] for r in rounds),
+        "bare_p50_ms_median": statistics.median(r["bare"]["p50_ms"] for r in rounds),
+        "bare_p99_ms_median": statistics.median(r["bare"]["p99_ms"] for r in rounds),
+        "ratio_via_host_to_bare": tps / bare_tps if bare_tps else 0.0,
+        "ratio_via_host_to_gateway": tps / gw_tps if gw_tps else 0.0,
+        "via_host_round_ratios_to_gateway": [
+            r["via_host"]["tps"] / r["gateway"]["tps"] if r["gateway"]["tps"] else 0.0 for r in rounds
+        ],
+        "via_host_cpu_us_per_msg": statistics.median(v["server_cpu_us_per_msg"] for v in via),
+        "host_cpu_us_per_msg": statistics.median(v["host_cpu_us_per_msg"] for v in via),
+    }
+
+
+def print_via_host(s: dict[str, Any], half: dict[str, Any]) -> None:
+    print(f"\n{'median of the rounds':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}  ratio")
+    print(f"{'bare codec server':<22} {s['bare_tps_median']:>9.0f} {s['bare_p50_ms_median']:>8.2f} "
+          f"{s['bare_p99_ms_median']:>8.2f}  100%")
+    print(f"{'gateway, stand-in':<22} {s['gateway_tps_median']:>9.0f} {s['gateway_p50_ms_median']:>8.2f} "
+          f"{s['gateway_p99_ms_median']:>8.2f}  {s['ratio_gateway_to_bare']:.1%} of bare")
+    print(f"{'gateway via iso-host':<22} {s['via_host_tps_median']:>9.0f} {s['via_host_p50_ms_median']:>8.2f} "
+          f"{s['via_host_p99_ms_median']:>8.2f}  {s['ratio_via_host_to_bare']:.1%} of bare, "
+          f"{s['ratio_via_host_to_gateway']:.1%} of stand-in")
+    print("via host / stand-in per round " + " ".join(f"{r:.1%}" for r in s["via_host_round_ratios_to_gateway"]))
+    print(f"CPU per message via host: gateway {s['via_host_cpu_us_per_msg']:.0f} µs, iso-host "
+          f"{s['host_cpu_us_per_msg']:.0f} µs (same cores)")
+    print(f"p99 via host at half load ({half['target_rate']:.0f} msg/s): {half['p99_ms']:.2f} ms")
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -264,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", default="purchase=80,refund=20")
     parser.add_argument("--profile", default="iso87-binary")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--upstream", choices=["none", "iso-host"], default=os.environ.get("BENCH_UPSTREAM", "none"),
+                        help="iso-host: also run the gateway forwarding to iso-host each round (env BENCH_UPSTREAM)")
     args = parser.parse_args(argv)
 
     header = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'loop':>6} {'peak MiB':>9} "
@@ -296,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                                           "gateway": gw_summary | {"peak_rss_mib": gw_peak,
                                                                    "outbox_pending_at_end": lag,
                                                                    "outbox_pending_after": pending}})
+                if args.upstream == "iso-host":
+                    via, via_peak = via_host_round(args, workdir, mqtt_url, round_no + 100)
+                    print(row(f"round {round_no} via iso-host", via, via_peak)
+                          + f"  host received {via['host_received']}")
+                    results["rounds"][-1]["via_host"] = via | {"peak_rss_mib": via_peak}
             bare_tps = statistics.median(r["bare"]["tps"] for r in results["rounds"])
             gw_tps = statistics.median(r["gateway"]["tps"] for r in results["rounds"])
             half = gw_tps / 2
@@ -305,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             print(row("gateway at half max", half_summary, half_peak))
             # the same nearest-rank percentile as the load generator's figures
             half_summary["gateway_logged_p99_ms"] = percentile(sorted(logged_latencies(workdir / "gateway-0.log")), 99)
+            if args.upstream == "iso-host":
+                via_half = statistics.median(r["via_host"]["tps"] for r in results["rounds"]) / 2
+                via_half_summary, via_half_peak = via_host_round(args, workdir, mqtt_url, 100, rate=via_half)
+                print(row("via iso-host at half", via_half_summary, via_half_peak))
     ratio = gw_tps / bare_tps if bare_tps else 0.0
     bare_cpu = statistics.median(r["bare"]["server_cpu_us_per_msg"] for r in results["rounds"])
     gw_cpu = statistics.median(r["gateway"]["server_cpu_us_per_msg"] for r in results["rounds"])
@@ -341,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"p99 at half load ({half:.0f} msg/s): {half_summary['p99_ms']:.2f} ms   (target < 20 ms)")
     print(f"  as the gateway logged it: p99 {half_summary['gateway_logged_p99_ms']:.2f} ms from decoding a request "
           "to answering it (the terminal's figure adds time in sockets and in the load generator)")
+    if args.upstream == "iso-host":
+        results["summary"] |= via_host_summary(results["rounds"], bare_tps, gw_tps) | {
+            "via_host_half_load_rate": via_half, "via_host_half_load_p99_ms": via_half_summary["p99_ms"],
+            "via_host_half_load_p50_ms": via_half_summary["p50_ms"]}
+        print_via_host(results["summary"], via_half_summary)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"written to {args.output}")

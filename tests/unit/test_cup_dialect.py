@@ -211,3 +211,22 @@ def test_an_uploaded_card_ending_in_0_is_told_from_its_zero_fill_by_the_ledgers_
 
     assert (kept.pan_hmac, kept.pan_masked) == (pan_digest(key, ending_in_zero), "621700*******8900")
     assert unknown.pan_hmac == pan_digest(key, "621700123456789")  # the shortest: another card than any
+
+
+GOLDEN_FILE = Path(__file__).resolve().parents[1] / "vectors" / "cup" / "frames.jsonl"
+GOLDEN = [json.loads(line) for line in GOLDEN_FILE.read_text(encoding="utf-8").splitlines()]
+GOLDEN_REQUESTS = [raw for raw in GOLDEN if DIALECT.response_mti(raw["mti"])]
+GOLDEN_KINDS = {"sign_on": Kind.NETWORK, "sale": Kind.PURCHASE, "void": Kind.VOID, "refund": Kind.REFUND,
+                "reversal": Kind.REVERSAL, "pre_auth": Kind.PREAUTH, "preauth": Kind.PREAUTH,
+                "completion": Kind.COMPLETION, "settlement": Kind.SETTLEMENT, "batch_upload": Kind.BATCH_UPLOAD,
+                "batch_end": Kind.BATCH_UPLOAD}  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", GOLDEN_REQUESTS, ids=lambda raw: raw["file"])
+def test_each_hand_derived_golden_request_is_understood(raw: dict[str, object]) -> None:
+    fields = raw["fields"]
+    assert isinstance(fields, dict)
+    request = DIALECT.classify(Message(str(raw["mti"]), {int(number): value for number, value in fields.items()}))
+
+    assert request.kind is GOLDEN_KINDS[str(raw["kind"])]
+    assert request.terminal_batch == fields["60"][2:8]
