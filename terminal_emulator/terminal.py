@@ -340,7 +340,9 @@ class Terminal:
 
     async def _batch_upload(self, records: list[TransactionRecord]) -> None:
         for record in records:
-            await self._roundtrip("upload", self.dialect.batch_upload(self._stamp(), self.station, record))
+            # the card this process used for it, else the card a cashier would swipe again (no PAN is journaled)
+            pan = self._pans.get(record.stan, self.pan)
+            await self._roundtrip("upload", self.dialect.batch_upload(self._stamp(), self.station, record, pan))
             self.journal.save()
         await self._roundtrip("upload_end", self.dialect.batch_end(self._stamp(), self.station, len(records)))
 

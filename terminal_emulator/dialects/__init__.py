@@ -122,8 +122,8 @@ class Dialect(Protocol):
 
     def in_main_totals(self, record: TransactionRecord) -> bool: ...
 
-    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord) -> IsoMessage:
-        """One transaction of a batch the host found not balanced (UnionPay 0320)."""
+    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord, pan: str) -> IsoMessage:
+        """One transaction of a batch the host found not balanced (UnionPay 0320), paid with ``pan``."""
         ...
 
     def batch_end(self, st: Stamp, station: Station, count: int) -> IsoMessage: ...

@@ -16,7 +16,8 @@ the pre-auth family; no DE7 and no DE12/13 in requests (the host's time comes ba
 | sign-on          | 0800 | 60 = 00 + batch + 003, 63 = operator; the 0810's 60.2 is the batch to use  |
 | echo             | 0820 | 60 = 00 + batch + 301                                                      |
 | settlement       | 0500 | 60 = 00 + batch + 201, 48 = totals; the 0510's 48 holds the verdict       |
-| batch upload     | 0320 | 60 = 00 + batch + 201, one per transaction; batch end 60.3 = 207, 48 count |
+| batch upload     | 0320 | 60 = 00 + batch + 201, 48 = 01 + org + trace + PAN n20 + amount (one each)  |
+| batch end        | 0320 | 60 = 00 + batch + 207, 48 = transactions uploaded n4                       |
 
 60 = 60.1 type n2 + 60.2 batch n6 + 60.3 network code n3 (000 for transactions); a sale adds 60.4
 read capability 6 (contact and contactless chip), 60.5 chip condition 0, 60.6 partial approval 1.
@@ -168,17 +169,13 @@ class Cup:
     def in_main_totals(self, record: TransactionRecord) -> bool:
         return record.masked_pan.startswith(DOMESTIC_BIN)
 
-    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord) -> IsoMessage:
-        # No PAN: the journal never holds one; 37, 38 and 61 (batch, trace, date) name the transaction.
-        fields = {3: record.processing_code, 4: f"{record.effective_amount:012d}", 11: st.stan,
-                  25: record.request_fields.get("25", "00"), 41: station.tid, 42: station.mid,
-                  49: record.currency, 60: field60("00", station.batch, "201"),
-                  61: f"{record.batch:06d}{record.stan}{record.date or st.local_date}"}
-        if record.rrn:
-            fields[37] = record.rrn
-        if record.approval_code:
-            fields[38] = record.approval_code
-        return IsoMessage(mti="0320", fields=dict(sorted(fields.items())))
+    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord, pan: str) -> IsoMessage:
+        # 48 = count n2 (one transaction a message) + card organisation n2 (00 UnionPay, 01 other) + its
+        # trace n6 + PAN n20 (left-aligned, 0-filled) + amount n12, as tests/vectors/cup/12-batch-upload.md
+        organisation = "00" if self.in_main_totals(record) else "01"
+        entry = f"01{organisation}{record.stan}{pan:0<20}{record.effective_amount:012d}"
+        fields = {11: st.stan, 41: station.tid, 42: station.mid, 48: entry, 60: field60("00", station.batch, "201")}
+        return IsoMessage(mti="0320", fields=fields)
 
     def batch_end(self, st: Stamp, station: Station, count: int) -> IsoMessage:
         fields = {11: st.stan, 41: station.tid, 42: station.mid, 48: f"{count:04d}",

@@ -75,7 +75,7 @@ class Iso87:
     def in_main_totals(self, record: TransactionRecord) -> bool:
         return True
 
-    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord) -> IsoMessage:
+    def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord, pan: str) -> IsoMessage:
         raise UsageError("the iso87 dialect has no batch upload: a settlement is answered 00 or 95")
 
     def batch_end(self, st: Stamp, station: Station, count: int) -> IsoMessage:

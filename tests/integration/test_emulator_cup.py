@@ -169,11 +169,11 @@ async def test_a_settlement_not_balanced_uploads_the_batch_then_ends_it_and_open
         uploads = host.received[-3:]
         assert [m.mti for m in uploads] == ["0320", "0320", "0320"]
         assert [m.fields[60] for m in uploads] == ["00000007201", "00000007201", "00000007207"]
-        assert [m.fields.get(37) for m in uploads] == [sale.rrn, refund.rrn, None]
-        assert uploads[0].fields[61] == "000007" + sale.request.stan + HOST_DATE
-        assert [m.fields[4] for m in uploads[:2]] == ["000000010000", "000000003000"]
+        # 48: one transaction, organisation 00 (UnionPay card), its trace, PAN n20, amount
+        assert uploads[0].fields[48] == f"0100{sale.request.stan}{PAN}0" + "000000010000"
+        assert uploads[1].fields[48] == f"0100{refund.request.stan}{PAN}0" + "000000003000"
         assert uploads[2].fields[48] == "0002"
-        assert all(2 not in m.fields for m in uploads)  # the journal holds no card number to upload
+        assert voided.request.stan not in "".join(m.fields[48] for m in uploads)
         assert terminal.journal.batch == 8
         nxt = await terminal.sale(100)
         assert nxt.request.fields[60].startswith("22000008")
@@ -244,7 +244,7 @@ async def test_iso_terminal_with_profile_cup_pos_signs_on_sells_voids_refunds_an
                 "--journal", str(tmp_path / "pos.json")]
         outputs = []
         for command in (["signon"], ["sale", "--amount", "88.00"], ["sale", "--amount", "12.00"], ["void", "--last"],
-                        ["refund", "--last", "--amount", "8.00"], ["settle"]):
+                        ["refund", "--last", "--amount", "8.00"], ["--json", "settle"]):
             code, out, err = await run_cli(*base, *command)
             assert code == 0, (command, err)
             outputs.append(out)
@@ -253,7 +253,10 @@ async def test_iso_terminal_with_profile_cup_pos_signs_on_sells_voids_refunds_an
     void, refund = host.received[3], host.received[4]
     assert void.fields[61] == "000003" + host.received[2].stan
     assert refund.fields[37] == f"{HOST_DATE}{host.received[1].stan:0>8}"
-    assert "settlement not balanced" in outputs[5]
+    settle, *uploads = (json.loads(line) for line in outputs[5].splitlines())
+    assert (settle["mti"], settle["fields"]["48"][30]) == ("0510", "2")
+    assert [u["request"]["fields"]["60"][-3:] for u in uploads] == ["201", "201", "207"]
+    assert uploads[0]["request"]["fields"]["48"][10:30] == "621700**********1220"  # the PAN n20, masked
     assert host.mtis[6:] == ["0320", "0320", "0320"]
     journal = json.loads((tmp_path / "pos.json").read_text())
     assert (journal["batch"], journal["stan"]) == (4, 9)
