@@ -306,7 +306,7 @@ def check_config(ctx: typer.Context, config: ConfigOption = None, as_json: JsonO
         f"{len(profile.fields)} fields) from {escape(str(profile.source))}",
         markup=True,
     )
-    for part in ("listen", "metrics", "tls", "ledger", "mqtt"):
+    for part in ("listen", "metrics", "tls", "upstream", "ledger", "mqtt"):
         if part in found.findings:
             out.print(f"{part}: ok ({found.findings[part]})", markup=False, soft_wrap=True)
 

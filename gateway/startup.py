@@ -393,6 +393,8 @@ async def preflight(settings: Settings, *, postgres_s: float = 5.0, probe_s: flo
     if settings.metrics_listen:
         metrics = settings.metrics_listen
         attempt("metrics", lambda: _free(metrics, "GATEWAY_METRICS_LISTEN", 9108))
+    if settings.upstream.url is not None:
+        attempt("upstream", lambda: _upstream_finding(settings))
     path = settings.sqlite_path()
     if path is not None:
         attempt("ledger", lambda: _sqlite_finding(path))
@@ -416,6 +418,25 @@ async def preflight(settings: Settings, *, postgres_s: float = 5.0, probe_s: flo
 def _free(address: str, setting: str, default_port: int) -> str:
     check_address_free(setting, address, default_port)
     return f"{address} is free"
+
+
+def _upstream_finding(settings: Settings) -> str:
+    """The host link's profile and TLS files, as ``serve`` checks them; the host is not contacted
+    (``serve`` starts without it and applies ``GATEWAY_UPSTREAM__WHEN_DOWN`` until it answers)."""
+    from gateway.adapters.upstream_connection import TlsFilesError, tls_context
+
+    upstream = settings.upstream
+    assert upstream.url is not None
+    try:
+        load_profile(upstream.profile)
+    except ProfileError as exc:
+        raise StartupError("GATEWAY_UPSTREAM__PROFILE", str(exc)) from None
+    if upstream.url.startswith("tls://"):
+        try:
+            tls_context(upstream)
+        except TlsFilesError as exc:
+            raise StartupError(exc.setting, exc.detail) from None
+    return f"{upstream.url}, profile {upstream.profile} (not contacted)"
 
 
 def _sqlite_finding(path: Path) -> str:

@@ -15,13 +15,13 @@ What "as written" means here:
 - **``make test``** runs as written, on a bounded slice of the suite (``PYTEST_ADDOPTS`` names two test
   files; pytest reads that variable itself), except in the long variant.
 - **The commands**: every line of the ``sh`` blocks of "Quickstart" and "A short tour", in order, by
-  bash in the clone. ``iso-gateway serve`` and ``mosquitto_sub`` run in terminals of their own (in the
-  background) until the tour stops them: the gateway when the README says "Stop" (Ctrl-C is SIGINT:
-  exit 0), ``mosquitto_sub`` at the end. Every other line must exit 0, and a line whose comment starts
-  with a response code must get it.
-- **The machine**: Mosquitto answers on 127.0.0.1:1883 (as here and in CI) and 8583 is free; a new
+  bash in the clone. ``iso-gateway serve``, ``iso-host serve`` and ``mosquitto_sub`` run in terminals
+  of their own (in the background) until the tour stops them: the gateway when the README says "Stop"
+  (Ctrl-C is SIGINT: exit 0), the rest (the second gateway, in front of the host, included) at the
+  end. Every other line must exit 0, and a line whose comment starts with a response code must get it.
+- **The machine**: Mosquitto answers on 127.0.0.1:1883 (as here and in CI), 8583 and 8600 are free; a new
   home folder (a new user, so no terminal journal yet), the same for both runs. Runs of this test on
-  one machine take turns (a lock file): they need the same two ports.
+  one machine take turns (a lock file): they need the same ports.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ INNER = "README_TOUR_INNER"  #: set for the suite the long variant runs inside t
 SLICE = "tests/unit/test_config.py tests/unit/test_framing.py"
 LOCK = Path("/tmp/iso-gateway-readme-tour.lock")
 #: commands that run until stopped, each in a terminal of its own
-LONG_RUNNING = ("iso-gateway serve", "mosquitto_sub")
+LONG_RUNNING = ("iso-gateway serve", "iso-host serve", "mosquitto_sub")
+#: the gateway's and the acquirer host simulator's default ports
+TOUR_PORTS = (8583, 8600)
 
 pytestmark = pytest.mark.skipif(os.environ.get(INNER) == "1", reason="inside the long variant's own suite run")
 
@@ -95,6 +97,11 @@ def readme_steps() -> list[Line]:
     return steps
 
 
+def test_a_long_running_command_is_run_as_the_process_itself() -> None:
+    assert exec_line(".venv/bin/iso-gateway serve") == "exec .venv/bin/iso-gateway serve"
+    assert exec_line("A=tcp://x:1 B= .venv/bin/x --y=1") == "A=tcp://x:1 B= exec .venv/bin/x --y=1"
+
+
 def test_the_tour_reads_as_this_test_expects() -> None:
     """The parse above finds what the README asks a newcomer to do (if the README changes shape, this
     says so before the tour below fails in a less obvious way)."""
@@ -105,7 +112,9 @@ def test_the_tour_reads_as_this_test_expects() -> None:
     assert commands.index(".venv/bin/iso-gateway serve") < commands.index(STOP.command) < len(commands) - 1
     assert not any(re.search(r"\b\d{12}\b", command) for command in commands), "no literal RRN"
     codes = [step.expected_code for step in readme_steps() if step.expected_code]
-    assert codes == ["00", "00", "64"]
+    assert codes == ["00", "00", "64", "00", "51"]
+    upstream = next(c for c in commands if "GATEWAY_UPSTREAM__URL" in c)
+    assert commands.index("<stop the gateway>") < commands.index(upstream)  # the second gateway, after the first
 
 
 # --- the clone ------------------------------------------------------------------------------------
@@ -168,8 +177,9 @@ class Tour:
     env: dict[str, str]
     outputs: dict[str, str] = field(default_factory=dict)
     terminals: list[Terminal] = field(default_factory=list)
-    gateway: Terminal | None = None
+    gateway: Terminal | None = None  #: the first gateway (stopped where the README says "Stop")
     events: Terminal | None = None
+    host: Terminal | None = None
 
     def run(self, step: Line) -> None:
         if step is STOP:
@@ -196,7 +206,7 @@ class Tour:
         output = self.clone.parent / f"terminal-{len(self.terminals) + 1}.out"
         with output.open("wb") as sink:
             process = subprocess.Popen(
-                ["bash", "-c", f"exec {step.command}"],
+                ["bash", "-c", exec_line(step.command)],
                 cwd=self.clone,
                 env=self.env,
                 stdout=sink,
@@ -205,8 +215,12 @@ class Tour:
         terminal = Terminal(process, output)
         self.terminals.append(terminal)
         if "iso-gateway serve" in step.command:
-            self.gateway = terminal
+            self.gateway = self.gateway or terminal
             wait_until(lambda: '"gateway.started"' in terminal.text() or process.poll() is not None, 20, "the gateway")
+            assert process.poll() is None, terminal.text()
+        elif "iso-host serve" in step.command:
+            self.host = terminal
+            wait_until(lambda: "listening on" in terminal.text() or process.poll() is not None, 20, "the host")
             assert process.poll() is None, terminal.text()
         else:
             self.events = terminal
@@ -242,6 +256,16 @@ class Tour:
                     terminal.process.wait()
 
 
+def exec_line(command: str) -> str:
+    """``command`` run by bash as the process itself (signals reach it): ``exec`` after its leading
+    variable assignments (``A=1 exec cmd`` passes ``A`` to ``cmd``; ``exec A=1 cmd`` fails)."""
+    words = command.split(" ")
+    settings = 0
+    while settings < len(words) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[settings]):
+        settings += 1
+    return " ".join([*words[:settings], "exec", *words[settings:]])
+
+
 def subscribed(pid: int, port: int) -> bool:
     """Whether process ``pid`` has an established TCP connection to ``port`` (Linux ``/proc``): then
     its SUBSCRIBE went out right after, long before the next command's first event."""
@@ -264,7 +288,7 @@ def subscribed(pid: int, port: int) -> bool:
 
 @contextlib.contextmanager
 def machine_for_the_tour() -> Iterator[None]:
-    """One tour at a time on this machine; Mosquitto on 1883 and a free 8583, or the test cannot run."""
+    """One tour at a time on this machine; Mosquitto on 1883, free 8583 and 8600, or the test cannot run."""
     with LOCK.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -273,12 +297,14 @@ def machine_for_the_tour() -> Iterator[None]:
             if shutil.which("mosquitto_sub") is None:
                 missing_service("the README tour runs mosquitto_sub, which is not installed")
             deadline = time.monotonic() + 30  # a gateway of a test that just ended may still be closing
-            while port_accepts("127.0.0.1", 8583):
-                if time.monotonic() > deadline:
-                    missing_service("port 8583 is in use on this machine; the README tour needs it")
-                time.sleep(0.2)
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 8583))  # free now: nothing else bound it without listening
+            for port in TOUR_PORTS:
+                while port_accepts("127.0.0.1", port):
+                    if time.monotonic() > deadline:
+                        missing_service(f"port {port} is in use on this machine; the README tour needs it")
+                    time.sleep(0.2)
+                with socket.socket() as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+                    probe.bind(("127.0.0.1", port))  # free now: nothing else bound it without listening
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -323,6 +349,9 @@ def test_the_readme_quick_start_and_tour_work_as_written_in_a_fresh_clone_twice_
             ], f"run {run}: mosquitto_sub saw {tour.events.text()}"
             assert "gateway log: demo-output/gateway.log" in tour.outputs["make demo"]
             assert "TERM0001" in tour.outputs[".venv/bin/iso-gateway batches --open"]
+            assert tour.host is not None
+            assert len(re.findall(r"\b0200\b", tour.host.text())) == 2, tour.host.text()  # the two sales it decided
+            assert "nothing queued" in tour.outputs[".venv/bin/iso-gateway saf status"], tour.outputs
             rrns.append(rrn)
     assert rrns[0] != rrns[1]  # the second run refunded its own sale, whatever its RRN
     assert int(rrns[1]) - int(rrns[0]) < 1000  # and no block of RRNs was lost in between

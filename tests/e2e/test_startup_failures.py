@@ -95,6 +95,16 @@ CASES = {
     "the terminal TLS certificate is no certificate": Case(
         "GATEWAY_TLS__CERT", "cannot load the certificate", lambda *_: {"GATEWAY_TLS__CERT": str(SHIPPED_PROFILE)}
     ),
+    "the upstream host's profile does not exist": Case(
+        "GATEWAY_UPSTREAM__PROFILE",
+        "no-such-profile",
+        lambda *_: {"GATEWAY_UPSTREAM__URL": "tcp://127.0.0.1:9", "GATEWAY_UPSTREAM__PROFILE": "no-such-profile"},
+    ),
+    "the upstream host's TLS CA file is missing": Case(
+        "GATEWAY_UPSTREAM__TLS_CA",
+        "no such file",
+        lambda tmp, _: {"GATEWAY_UPSTREAM__URL": "tls://127.0.0.1:9", "GATEWAY_UPSTREAM__TLS_CA": str(tmp / "ca.pem")},
+    ),
     "MQTT TLS settings come with a plain MQTT broker": Case(
         "GATEWAY_MQTT__TLS_CA",
         "need a broker URL mqtts://",
@@ -169,3 +179,11 @@ def test_check_config_of_settings_that_start_reports_each_part_and_leaves_nothin
     for free in (port, metrics):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", free))  # released again
+
+
+def test_check_config_reports_the_upstream_host_without_contacting_it(tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "GATEWAY_UPSTREAM__URL": f"tcp://127.0.0.1:{free_port()}"}
+    result = run("check-config", env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "upstream: ok (tcp://127.0.0.1:" in result.stdout
+    assert "profile iso87-binary (not contacted)" in result.stdout

@@ -195,3 +195,25 @@ def test_a_cup_amount_that_is_not_bcd_digits_is_a_decode_error_naming_field_4() 
     assert (caught.value.mti, caught.value.field) == ("0200", 4)
     assert caught.value.partial is not None
     assert caught.value.partial.fields[41] == "TERM0001"
+
+
+# --- cup-pos: eleven frames from the independent encoder (shared/vectors/cup-pos.jsonl) -------------
+
+CUP = load_vectors("cup-pos")
+#: the TPDU every shared cup-pos frame carries: 0x60, destination 0003, source 0000
+SHARED_CUP_TPDU = bytes.fromhex("6000030000")
+
+
+def test_the_cup_vector_file_holds_the_eleven_messages_of_its_readme() -> None:
+    assert len(CUP) == 11
+
+
+@pytest.mark.parametrize("vector", CUP, ids=[v.description for v in CUP])
+def test_a_shared_cup_frame_decodes_to_exactly_its_fields_and_encodes_back(vector: Vector) -> None:
+    profile = load_profile("cup-pos")
+
+    (frame,) = FrameBuffer(profile.framing).feed(vector.frame)
+
+    assert frame.tpdu == SHARED_CUP_TPDU
+    assert Codec(profile).decode(frame.payload) == vector.message
+    assert encode_frame(profile.framing, Codec(profile).encode(vector.message), SHARED_CUP_TPDU) == vector.frame
