@@ -125,3 +125,22 @@ def test_voids_follow_the_originals_kind_pre_auth_void_11_and_completion_void_21
     done_void = CUP.void(_st(11), STATION, CARD, 52000, "156", rrn="120710000006", original=completion)
     assert (done_void.mti, done_void.fields[60][:2], done_void.fields[61]) == ("0200", "21", "000002000006")
     assert CUP.original_stan(done_void) == "000006"
+
+
+def _golden(kind: str) -> dict[str, Any]:
+    path = Path(__file__).resolve().parents[1] / "vectors" / "cup" / "frames.jsonl"
+    if not path.exists():
+        pytest.skip("tests/vectors/cup/frames.jsonl not present")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next(row for row in rows if row["kind"] == kind)
+
+
+def test_batch_upload_and_batch_end_equal_the_hand_derived_frames_byte_for_byte() -> None:
+    station = Station(tid="21300017", mid="898440158120035", batch=123)
+    completion = _record("completion", "000456", amount=286050, masked_pan="625965******5671", batch=123)
+    upload = CUP.batch_upload(_st(458), station, completion, "6259650012345671")
+    end = CUP.batch_end(_st(459), station, 1)
+    for message, kind in ((upload, "batch_upload"), (end, "batch_end")):
+        vector = _golden(kind)
+        assert {str(k): v for k, v in message.fields.items()} == vector["fields"], kind
+        assert _wire(message).upper() == vector["frame_hex"], kind
