@@ -25,7 +25,7 @@ from gateway.core.upstream import HostAnswer, NoAnswer
 from gateway.events import new_event_id, render_event
 from gateway.ports import Clock, Completion, LedgerResult, Renderer, Upstream, UpstreamDown, UpstreamTimeout
 from gateway.protocol.codec import Codec, DecodeError, EncodeError
-from gateway.protocol.dialect import Dialect, DialectError, UnsupportedMessage, dialect_for
+from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage, dialect_for
 from gateway.protocol.host import CARD_FIELDS, host_message
 from gateway.protocol.message import Message
 from gateway.protocol.profile import Profile
@@ -135,6 +135,11 @@ class GatewayService:
 
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)
+
+    def facts(self, reason: str) -> AnswerFacts:
+        """What an answer may carry beyond its codes: the reason, and the host's time in the settlement time
+        zone (DE12 / DE13 of the ``cup`` dialect's answers)."""
+        return AnswerFacts(reason, self.clock.now().astimezone(self.config.policy.timezone))
 
     def render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
         """An event for the outbox: (event id, topic, CloudEvents payload)."""
@@ -317,7 +322,7 @@ class GatewayService:
         """The answer for a request the ledger did not decide (format errors, network messages,
         refused terminals, ledger failures), with its metrics and log line."""
         code = self.response_code(reason.value)
-        data = self._encode(self.dialect.build_response(message, code))
+        data = self._encode(self.dialect.build_response(message, code, facts=self.facts(reason.value)))
         self._account(message, request, code, reason.value, started, extra=extra)
         return data
 
@@ -417,9 +422,11 @@ class _Answer:
         if result.forward or result.reason == Reason.UPSTREAM_PENDING:
             return  # the host's answer will be the terminal's
         try:
-            response = self._service.dialect.build_response(self.message, result.response_code, rrn=result.rrn,
-                                      approval_code=result.approval_code)  # fmt: skip
-            self._data = self._service._encode(response)
+            service = self._service
+            facts = service.facts(result.reason)
+            response = service.dialect.build_response(self.message, result.response_code, rrn=result.rrn,
+                                                      approval_code=result.approval_code, facts=facts)  # fmt: skip
+            self._data = service._encode(response)
         except Exception as exc:  # a bug past the ledger: the connection pays, never the server
             self._fail(exc)
 

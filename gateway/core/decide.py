@@ -147,7 +147,10 @@ def decide_void(request: Request, snapshot: Snapshot) -> Decision:
         return _declined(Reason.ORIGINAL_NOT_FOUND)
     if not original.approved:
         return _declined(Reason.ORIGINAL_NOT_APPROVED)
-    if original.kind not in VOIDABLE_KINDS:
+    reference = request.reference
+    if original.kind not in VOIDABLE_KINDS or (
+        reference is not None and reference.expects is not None and original.kind not in reference.expects
+    ):
         return _declined(Reason.NOT_VOIDABLE)
     final = _finality(original)
     if final is not None:

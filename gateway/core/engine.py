@@ -467,10 +467,13 @@ def _find_original(request: Request, pan_hmac: str | None, since: datetime) -> S
     if ref.rrn is not None:
         found = yield FindOriginal(merchant, terminal, kinds, rrn=ref.rrn)
     elif ref.stan is not None:  # DE90: MTI + STAN + DE7 as sent, else MTI + STAN on this terminal lately
+        # (a UnionPay void without DE37 names only the original trace, DE61.2: the latter alone)
         mti_class = ref.mti[:3] if ref.mti else None
-        found = yield FindOriginal(
-            merchant, terminal, kinds, mti_class=mti_class, stan=ref.stan, transmission_time=ref.transmission_time
-        )
+        found = None
+        if ref.transmission_time is not None:
+            found = yield FindOriginal(
+                merchant, terminal, kinds, mti_class=mti_class, stan=ref.stan, transmission_time=ref.transmission_time
+            )
         if found is None or (reversal and found.terminal_id != terminal):
             found = yield FindOriginal(merchant, terminal, kinds, mti_class=mti_class, stan=ref.stan, since=since)
     elif ref.approval_code is not None:

@@ -70,7 +70,9 @@ class Reference:
 
     ``rrn`` is DE37; ``mti``, ``stan`` and ``transmission_time`` come from DE90 (original data
     elements); ``approval_code`` is DE38 (pre-auth completions without DE90). ``same_stan`` marks a
-    reversal that carries no DE90 and therefore means "my own STAN, my own terminal".
+    reversal that carries no DE90 and therefore means "my own STAN, my own terminal". ``expects`` narrows
+    what a void may void when the dialect names it (UnionPay: a sale void, a pre-auth void, a completion
+    void); None: any voidable kind.
     """
 
     rrn: str | None = None
@@ -79,6 +81,7 @@ class Reference:
     transmission_time: str | None = None
     approval_code: str | None = None
     same_stan: bool = False
+    expects: frozenset[Kind] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,23 @@
 """The seam between the wire and the rules: a dialect says what a decoded message means and how it is
 answered. A profile names its dialect (``[dialect] name``); :func:`dialect_for` gives the service that
 dialect, which is the only part of the gateway that knows a network's MTIs, processing codes and
-private fields. ``iso87`` (generic ISO 8583:1987, :mod:`gateway.protocol.iso87`) is implemented; a
-new dialect is a module with a ``DIALECT`` and one line in :data:`_MODULES`.
+private fields. ``iso87`` (generic ISO 8583:1987, :mod:`gateway.protocol.iso87`) and ``cup``
+(UnionPay-style POS, :mod:`gateway.protocol.cup`) are implemented; a new dialect is a module with a
+``DIALECT`` and one line in :data:`_MODULES`.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from gateway.core.model import Request
 from gateway.protocol.message import Message
 
 #: dialect name -> the module that implements it (imported when a profile names it)
-_MODULES: dict[str, str] = {"iso87": "gateway.protocol.iso87"}
+_MODULES: dict[str, str] = {"iso87": "gateway.protocol.iso87", "cup": "gateway.protocol.cup"}
 #: dialects this release implements (a profile naming another is refused at start)
 IMPLEMENTED_DIALECTS: tuple[str, ...] = tuple(_MODULES)
 
@@ -35,6 +38,19 @@ class UnsupportedMessage(Exception):
     """A well-formed request this gateway does not handle (answered with the profile's code)."""
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerFacts:
+    """What an answer may carry beyond its response code, RRN and approval code (a dialect takes what
+    its terminals expect: ``cup`` sends the host's local time and a settlement's result digit)."""
+
+    #: the decision's reason (``approved``, ``settlement_mismatch``...); None when nothing was decided
+    reason: str | None = None
+    #: the host's local date and time (the settlement time zone's), for DE12 / DE13
+    local_time: datetime | None = None
+    #: the batch number the terminal is to use (an answer to a sign-on)
+    batch_no: str | None = None
+
+
 class Dialect(Protocol):
     """What the service asks of a dialect. All of it is pure: no I/O, no clock, no ledger."""
 
@@ -51,9 +67,16 @@ class Dialect(Protocol):
         ...
 
     def build_response(
-        self, request: Message, response_code: str, *, rrn: str | None = None, approval_code: str | None = None
+        self,
+        request: Message,
+        response_code: str,
+        *,
+        rrn: str | None = None,
+        approval_code: str | None = None,
+        facts: AnswerFacts | None = None,
     ) -> Message:
-        """The answer to ``request`` with the decision's response code, RRN and approval code."""
+        """The answer to ``request`` with the decision's response code, RRN and approval code (and what of
+        ``facts`` the dialect's answers carry)."""
         ...
 
 

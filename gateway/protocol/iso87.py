@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from gateway.core.cards import pan_from_track2
 from gateway.core.model import Kind, Reference, Request, SettlementTotals
-from gateway.protocol.dialect import Dialect, DialectError, UnsupportedMessage
+from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage
+from gateway.protocol.fields import amount, card_number
+from gateway.protocol.fields import expiry as card_expiry
 from gateway.protocol.message import Message
 
 #: fields a response copies from its request when present
@@ -82,29 +83,8 @@ def classify(message: Message) -> Request:
     for number in REQUIRED_FIELDS[kind]:
         if not fields.get(number):
             raise DialectError("missing", number)
-    for number in (41, 42):
-        if "=" in fields.get(number, ""):
-            # track 2's field separator: card data slid into an id (a shifted bitmap); it must not be
-            # recorded or published as a terminal or merchant
-            raise DialectError("holds track data ('=')", number)
-    pan = fields.get(2)
-    if pan is None and 35 in fields:
-        pan = pan_from_track2(fields[35])
-        if pan is None:
-            raise DialectError("track 2 without a PAN", 35)
-    if pan is not None:
-        for number in (41, 42):
-            if holds_card_digits(fields.get(number, ""), pan):
-                # part of the request's own card number in an id (a shifted bitmap, a bad terminal set-up):
-                # it must not be recorded, published or logged as a terminal or merchant
-                raise DialectError("holds card data", number)
-    if kind in _NEEDS_PAN and not pan:
-        raise DialectError("missing (needs DE2 or DE35)", 2)
-    if pan is not None and not (pan.isdigit() and 12 <= len(pan) <= 19):
-        raise DialectError("PAN must be 12-19 digits", 2)
-    expiry = fields.get(14)
-    if expiry is not None and (len(expiry) != 4 or not expiry.isdigit() or not 1 <= int(expiry[2:]) <= 12):
-        raise DialectError("expiry must be YYMM", 14)
+    pan = card_number(fields, required=kind in _NEEDS_PAN)
+    expiry = card_expiry(fields)
     return Request(
         kind=kind,
         mti=mti,
@@ -113,7 +93,7 @@ def classify(message: Message) -> Request:
         transmission_time=fields.get(7, ""),  # "" when not sent
         merchant_id=fields.get(42, "").strip(),
         terminal_id=fields.get(41, "").strip(),
-        amount=_amount(fields.get(4), 4),
+        amount=amount(fields.get(4), 4),
         currency=fields.get(49),
         pan=pan,
         expiry=expiry,
@@ -123,25 +103,6 @@ def classify(message: Message) -> Request:
         totals=_totals(fields) if kind is Kind.SETTLEMENT else None,
         original_data=fields.get(90),
     )
-
-
-#: digits of the card number an id may share with it by chance (8: about one numeric id in a million)
-_CARD_FRAGMENT = 8
-
-
-def holds_card_digits(value: str, pan: str) -> bool:
-    """Whether ``value`` holds 8 or more consecutive digits of ``pan``."""
-    if len(value) < _CARD_FRAGMENT:
-        return False
-    return any(pan[start:start + _CARD_FRAGMENT] in value for start in range(len(pan) - _CARD_FRAGMENT + 1))
-
-
-def _amount(value: str | None, field: int) -> int | None:
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise DialectError("amount must be digits", field)
-    return int(value)
 
 
 def _original_data(value: str) -> Reference:
@@ -183,10 +144,10 @@ def _replacement(value: str | None) -> int | None:
 
 def _totals(fields: Mapping[int, str]) -> SettlementTotals:
     return SettlementTotals(
-        credit_count=_amount(fields.get(74), 74) or 0,
-        credit_amount=_amount(fields.get(86), 86) or 0,
-        debit_count=_amount(fields.get(76), 76) or 0,
-        debit_amount=_amount(fields.get(88), 88) or 0,
+        credit_count=amount(fields.get(74), 74) or 0,
+        credit_amount=amount(fields.get(86), 86) or 0,
+        debit_count=amount(fields.get(76), 76) or 0,
+        debit_amount=amount(fields.get(88), 88) or 0,
     )
 
 
@@ -196,8 +157,9 @@ def build_response(
     *,
     rrn: str | None = None,
     approval_code: str | None = None,
+    facts: AnswerFacts | None = None,
 ) -> Message:
-    """The answer to ``request``: MTI + 10, echoed fields, DE37 / DE38 / DE39."""
+    """The answer to ``request``: MTI + 10, echoed fields, DE37 / DE38 / DE39 (``facts`` add nothing)."""
     mti = response_mti(request.mti)
     if mti is None:
         raise ValueError("not a request MTI")

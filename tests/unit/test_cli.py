@@ -15,6 +15,7 @@ from typer.testing import CliRunner, Result
 from gateway.cli import app, describe_validation_error, env_name
 from gateway.config import DEV_PAN_HMAC_KEY
 from gateway.logs import reset_logging
+from gateway.protocol.profile import SPECS_DIR
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -158,11 +159,18 @@ def test_a_broken_profile_is_reported_cleanly(tmp_path: Path, monkeypatch: pytes
     assert "no-such-profile" in result.stderr
 
 
-def test_a_profile_whose_dialect_is_not_implemented_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_PROFILE", "cup-pos")
+def test_a_profile_whose_dialect_is_not_implemented_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = tmp_path / "amex-pos.toml"
+    profile.write_text((SPECS_DIR / "cup-pos.toml").read_text().replace('name = "cup"', 'name = "amex"'))
+    monkeypatch.setenv("GATEWAY_PROFILE", str(profile))
     result = invoke("check-config")
     assert result.exit_code == 2
-    assert "uses dialect 'cup'; this release implements iso87 only" in result.stderr
+    assert "uses dialect 'amex'; this release implements iso87, cup only" in result.stderr
+
+
+def test_the_cup_pos_profile_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_PROFILE", "cup-pos")
+    assert invoke("check-config").exit_code == 0
 
 
 def test_certificate_files_that_do_not_exist_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
