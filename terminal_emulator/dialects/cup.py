@@ -6,7 +6,7 @@ the pre-auth family; no DE7 and no DE12/13 in requests (the host's time comes ba
 | request          | MTI  | 3      | 25 | 60.1 | names the original by                        |
 |------------------|------|--------|----|------|----------------------------------------------|
 | sale             | 0200 | 000000 | 00 | 22   |                                              |
-| void             | 0200 | 200000 | 00 | 23   | 37 RRN, 61 = original batch n6 + trace n6    |
+| void             | 0200 | 200000 | 00 | 23   | 37 RRN, 61 = original batch n6 + trace n6 *  |
 | refund           | 0220 | 200000 | 00 | 25   | 37 RRN, 61 = 000000 000000 + original MMDD   |
 | pre-auth         | 0100 | 030000 | 06 | 10   |                                              |
 | pre-auth void    | 0100 | 200000 | 06 | 11   | 38 approval code, 61 = zeros + pre-auth MMDD |
@@ -18,6 +18,8 @@ the pre-auth family; no DE7 and no DE12/13 in requests (the host's time comes ba
 | settlement       | 0500 | 60 = 00 + batch + 201, 48 = totals; the 0510's 48 holds the verdict       |
 | batch upload     | 0320 | 60 = 00 + batch + 201, 48 = 01 + org + trace + PAN n20 + amount (one each)  |
 | batch end        | 0320 | 60 = 00 + batch + 207, 48 = transactions uploaded n4                       |
+
+(*) 61 = zeros when the journal does not hold the original (its answer was lost): 37 alone names it.
 
 60 = 60.1 type n2 + 60.2 batch n6 + 60.3 network code n3 (000 for transactions); a sale adds 60.4
 read capability 6 (contact and contactless chip), 60.5 chip condition 0, 60.6 partial approval 1.
@@ -120,10 +122,10 @@ class Cup:
         self, st: Stamp, station: Station, card: Card, amount: int, currency: str, *,
         rrn: str, original: TransactionRecord | None,
     ) -> IsoMessage:
-        if original is None:
-            raise UsageError(f"RRN {rrn} is not in the journal: a UnionPay void names the original's batch "
-                             "and trace (61)")
         plain = Card(card.pan)
+        if original is None:  # e.g. a sale whose answer was lost: the RRN names it, 61 says "unknown"
+            return self._financial("0200", "200000", "void", st, station, plain, amount, currency,
+                                   extra={37: rrn, 61: _NO_ORIGINAL_TRACE})
         if original.kind == "preauth":
             if not original.approval_code:
                 raise UsageError("the pre-authorization has no approval code to void")
