@@ -40,6 +40,10 @@ class Ledger(Protocol):
         """Record that these records' answers were written to their terminals."""
         ...
 
+    async def batch_to_use(self, merchant_id: str, terminal_id: str, policy: Policy, now: datetime) -> str:
+        """The batch number a terminal signing on is to use."""
+        ...
+
     async def conclude(
         self, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context, render: Renderer
     ) -> LedgerResult:
@@ -136,10 +140,10 @@ class GatewayService:
     def response_code(self, reason: str) -> str:
         return self.profile.response_code(reason)
 
-    def facts(self, reason: str) -> AnswerFacts:
-        """What an answer may carry beyond its codes: the reason, and the host's time in the settlement time
-        zone (DE12 / DE13 of the ``cup`` dialect's answers)."""
-        return AnswerFacts(reason, self.clock.now().astimezone(self.config.policy.timezone))
+    def facts(self, reason: str, batch_no: str | None = None) -> AnswerFacts:
+        """What an answer may carry beyond its codes: the reason, the host's time in the settlement time
+        zone (DE12 / DE13 of the ``cup`` dialect's answers) and the batch number a sign-on is told."""
+        return AnswerFacts(reason, self.clock.now().astimezone(self.config.policy.timezone), batch_no)
 
     def render(self, event: CorrectionEvent) -> tuple[str, str, bytes]:
         """An event for the outbox: (event id, topic, CloudEvents payload)."""
@@ -200,7 +204,7 @@ class GatewayService:
         except UnsupportedMessage:
             reply(self._answer(message, None, Reason.UNSUPPORTED_MESSAGE, started))
             return
-        if request.kind is Kind.NETWORK:
+        if request.kind is Kind.NETWORK and not request.assigns_batch:
             reply(self._answer(message, request, Reason.APPROVED, started))
             return
         allowed = self.config.allowed_terminals  # empty: every terminal
@@ -213,9 +217,31 @@ class GatewayService:
             return
         if peer is not None:
             peer.proven = True
+        if request.kind is Kind.NETWORK:  # a sign-on told the batch number to use: read from the ledger
+            task = asyncio.get_running_loop().create_task(self._sign_on(message, request, started, reply, fail))
+            self._forwarding.add(task)  # kept, and drained before the ledger closes, like the host's exchanges
+            task.add_done_callback(self._forwarding.discard)
+            return
         ctx = Context(self.clock.now(), self.config.policy, self.config.pan_key, self.profile.response_code)
 
         self.ledger.submit(request, ctx, _Answer(self, message, request, started, reply, fail))
+
+    async def _sign_on(
+        self, message: Message, request: Request, started: float, reply: Callable[..., None],
+        fail: Callable[[BaseException], None],
+    ) -> None:
+        try:
+            batch_no = await self.ledger.batch_to_use(
+                request.merchant_id, request.terminal_id, self.config.policy, self.clock.now()
+            )
+        except Exception as exc:
+            self._error("ledger.failed", error=type(exc).__name__, detail=str(exc)[:200])
+            reply(self._answer(message, request, Reason.SYSTEM_ERROR, started))
+            return
+        try:
+            reply(self._answer(message, request, Reason.APPROVED, started, batch_no=batch_no))
+        except Exception as exc:  # a bug past the ledger: the connection pays, never the server
+            fail(exc)
 
     # the acquirer host -----------------------------------------------------------------------------
 
@@ -317,12 +343,14 @@ class GatewayService:
         request: Request | None,
         reason: Reason,
         started: float,
+        *,
+        batch_no: str | None = None,
         **extra: Any,
     ) -> bytes:
         """The answer for a request the ledger did not decide (format errors, network messages,
         refused terminals, ledger failures), with its metrics and log line."""
         code = self.response_code(reason.value)
-        data = self._encode(self.dialect.build_response(message, code, facts=self.facts(reason.value)))
+        data = self._encode(self.dialect.build_response(message, code, facts=self.facts(reason.value, batch_no)))
         self._account(message, request, code, reason.value, started, extra=extra)
         return data
 

@@ -175,6 +175,26 @@ class CupTerminal:
         """冲正 (0400): the original's fields (11 and 60 included) and the reason, 98: no answer."""
         return await self.send("0400", {**original, 39: "98"})
 
+    async def sign_on(self, operator: str = "01 ") -> dict[int, str]:
+        """签到 (0800, 60.3 = 003): the answer's 60.2 is the batch number to use from now on."""
+        fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 60: "00" + self.batch + "003", 63: operator}
+        answer = await self.send("0800", fields)
+        self.batch = answer[60][2:8]
+        return answer
+
+    async def upload(self, lines: list[tuple[str, str, int]]) -> dict[int, str]:
+        """批上送 (0320, 60.3 = 201): DE48 = the number of lines n2, then per (trace, card, amount): card
+        organisation n2 (00), trace n6, card number n20 (right-aligned), amount n12."""
+        listed = "".join(f"00{trace}{card:0>20}{amount:012d}" for trace, card, amount in lines)
+        fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 48: f"{len(lines):02d}{listed}",
+                  60: "00" + self.batch + "201"}  # fmt: skip
+        return await self.send("0320", fields)
+
+    async def upload_end(self, count: int) -> dict[int, str]:
+        """批上送结束 (0320, 60.3 = 207): DE48 = the number of lines uploaded, n4."""
+        fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 48: f"{count:04d}", 60: "00" + self.batch + "207"}
+        return await self.send("0320", fields)
+
     async def settle(self, debits: tuple[int, int], credits: tuple[int, int]) -> dict[int, str]:
         """批结算 (0500, 60.3 = 201): DE48 domestic debit amount n12, count n3, credit amount n12, count n3,
         result n1, then zero foreign-card totals."""

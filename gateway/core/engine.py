@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from gateway.core.cards import keyed_sha256, pan_digest
+from gateway.core.cards import keyed_sha256, mask_pan, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
 from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
 from gateway.core.host import HostRequest, host_request
@@ -30,10 +30,13 @@ from gateway.core.model import (
     SettlementTotals,
     Txn,
     TxnStatus,
+    UploadedLine,
     balance_status,
+    next_batch_no,
 )
 from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
+from gateway.core.uploads import differences
 
 T = TypeVar("T")
 
@@ -194,6 +197,26 @@ class StandingCorrections(Query):
     original_id: int
 
 
+@dataclass(slots=True, unsafe_hash=True)
+class TerminalBatchTxns(Query):
+    """Every record of a terminal that carries its batch number ``terminal_batch`` (cup DE60.2), in id
+    order. Answer: ``list[Txn]``."""
+
+    merchant_id: str
+    terminal_id: str
+    terminal_batch: str
+
+
+@dataclass(slots=True, unsafe_hash=True)
+class UploadedLines(Query):
+    """The lines a terminal uploaded for its batch ``terminal_batch``, in trace order.
+    Answer: ``list[UploadedLine]``."""
+
+    merchant_id: str
+    terminal_id: str
+    terminal_batch: str
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -255,6 +278,8 @@ class Plan:
     outcome: Outcome | None = None
     #: messages for the host's store-and-forward queue
     saf: list[SafEntry] = field(default_factory=list)
+    #: a batch upload's lines, kept (a line uploaded again replaces the earlier one) until its batch end
+    uploads: tuple[UploadedLine, ...] = ()
 
     @property
     def answered_id(self) -> int | None:
@@ -330,6 +355,8 @@ def process(request: Request, ctx: Context) -> Step:
     kind = request.kind
     if kind is Kind.SETTLEMENT:
         return (yield from _settlement(request, pan_hmac, print_, ctx))
+    if kind is Kind.BATCH_UPLOAD:
+        return (yield from _batch_upload(request, print_, ctx))
 
     #: events of batches this request found past the cut-off (closed now, before it is decided)
     events: list[CorrectionEvent] = []
@@ -433,6 +460,17 @@ def _close_at_cutoff(batch: Batch, cutoff: datetime, events: list[CorrectionEven
         events.append(_batch_closed_event(batch, cutoff, ledger_totals(txns)))
 
 
+def batch_to_use(latest: Batch | None, policy: Policy, now: datetime) -> str:
+    """The batch number a terminal signing on is to use: its open batch's, else the number its next
+    transaction opens (after a settlement, or once the cut-off passed its open batch, the next one)."""
+    if latest is None:
+        return next_batch_no(None)
+    cutoff = policy.last_cutoff(now)
+    if latest.state is BatchState.OPEN and (cutoff is None or latest.opened_at >= cutoff):
+        return latest.batch_no
+    return next_batch_no(latest.batch_no)
+
+
 def close_batches_at_cutoff(policy: Policy, now: datetime) -> SubStep[list[CorrectionEvent]]:
     """The cut-off sweep: close every batch still open though the latest cut-off passed since it
     opened (terminals that forgot to settle, and were silent since), with a ``pos.batch.closed``
@@ -528,6 +566,7 @@ def _record(
         created_at=ctx.now,
         fingerprint=print_,
         reference=request.reference,
+        terminal_batch=request.terminal_batch,
     )
 
 
@@ -642,6 +681,34 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
     if not matched:
         details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
     plan.events.append(correction_event("batch", decision.outcome, request, record, None, code=code, details=details))
+    return plan
+
+
+def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
+    """A batch upload's lines are kept (cards masked and keyed-hashed); its end compares them with the
+    ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
+    disagree on (:func:`gateway.core.uploads.differences`), empty when they agree."""
+    code = ctx.response_code(Reason.APPROVED)
+    record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
+    plan = Plan(code, Reason.APPROVED, None, None, record)
+    key = ctx.pan_key
+    plan.uploads = tuple(
+        UploadedLine(line.stan, line.amount, mask_pan(line.pan), pan_digest(key, line.pan) if line.pan else None)
+        for line in request.uploads
+    )
+    if request.upload_complete:
+        batch_no = request.terminal_batch or ""
+        merchant, terminal = request.merchant_id, request.terminal_id
+        txns: list[Txn] = yield TerminalBatchTxns(merchant, terminal, batch_no)
+        uploaded: list[UploadedLine] = yield UploadedLines(merchant, terminal, batch_no)
+        details: dict[str, object] = {
+            "batch": batch_no,
+            "stage": "batch_upload",
+            "uploaded": len(uploaded),
+            "differences": differences(txns, uploaded),
+        }
+        event = correction_event("batch", "mismatch", request, record, None, code=code, details=details)
+        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value))
     return plan
 
 
@@ -811,9 +878,12 @@ __all__ = [
     "SafEntry",
     "StaleBatches",
     "StandingCorrections",
+    "TerminalBatchTxns",
     "UnreconciledBatches",
+    "UploadedLines",
     "apply_changes",
     "approval_code_for",
+    "batch_to_use",
     "close_batches_at_cutoff",
     "correction_event",
     "fingerprint",

@@ -24,6 +24,8 @@ class Kind(StrEnum):
     REFUND = "refund"
     REVERSAL = "reversal"
     SETTLEMENT = "settlement"
+    #: the transactions of a settled batch, listed by the terminal after a settlement that did not balance
+    BATCH_UPLOAD = "batch_upload"
 
 
 #: kinds whose approval creates money movement that corrections may point at
@@ -94,6 +96,25 @@ class SettlementTotals:
     debit_amount: int
 
 
+@dataclass(slots=True)
+class UploadLine:
+    """One transaction a terminal lists in a batch upload (cup 0320, DE48). ``pan`` stays in memory."""
+
+    stan: str  #: the transaction's trace number (DE11)
+    amount: int  #: minor units
+    pan: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedLine:
+    """An uploaded line as the ledger keeps it: the card masked and keyed-hashed, never in full."""
+
+    stan: str
+    amount: int
+    pan_masked: str | None
+    pan_hmac: str | None
+
+
 # Request, Reference (here), Message (protocol), Snapshot, Decision and TxnChange (decide) are
 # per-request values that nothing changes once built. Like the engine's queries they are plain
 # slots dataclasses, not frozen ones: a frozen dataclass pays object.__setattr__ per field (about
@@ -119,6 +140,14 @@ class Request:
     network_code: str | None = None  #: DE70
     totals: SettlementTotals | None = None  #: DE74/76/86/88 for settlement
     original_data: str | None = None  #: DE90 as sent (part of the retransmission fingerprint)
+    #: the batch number the terminal gave (cup DE60.2), kept on its record; None when the dialect has none
+    terminal_batch: str | None = None
+    #: a sign-on whose answer names the batch number the terminal is to use (cup DE60.2)
+    assigns_batch: bool = False
+    #: a batch upload's lines (cup 0320, 60.3 = 201)
+    uploads: tuple[UploadLine, ...] = ()
+    #: the end of a batch upload (cup 0320, 60.3 = 202 / 207): the lines are compared with the ledger
+    upload_complete: bool = False
     #: the PAN as logs, events and the ledger show it (first 6 + last 4), worked out once
     masked_pan: str | None = field(init=False, compare=False)
 
@@ -169,6 +198,8 @@ class Txn:
     fingerprint: str
     reference: Reference | None = None
     reversed_after_settlement: bool = False
+    #: the batch number the terminal gave (cup DE60.2); None when its dialect has none
+    terminal_batch: str | None = None
 
     @property
     def approved(self) -> bool:
@@ -201,6 +232,11 @@ class Batch:
     #: "settled" or "mismatch" once a 0500 reconciled it; None before (a batch the cut-off closed
     #: stays unreconciled until the terminal's next 0500)
     result: str | None = None
+
+
+def next_batch_no(previous: str | None) -> str:
+    """The batch number after ``previous`` (6 digits, 000001 again after 999999); 000001 for a first batch."""
+    return f"{int(previous) % 999_999 + 1:06d}" if previous is not None else "000001"
 
 
 @dataclass(frozen=True, slots=True)

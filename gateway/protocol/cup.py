@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.core.model import Kind, Reference, Request, SettlementTotals
+from gateway.core.model import Kind, Reference, Request, SettlementTotals, UploadLine
 from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage
 from gateway.protocol.fields import amount, card_number, expiry
 from gateway.protocol.iso87 import response_mti
@@ -52,8 +52,10 @@ _REVERSED = {(code, kind): txn for (_, code, kind), txn in TRANSACTIONS.items()}
 _REVERSAL_CLASSES = frozenset({"040", "042"})
 #: DE60.3 of a sign-on: 001 single-DES keys, 003 double-length keys, 004 with a track-data key
 SIGN_ON_CODES = frozenset({"001", "003", "004"})
-#: DE60.3 of a settlement (批结算)
+#: DE60.3 of a settlement (批结算) and of a batch upload's lines (批上送)
 SETTLEMENT_CODE = "201"
+#: DE60.3 of the end of a batch upload (批上送结束)
+UPLOAD_END_CODES = frozenset({"202", "207"})
 
 _FINANCIAL = (3, 4, 11, 25, 41, 42, 49, 60)
 #: fields every request of a kind must carry (the PAN, DE2 or DE35, is checked separately)
@@ -67,6 +69,7 @@ REQUIRED_FIELDS: dict[Kind, tuple[int, ...]] = {
     #: DE4 finds the original (the same amount, design §5)
     Kind.REVERSAL: (3, 4, 11, 41, 42, 60),
     Kind.SETTLEMENT: (11, 41, 42, 48, 60),
+    Kind.BATCH_UPLOAD: (11, 41, 42, 60),
 }
 _NEEDS_PAN = frozenset({Kind.PREAUTH, Kind.PURCHASE, Kind.COMPLETION, Kind.VOID, Kind.REFUND})
 #: track 2's separator in an id: "=", or the BCD nibble D between digits (a terminal id may hold a letter D)
@@ -86,7 +89,7 @@ def _private(fields: Mapping[int, str]) -> tuple[str, str, str]:
 def _kind(mti: str, fields: Mapping[int, str]) -> tuple[Kind, Transaction | None]:
     mti_class = mti[:3]
     processing_code = fields.get(3, "")
-    if mti_class not in {"010", "020", "022", "040", "042", "050", "080"}:
+    if mti_class not in {"010", "020", "022", "032", "040", "042", "050", "080"}:
         raise UnsupportedMessage(f"MTI {mti}")
     txn_type, _, network_code = _private(fields)
     if mti_class == "080":
@@ -97,6 +100,10 @@ def _kind(mti: str, fields: Mapping[int, str]) -> tuple[Kind, Transaction | None
         if network_code == SETTLEMENT_CODE:
             return Kind.SETTLEMENT, None
         raise UnsupportedMessage(f"0500 with 60.3 {network_code}")
+    if mti_class == "032":
+        if network_code == SETTLEMENT_CODE or network_code in UPLOAD_END_CODES:
+            return Kind.BATCH_UPLOAD, None
+        raise UnsupportedMessage(f"0320 with 60.3 {network_code}")
     if 3 not in fields:
         raise DialectError("missing", 3)
     if mti_class in _REVERSAL_CLASSES:
@@ -123,7 +130,8 @@ def classify(message: Message) -> Request:
     if txn is not None and kind is not Kind.REVERSAL and fields[25] != txn.condition:
         raise DialectError(f"condition code must be {txn.condition} for a {txn.name}", 25)
     pan = card_number(fields, required=kind in _NEEDS_PAN, track_separator=_TRACK_SEPARATOR)
-    network_code = _private(fields)[2]
+    _, batch_no, network_code = _private(fields)
+    uploading = kind is Kind.BATCH_UPLOAD and network_code == SETTLEMENT_CODE
     return Request(
         kind=kind,
         mti=mti,
@@ -139,6 +147,10 @@ def classify(message: Message) -> Request:
         reference=_reference(kind, txn, fields),
         network_code=network_code or None,
         totals=settlement_totals(fields[48]) if kind is Kind.SETTLEMENT else None,
+        terminal_batch=batch_no,
+        assigns_batch=kind is Kind.NETWORK,  # a sign-on: its answer names the batch to use
+        uploads=upload_lines(fields.get(48, "")) if uploading else (),
+        upload_complete=kind is Kind.BATCH_UPLOAD and not uploading,
     )
 
 
@@ -186,6 +198,26 @@ def settlement_totals(value: str) -> SettlementTotals:
         credit_amount += int(part[15:27])
         credit_count += int(part[27:30])
     return SettlementTotals(credit_count, credit_amount, debit_count, debit_amount)
+
+
+#: one line of a batch upload's DE48: card organisation n2, trace n6, card number n20 (right-aligned, zeros
+#: before it), amount n12; the field starts with the number of lines, n2 (at most 8)
+_LINE_DIGITS = 40
+
+
+def upload_lines(value: str) -> tuple[UploadLine, ...]:
+    """The lines of a batch upload (0320, 60.3 = 201)."""
+    count = int(value[:2]) if value[:2].isdigit() else 0
+    if not 1 <= count <= 8 or len(value) != 2 + count * _LINE_DIGITS:
+        raise DialectError("batch upload lines must be n2 count + 40 digits each (1 to 8)", 48)
+    lines = []
+    for start in range(2, len(value), _LINE_DIGITS):
+        line = value[start:start + _LINE_DIGITS]
+        pan = line[8:28].lstrip("0")  # no card number starts with 0 (ISO/IEC 7812 industry identifier)
+        if not 12 <= len(pan) <= 19:
+            raise DialectError("a batch upload line's card number must be 12-19 digits", 48)
+        lines.append(UploadLine(line[2:8], int(line[28:40]), pan))
+    return tuple(lines)
 
 
 #: the reconciliation result digit of a 0510's DE48, by the decision's reason (1 balanced, 2 not balanced)
@@ -242,7 +274,7 @@ def build_response(
 
 
 def _answer_private(mti: str, private: str, batch_no: str | None) -> str:
-    if mti[:3] in {"080", "050"}:
+    if mti[:3] in {"080", "050", "032"}:
         if batch_no is not None and len(private) >= 8:
             return private[:2] + batch_no + private[8:]
         return private

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import pytest
@@ -78,11 +79,16 @@ async def seed(proc: GatewayProcess, at: datetime, kind: Kind, **fields: Any) ->
         await ledger.close()
 
 
+def ledger_row(proc: GatewayProcess, sql: str, *args: str) -> tuple[Any, ...] | None:
+    """The first row of ``sql`` in the gateway's ledger file, read-only."""
+    with contextlib.closing(sqlite3.connect(f"file:{proc.db}?mode=ro", uri=True)) as db:
+        row: tuple[Any, ...] | None = db.execute(sql, args).fetchone()
+    return row
+
+
 def recorded(proc: GatewayProcess, trace: str) -> bool:
     """Whether the ledger holds a record of this terminal's request with this trace."""
-    with contextlib.closing(sqlite3.connect(f"file:{proc.db}?mode=ro", uri=True)) as db:
-        row = db.execute("SELECT 1 FROM txns WHERE terminal_id = ? AND stan = ?", (TERMINAL, trace)).fetchone()
-    return row is not None
+    return ledger_row(proc, "SELECT 1 FROM txns WHERE terminal_id = ? AND stan = ?", TERMINAL, trace) is not None
 
 
 async def test_a_second_refund_of_the_whole_sale_answers_64(proc: GatewayProcess) -> None:
@@ -212,3 +218,61 @@ async def test_a_settlement_whose_totals_disagree_answers_result_2_raises_the_mi
     assert CARD not in json.dumps(mismatch.document)
     assert void_after[39] == "12"  # the batch closed all the same
     assert next_settlement[48][30] == "1"
+
+
+# --------------------------------------------------------------------------- sign-on
+
+
+async def test_a_sign_on_is_told_its_batch_and_the_host_time_and_after_a_settlement_the_next_batch(
+    proc: GatewayProcess,
+) -> None:
+    proc.env["GATEWAY_SETTLEMENT__TIMEZONE"] = "Asia/Shanghai"
+    proc.start()
+    async with connected(proc) as pos:
+        before = datetime.now(ZoneInfo("Asia/Shanghai"))
+        first = await pos.sign_on()
+        after = datetime.now(ZoneInfo("Asia/Shanghai"))
+        sale = await pos.sale(1000)
+        again = await pos.sign_on()
+        await pos.settle(debits=(1, 1000), credits=(0, 0))
+        next_day = await pos.sign_on()
+
+    assert first[39] == "00" and first[60] == "00000001003"
+    host_time = datetime.strptime(f"{before.year}{first[13]}{first[12]}", "%Y%m%d%H%M%S")
+    assert before.replace(tzinfo=None, microsecond=0) <= host_time <= after.replace(tzinfo=None)
+    assert sale[60] == "22000001"
+    assert again[60][2:8] == "000001"  # the batch is still open
+    assert next_day[60][2:8] == "000002"
+    assert ledger_row(proc, "SELECT terminal_batch FROM txns WHERE stan = ?", sale[11]) == ("000001",)
+
+
+async def test_a_batch_upload_after_a_mismatch_lists_what_the_ledger_and_the_terminal_disagree_on(
+    proc: GatewayProcess,
+) -> None:
+    proc.start()
+    async with events_of(proc) as events, connected(proc) as pos:
+        kept = await pos.sale(10000)
+        forgotten = await pos.sale(2000)  # approved, but the terminal's journal lost it
+        refund = await pos.refund(kept[37], 3000, kept[13])
+        never_sent = pos.sale_request(500)  # in the terminal's journal, never reached the gateway
+        settlement = await pos.settle(debits=(2, 10500), credits=(1, 3500))
+        uploaded = await pos.upload([(kept[11], OTHER_CARD, 10000), (never_sent[11], CARD, 500),
+                                     (refund[11], CARD, 3500)])  # fmt: skip
+        end = await pos.upload_end(3)
+        listing = await events.wait_for(
+            "the batch upload's differences", lambda event: "differences" in event.data.get("details", {})
+        )
+
+    assert settlement[48][30] == "2" and uploaded[39] == "00" and end[39] == "00"
+    found = {line["stan"]: line for line in listing.data["details"]["differences"]}
+    assert {stan: line["difference"] for stan, line in found.items()} == {
+        kept[11]: "card",
+        forgotten[11]: "not_on_terminal",
+        never_sent[11]: "not_in_ledger",
+        refund[11]: "amount",
+    }
+    assert (found[refund[11]]["ledger_amount"], found[refund[11]]["terminal_amount"]) == (3000, 3500)
+    assert found[forgotten[11]]["rrn"] == forgotten[37]
+    assert listing.type == "pos.batch.mismatch" and listing.data["details"]["batch"] == pos.batch
+    dumped = json.dumps(listing.document) + repr(ledger_row(proc, "SELECT group_concat(pan_masked) FROM batch_uploads"))
+    assert CARD not in dumped and OTHER_CARD not in dumped

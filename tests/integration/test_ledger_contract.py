@@ -8,6 +8,7 @@ record in test_postgres_ledger.py; here each must keep the rules on its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import time, timedelta
 
@@ -31,7 +32,7 @@ from ledger_scripts import (
 from postgres import postgres_schema, postgres_url
 
 from gateway.adapters.ledger import LedgerClosedError
-from gateway.core.model import Kind, SettlementTotals
+from gateway.core.model import Kind, Request, SettlementTotals, UploadLine
 
 __all__ = ["new_ledger", "postgres_schema", "postgres_url"]  # fixtures
 
@@ -201,3 +202,50 @@ async def test_no_full_card_number_is_stored(new_ledger: NewLedger) -> None:
     assert "476173******0119" in dumped
     assert CARD_A not in dumped
     assert CARD_B not in dumped
+
+
+async def test_records_keep_the_terminals_batch_number_and_a_sign_on_learns_the_batch_to_use(
+    new_ledger: NewLedger,
+) -> None:
+    till = Till()
+    settlement = SettlementTotals(credit_count=0, credit_amount=0, debit_count=1, debit_amount=1000)
+    async with new_ledger() as ledger:
+        before_any = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        await ledger.process(till.sale(1000, terminal_batch="000001"), till.ctx(), render)
+        while_open = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        settle = till.request(Kind.SETTLEMENT, "0500", "", None, card=None, totals=settlement, terminal_batch="000001")
+        assert (await ledger.process(settle, till.ctx(), render)).response_code == "00"
+        after_settlement = await ledger.batch_to_use(MID, T1, POLICY, till.now)
+        other_terminal = await ledger.batch_to_use(MID, T2, POLICY, till.now)
+        await ledger.process(till.sale(500, terminal_batch=after_settlement), till.ctx(), render)
+        txns = await ledger.all_txns()
+        batches = await ledger.list_batches(terminal=T1)
+
+    assert (before_any, while_open, after_settlement, other_terminal) == ("000001", "000001", "000002", "000001")
+    assert [txn.terminal_batch for txn in txns] == ["000001", "000001", "000002"]
+    assert [batch.batch_no for batch in batches] == ["000001", "000002"]
+
+
+async def test_a_batch_upload_is_kept_masked_and_its_end_lists_the_differences(new_ledger: NewLedger) -> None:
+    till = Till()
+
+    def upload(*lines: UploadLine, complete: bool = False) -> Request:
+        return till.request(Kind.BATCH_UPLOAD, "0320", "", None, card=None, terminal_batch="000001",
+                            uploads=lines, upload_complete=complete)  # fmt: skip
+
+    async with new_ledger() as ledger:
+        sale = await ledger.process(till.sale(1000, terminal_batch="000001"), till.ctx(), render)
+        await ledger.process(upload(UploadLine("999999", 700, CARD_B)), till.ctx(), render)
+        again = await ledger.process(upload(UploadLine("999999", 800, CARD_B)), till.ctx(), render)  # replaces it
+        end = await ledger.process(upload(complete=True), till.ctx(), render)
+        events = [json.loads(bytes(row.payload)) for row in await ledger.pending(100)]
+        txns = await ledger.all_txns()
+
+    assert again.response_code == "00" and end.response_code == "00" and sale.rrn is not None
+    listing = [event for event in events if "differences" in event["data"]["details"]]
+    assert len(listing) == 1 and listing[0]["type"] == "pos.batch.mismatch"
+    found = {line["stan"]: line for line in listing[0]["data"]["details"]["differences"]}
+    assert found["999999"]["difference"] == "not_in_ledger" and found["999999"]["terminal_amount"] == 800
+    assert (found[txns[0].stan]["difference"], found[txns[0].stan]["rrn"]) == ("not_on_terminal", sale.rrn)
+    assert len(found) == 2
+    assert CARD_A not in json.dumps(events) and CARD_B not in json.dumps(events)

@@ -6,12 +6,14 @@ Requests are the shared interop vectors (built by an encoder that is not ours) o
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from pathlib import Path
 
 import pytest
 
-from gateway.core.model import Kind, Reference, SettlementTotals
+from gateway.core.engine import batch_to_use
+from gateway.core.model import Batch, BatchState, ClosedBy, Kind, Reference, SettlementTotals
+from gateway.core.policy import Policy
 from gateway.protocol.cup import DIALECT, TRANSACTIONS, settlement_totals
 from gateway.protocol.dialect import AnswerFacts, DialectError, UnsupportedMessage, dialect_for
 from gateway.protocol.message import Message
@@ -98,12 +100,12 @@ def test_a_refund_without_an_rrn_is_unreferenced() -> None:
     [
         sale(f3="310000", f60="01000002"),  # balance inquiry
         sale(f60="36000002"),  # a 60.1 the table does not know
-        sale(mti="0320", f60="00000002201"),  # batch upload
+        sale(mti="0320", f60="00000002203"),  # an IC card batch upload
         sale(mti="0800", f60="00000002360"),  # parameter download
         sale(mti="0500", f60="00000002202"),
         sale(mti="0400", f3="310000", f60="01000002"),  # a reversal of something not reversible
     ],
-    ids=["balance inquiry", "unknown 60.1", "batch upload", "parameter download", "0500 not 201", "reversal"],
+    ids=["balance inquiry", "unknown 60.1", "IC card batch upload", "parameter download", "0500 not 201", "reversal"],
 )
 def test_what_the_dialect_does_not_handle_is_unsupported(message: Message) -> None:
     with pytest.raises(UnsupportedMessage):
@@ -124,6 +126,8 @@ def test_what_the_dialect_does_not_handle_is_unsupported(message: Message) -> No
         (sale(f41="1234=281"), 41),
         (sale(f42="6217D2812101000"), 42),  # track 2 with its BCD separator
         (sale(mti="0500", f60="00000002201", f48="0001"), 48),
+        (sale(mti="0320", f60="00000002201", f48="01" + "0" * 39), 48),
+        (sale(mti="0320", f60="00000002201", f48="01" + "00000001" + "0" * 20 + "000000000100"), 48),
     ],
 )
 def test_a_malformed_request_is_a_format_error_naming_the_field(message: Message, field: int) -> None:
@@ -169,3 +173,15 @@ def test_a_sign_on_answer_gives_the_batch_to_use_in_60_2() -> None:
 
     assert answer.fields[60] == "00000002003"
     assert (answer.fields[12], answer.fields[13]) == ("103020", "1207")
+
+
+def test_a_sign_on_is_told_the_open_batch_else_the_next_number() -> None:
+    opened = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    open_batch = Batch(1, "M", "T", "000007", BatchState.OPEN, opened)
+    settled = Batch(1, "M", "T", "999999", BatchState.CLOSED, opened, opened, ClosedBy.SETTLEMENT, "settled")
+    with_cutoff = Policy(cutoff=time(23, 0))
+
+    assert batch_to_use(None, Policy(), opened) == "000001"
+    assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=22)) == "000007"
+    assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=23, minute=1)) == "000008"  # past the cut-off
+    assert batch_to_use(settled, Policy(), opened) == "000001"  # counting starts again after 999999

@@ -45,13 +45,25 @@ from gateway.core.engine import (
     StaleBatches,
     StandingCorrections,
     Step,
+    TerminalBatchTxns,
     UnreconciledBatches,
+    UploadedLines,
+    batch_to_use,
     close_batches_at_cutoff,
     process,
     saf_event,
 )
 from gateway.core.events import CorrectionEvent
-from gateway.core.model import Batch, BatchSummary, ExceptionCase, Request, SafItem, Txn
+from gateway.core.model import (
+    Batch,
+    BatchSummary,
+    ExceptionCase,
+    Request,
+    SafItem,
+    Txn,
+    UploadedLine,
+    next_batch_no,
+)
 from gateway.core.policy import Policy, Velocity
 from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
@@ -134,6 +146,13 @@ _BATCH_TOTALS = (
     " WHERE ($1 = '' OR b.merchant_id = $1) AND ($2 = '' OR b.terminal_id = $2) AND ($3 = 0 OR b.state = 'open')"
     " GROUP BY b.id ORDER BY b.id"
 )
+#: a batch upload's line; uploaded again (the terminal retries the upload), it replaces the earlier one
+_UPSERT_UPLOAD = (
+    "INSERT INTO batch_uploads (merchant_id, terminal_id, terminal_batch, stan, amount, pan_masked, pan_hmac, "
+    "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (merchant_id, terminal_id, terminal_batch, stan) "
+    "DO UPDATE SET amount = excluded.amount, pan_masked = excluded.pan_masked, pan_hmac = excluded.pan_hmac, "
+    "created_at = excluded.created_at"
+)
 _PENDING = (
     "SELECT id, event_id, topic, payload, ordering_key, created_at FROM outbox WHERE sent_at IS NULL "
     "ORDER BY id LIMIT $1"
@@ -160,6 +179,8 @@ class LedgerCore:
             BatchTxns: self._batch_txns,
             StandingCorrections: self._standing_corrections,
             PendingCorrections: self._pending_corrections,
+            TerminalBatchTxns: self._terminal_batch_txns,
+            UploadedLines: self._uploaded_lines,
         }
 
     # ------------------------------------------------------------------ one request
@@ -219,6 +240,14 @@ class LedgerCore:
                 "INSERT INTO saf (txn_id, action, amount, created_at) VALUES ($1, $2, $3, $4)",
                 [(entry.txn_id, entry.action, entry.amount, created) for entry in plan.saf],
             )
+        if plan.uploads:
+            assert record is not None
+            who = (record.merchant_id, record.terminal_id, record.terminal_batch or "")
+            await db.executemany(
+                _UPSERT_UPLOAD,
+                [(*who, line.stan, line.amount, line.pan_masked, line.pan_hmac, store(record.created_at))
+                 for line in plan.uploads],
+            )  # fmt: skip
         if plan.batch_closes:
             await db.executemany(_RECONCILE_BATCH, [reconcile_values(c, store(c.closed_at)) for c in plan.batch_closes])
         if plan.exception is not None:
@@ -331,12 +360,12 @@ class LedgerCore:
                 "SELECT batch_no FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
                 query.merchant_id, query.terminal_id,
             )  # fmt: skip
-            number = int(last[0]) % 999_999 + 1 if last is not None else 1
+            number = next_batch_no(last[0] if last is not None else None)
             row = await db.fetchrow(
                 "INSERT INTO batches (merchant_id, terminal_id, batch_no, state, opened_at) "
                 "VALUES ($1, $2, $3, 'open', $4) ON CONFLICT (merchant_id, terminal_id) WHERE state = 'open' "
                 "DO NOTHING RETURNING *",
-                query.merchant_id, query.terminal_id, f"{number:06d}", self.dialect.store(query.now),
+                query.merchant_id, query.terminal_id, number, self.dialect.store(query.now),
             )  # fmt: skip
             if row is not None:
                 return self._batch(row)
@@ -378,6 +407,19 @@ class LedgerCore:
         return [self._txn(row) for row in await db.fetch("SELECT * FROM txns WHERE batch_id = $1 ORDER BY id",
                                                           query.batch_id)]  # fmt: skip
 
+    async def _terminal_batch_txns(self, db: Db, query: TerminalBatchTxns) -> list[Txn]:
+        sql = "SELECT * FROM txns WHERE merchant_id = $1 AND terminal_id = $2 AND terminal_batch = $3 ORDER BY id"
+        return [self._txn(row) for row in await db.fetch(sql, query.merchant_id, query.terminal_id,
+                                                         query.terminal_batch)]  # fmt: skip
+
+    async def _uploaded_lines(self, db: Db, query: UploadedLines) -> list[UploadedLine]:
+        rows = await db.fetch(
+            "SELECT stan, amount, pan_masked, pan_hmac FROM batch_uploads "
+            "WHERE merchant_id = $1 AND terminal_id = $2 AND terminal_batch = $3 ORDER BY stan",
+            query.merchant_id, query.terminal_id, query.terminal_batch,
+        )  # fmt: skip
+        return [UploadedLine(row[0], int(row[1]), row[2], row[3]) for row in rows]
+
     async def _pending_corrections(self, db: Db, query: PendingCorrections) -> list[Txn]:
         sql = "SELECT * FROM txns WHERE original_id = $1 AND status = 'pending' ORDER BY id"
         return [self._txn(row) for row in await db.fetch(sql, query.original_id)]
@@ -395,6 +437,13 @@ class LedgerCore:
                            ) -> list[BatchSummary]:  # fmt: skip
         rows = await db.fetch(_BATCH_TOTALS, merchant or "", terminal or "", int(open_only))
         return [summary_from_row(row, self._batch(row)) for row in rows]
+
+    async def latest_batch(self, db: Db, merchant_id: str, terminal_id: str) -> Batch | None:
+        row = await db.fetchrow(
+            "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
+            merchant_id, terminal_id,
+        )  # fmt: skip
+        return self._batch(row) if row is not None else None
 
     async def find_txn(self, db: Db, merchant_id: str, rrn: str) -> Txn | None:
         return await self._one(db, "SELECT * FROM txns WHERE merchant_id = $1 AND rrn = $2", merchant_id, rrn)
@@ -619,6 +668,11 @@ class LedgerBase:
 
     async def find_txn(self, merchant_id: str, rrn: str) -> Txn | None:
         return await self.run(lambda db: self.core.find_txn(db, merchant_id, rrn))
+
+    async def batch_to_use(self, merchant_id: str, terminal_id: str, policy: Policy, now: datetime) -> str:
+        """The batch number a terminal signing on is to use (:func:`gateway.core.engine.batch_to_use`)."""
+        latest = await self.run(lambda db: self.core.latest_batch(db, merchant_id, terminal_id), durable=False)
+        return batch_to_use(latest, policy, now)
 
     async def all_txns(self) -> list[Txn]:
         return await self.run(self.core.all_txns)

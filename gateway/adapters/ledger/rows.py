@@ -30,7 +30,7 @@ TXN_COLUMNS: tuple[str, ...] = (
     "kind", "mti", "mti_class", "processing_code", "merchant_id", "terminal_id", "stan", "transmission_time",
     "amount", "currency", "pan_masked", "pan_hmac", "rrn", "approval_code", "response_code", "reason", "status",
     "effective_amount", "refunded_amount", "completed", "original_id", "batch_id", "created_at", "fingerprint",
-    "ref_rrn", "ref_mti", "ref_stan", "ref_time", "ref_approval", "ref_same_stan",
+    "ref_rrn", "ref_mti", "ref_stan", "ref_time", "ref_approval", "ref_same_stan", "terminal_batch",
 )  # fmt: skip
 
 
@@ -69,6 +69,7 @@ def record_values(record: Txn, created_at: Any) -> tuple[Any, ...]:
         ref.transmission_time if ref else None,
         ref.approval_code if ref else None,
         ref.same_stan if ref else False,
+        record.terminal_batch,
     )
 
 
@@ -113,6 +114,7 @@ def txn_from_row(row: Any, created_at: datetime) -> Txn:
         fingerprint=row["fingerprint"],
         reference=reference,
         reversed_after_settlement=bool(row["reversed_after_settlement"]),
+        terminal_batch=row["terminal_batch"],
     )
 
 

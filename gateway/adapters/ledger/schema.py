@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: the schema version a new ledger is created at, on either database
-VERSION = 6
+VERSION = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +139,27 @@ CREATE INDEX txns_pending ON txns (id) WHERE status = 'pending'
 """
 
 
+#: version 7: the batch number the terminal gave (UnionPay DE60.2) on its records, and the lines of batch
+#: uploads (UnionPay 0320 after a settlement that did not balance), compared with the ledger at batch end
+_TERMINAL_BATCHES = """
+ALTER TABLE txns ADD COLUMN terminal_batch text;
+CREATE INDEX txns_terminal_batch ON txns (merchant_id, terminal_id, terminal_batch) WHERE terminal_batch IS NOT NULL;
+CREATE TABLE batch_uploads (
+    id {key},
+    merchant_id text NOT NULL,
+    terminal_id text NOT NULL,
+    terminal_batch text NOT NULL,
+    stan text NOT NULL,
+    amount {integer} NOT NULL,
+    pan_masked text CHECK (pan_masked IS NULL OR pan_masked LIKE '%*%'),
+    pan_hmac text,
+    created_at {time} NOT NULL,
+    CHECK (amount >= 0)
+);
+CREATE UNIQUE INDEX batch_uploads_line ON batch_uploads (merchant_id, terminal_id, terminal_batch, stan)
+"""
+
+
 def _statements(template: str, types: Types) -> list[str]:
     script = template.format(**{name: getattr(types, name) for name in Types.__slots__})
     return [statement.strip() for statement in script.split(";") if statement.strip()]
@@ -146,12 +167,17 @@ def _statements(template: str, types: Types) -> list[str]:
 
 def schema(types: Types) -> list[str]:
     """The statements creating an empty ledger at :data:`VERSION`."""
-    return _statements(_SCHEMA + ";" + _SAF, types)
+    return _statements(_SCHEMA + ";" + _SAF + ";" + _TERMINAL_BATCHES, types)
 
 
 def saf_tables(types: Types) -> str:
     """Version 5 -> 6 on either database: the store-and-forward queue."""
     return ";\n".join(_statements(_SAF, types))
+
+
+def terminal_batches(types: Types) -> str:
+    """Version 6 -> 7 on either database: terminal batch numbers and batch uploads."""
+    return ";\n".join(_statements(_TERMINAL_BATCHES, types))
 
 
 #: SQLite ledgers of earlier releases (``PRAGMA user_version``) -> the steps to the next version
@@ -182,6 +208,7 @@ SQLITE_UPGRADES: dict[int, str] = {
     """,
     4: "SELECT 1",  # version 4 is version 5: the versions are counted alike from here on
     5: saf_tables(SQLITE),
+    6: terminal_batches(SQLITE),
 }
 
 #: PostgreSQL ledgers of earlier releases (``schema_version``) -> the steps to the next version
@@ -219,4 +246,5 @@ POSTGRES_UPGRADES: dict[int, str] = {
     CREATE INDEX txns_approval ON txns (merchant_id, approval_code) WHERE kind = 'preauth'
     """,
     5: saf_tables(POSTGRES),
+    6: terminal_batches(POSTGRES),
 }

@@ -1,0 +1,54 @@
+"""Batch upload: after a settlement that did not balance, a UnionPay terminal lists the transactions of
+its batch (0320), then ends the upload; the gateway compares the list with the ledger's records of that
+batch, record by record, so that an operator sees which transactions the two disagree on. Pure.
+"""
+
+from __future__ import annotations
+
+from gateway.core.model import Kind, Txn, TxnStatus, UploadedLine
+
+#: what a terminal's batch upload lists: the transactions settlement totals count
+UPLOADED_KINDS = frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.REFUND})
+
+
+def differences(ledger: list[Txn], uploaded: list[UploadedLine]) -> list[dict[str, object]]:
+    """Every transaction the ledger and the terminal disagree on, by trace number (DE11), in trace order:
+
+    - ``not_on_terminal``: approved and standing in the ledger (not voided or reversed), not listed;
+    - ``not_in_ledger``: listed, but the ledger has no approved, standing record of it (its status says
+      why when it has one: declined, voided, reversed);
+    - ``amount``: listed with another amount than the ledger's (after partial reversals);
+    - ``card``: listed with another card than the ledger's (compared by keyed hash).
+    """
+    recorded = {txn.stan: txn for txn in ledger if txn.kind in UPLOADED_KINDS}  # id order: the latest wins
+    listed = {line.stan: line for line in uploaded}
+    found: list[dict[str, object]] = []
+    for stan in sorted(recorded.keys() | listed.keys()):
+        txn, line = recorded.get(stan), listed.get(stan)
+        standing = txn is not None and txn.status is TxnStatus.APPROVED
+        if line is None:
+            difference = "not_on_terminal" if standing else None
+        elif txn is None or not standing:
+            difference = "not_in_ledger"
+        elif txn.effective_amount != line.amount:
+            difference = "amount"
+        elif txn.pan_hmac != line.pan_hmac:
+            difference = "card"
+        else:
+            difference = None
+        if difference is not None:
+            found.append(_line(difference, stan, txn, line))
+    return found
+
+
+def _line(difference: str, stan: str, txn: Txn | None, line: UploadedLine | None) -> dict[str, object]:
+    return {
+        "difference": difference,
+        "stan": stan,
+        "kind": txn.kind.value if txn is not None else None,
+        "rrn": txn.rrn if txn is not None else None,
+        "ledger_status": txn.status.value if txn is not None else None,
+        "ledger_amount": txn.effective_amount if txn is not None else None,
+        "terminal_amount": line.amount if line is not None else None,
+        "pan": (line.pan_masked if line is not None else None) or (txn.pan_masked if txn is not None else None),
+    }
