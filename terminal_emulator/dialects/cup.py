@@ -212,11 +212,13 @@ class Cup:
         return None
 
     def totals_sent(self, request: IsoMessage) -> Totals | None:
-        halves = _parse48(request.get(48) or "") if request.mti.startswith("05") else []
+        halves = [totals for totals, _ in _parse48(request.get(48) or "")] if request.mti.startswith("05") else []
         if not halves:
             return None
-        return Totals(*(sum(getattr(t, name) for t, _ in halves)
-                        for name in ("credits_count", "credits_amount", "debits_count", "debits_amount")))
+        return Totals(  # domestic and foreign cards together, as the gateway compares them
+            credits_count=sum(t.credits_count for t in halves), credits_amount=sum(t.credits_amount for t in halves),
+            debits_count=sum(t.debits_count for t in halves), debits_amount=sum(t.debits_amount for t in halves),
+        )
 
     def original_stan(self, request: IsoMessage) -> str | None:
         if request.mti.startswith("04"):

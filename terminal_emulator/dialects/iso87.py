@@ -19,6 +19,8 @@ from . import Card, LoadReference, Reconciliation, Station
 __all__ = ["ISO87", "Iso87"]
 
 _ZERO_RRN = "000000000000"
+#: a settlement answer's DE39: 00 the totals agree, 95 they do not (design section 5)
+_VERDICTS: Mapping[str, Reconciliation] = {"00": "balanced", "95": "not_balanced"}
 
 
 class Iso87:
@@ -91,7 +93,7 @@ class Iso87:
         return None  # the gateway opens a batch with the terminal's first transaction
 
     def reconciliation(self, response: IsoMessage) -> Reconciliation | None:
-        return {"00": "balanced", "95": "not_balanced"}.get(response.get(39) or "")  # type: ignore[return-value]
+        return _VERDICTS.get(response.get(39) or "")
 
     def totals_sent(self, request: IsoMessage) -> Totals | None:
         if 74 not in request.fields:
