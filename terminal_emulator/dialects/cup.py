@@ -60,14 +60,19 @@ def totals48(totals: Totals, result: str = "0") -> str:
     """One half of field 48: debit amount n12, count n3, credit amount n12, count n3, result n1."""
     if max(totals.debits_count, totals.credits_count) > 999:
         raise UsageError("UnionPay settlement counts are 3 digits: settle before 1000 transactions")
+    if max(totals.debits_amount, totals.credits_amount) >= 10**12:
+        raise UsageError("UnionPay settlement amounts are 12 digits")
     return (f"{totals.debits_amount:012d}{totals.debits_count:03d}"
             f"{totals.credits_amount:012d}{totals.credits_count:03d}{result}")
 
 
 def _parse48(value: str) -> list[tuple[Totals, str]]:
+    """The 31-digit halves of a settlement's 48 (a host's malformed half is skipped, never a crash)."""
     halves = []
     for start in range(0, len(value) - 30, 31):
         part = value[start : start + 31]
+        if not part.isdigit():
+            continue
         halves.append((Totals(debits_amount=int(part[0:12]), debits_count=int(part[12:15]),
                               credits_amount=int(part[15:27]), credits_count=int(part[27:30])), part[30]))
     return halves

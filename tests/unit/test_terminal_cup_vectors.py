@@ -144,3 +144,17 @@ def test_batch_upload_and_batch_end_equal_the_hand_derived_frames_byte_for_byte(
         vector = _golden(kind)
         assert {str(k): v for k, v in message.fields.items()} == vector["fields"], kind
         assert _wire(message).upper() == vector["frame_hex"], kind
+
+
+def test_a_malformed_settlement_answer_reads_as_no_verdict_not_a_crash() -> None:
+    assert CUP.reconciliation(IsoMessage("0510", {39: "00", 48: "ABC"})) is None
+    assert CUP.reconciliation(IsoMessage("0510", {39: "00"})) is None
+
+
+def test_totals_beyond_the_fields_width_are_a_usage_error() -> None:
+    from terminal_emulator.errors import UsageError
+
+    with pytest.raises(UsageError, match="3 digits"):
+        CUP.settlement(_st(1), STATION, "156", Totals(debits_count=1000, debits_amount=1), Totals())
+    with pytest.raises(UsageError, match="12 digits"):
+        CUP.settlement(_st(1), STATION, "156", Totals(debits_count=2, debits_amount=10**12), Totals())
