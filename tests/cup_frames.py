@@ -171,6 +171,20 @@ class CupTerminal:
         fields = self.card_request("200000", "00", "25", amount, pan)
         return await self.send("0220", {**fields, 37: rrn, 61: "000000000000" + original_date})
 
+    async def preauth(self, amount: int) -> dict[int, str]:
+        """预授权 (0100, 25 = 06, 60.1 = 10)."""
+        return await self.send("0100", self.card_request("030000", "06", "10", amount))
+
+    async def complete(self, preauth: dict[int, str], amount: int) -> dict[int, str]:
+        """预授权完成请求 (0200, 60.1 = 20): DE38 the pre-auth's approval code, DE61 its date."""
+        fields = self.card_request("000000", "06", "20", amount)
+        return await self.send("0200", {**fields, 38: preauth[38], 61: "000000000000" + preauth[13]})
+
+    async def void_preauth(self, preauth: dict[int, str], amount: int) -> dict[int, str]:
+        """预授权撤销 (0100, 60.1 = 11): DE38 the pre-auth's approval code, DE61 its date."""
+        fields = self.card_request("200000", "06", "11", amount)
+        return await self.send("0100", {**fields, 38: preauth[38], 61: "000000000000" + preauth[13]})
+
     async def reverse(self, original: dict[int, str]) -> dict[int, str]:
         """冲正 (0400): the original's fields (11 and 60 included) and the reason, 98: no answer."""
         return await self.send("0400", {**original, 39: "98"})
@@ -184,8 +198,8 @@ class CupTerminal:
 
     async def upload(self, lines: list[tuple[str, str, int]]) -> dict[int, str]:
         """批上送 (0320, 60.3 = 201): DE48 = the number of lines n2, then per (trace, card, amount): card
-        organisation n2 (00), trace n6, card number n20 (right-aligned), amount n12."""
-        listed = "".join(f"00{trace}{card:0>20}{amount:012d}" for trace, card, amount in lines)
+        organisation n2 (00), trace n6, card number n20 (left-aligned, filled with 0), amount n12."""
+        listed = "".join(f"00{trace}{card:0<20}{amount:012d}" for trace, card, amount in lines)
         fields = {11: next_trace(), 41: self.terminal, 42: MERCHANT, 48: f"{len(lines):02d}{listed}",
                   60: "00" + self.batch + "201"}  # fmt: skip
         return await self.send("0320", fields)

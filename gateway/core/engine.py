@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from gateway.core.cards import keyed_sha256, mask_pan, pan_digest
+from gateway.core.cards import keyed_sha256, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
 from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
 from gateway.core.host import HostRequest, host_request
@@ -36,7 +36,7 @@ from gateway.core.model import (
 )
 from gateway.core.policy import Policy, Velocity
 from gateway.core.reasons import Reason
-from gateway.core.uploads import differences
+from gateway.core.uploads import differences, kept_line
 
 T = TypeVar("T")
 
@@ -687,28 +687,25 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
 def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
     """A batch upload's lines are kept (cards masked and keyed-hashed); its end compares them with the
     ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
-    disagree on (:func:`gateway.core.uploads.differences`), empty when they agree."""
+    disagree on (:func:`gateway.core.uploads.differences`), or ``pos.batch.settled`` when they agree."""
     code = ctx.response_code(Reason.APPROVED)
     record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
     plan = Plan(code, Reason.APPROVED, None, None, record)
-    key = ctx.pan_key
-    plan.uploads = tuple(
-        UploadedLine(line.stan, line.amount, mask_pan(line.pan), pan_digest(key, line.pan) if line.pan else None)
-        for line in request.uploads
-    )
+    batch_no = request.terminal_batch or ""
+    merchant, terminal = request.merchant_id, request.terminal_id
+    if request.uploads:
+        # the ledger's cards of these traces tell a PAN ending in 0 from the zeros that fill the field
+        recorded = {txn.stan: txn.pan_hmac for txn in (yield TerminalBatchTxns(merchant, terminal, batch_no))}
+        plan.uploads = tuple(kept_line(line, ctx.pan_key, recorded.get(line.stan)) for line in request.uploads)
     if request.upload_complete:
-        batch_no = request.terminal_batch or ""
-        merchant, terminal = request.merchant_id, request.terminal_id
         txns: list[Txn] = yield TerminalBatchTxns(merchant, terminal, batch_no)
         uploaded: list[UploadedLine] = yield UploadedLines(merchant, terminal, batch_no)
-        details: dict[str, object] = {
-            "batch": batch_no,
-            "stage": "batch_upload",
-            "uploaded": len(uploaded),
-            "differences": differences(txns, uploaded),
-        }
-        event = correction_event("batch", "mismatch", request, record, None, code=code, details=details)
-        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value))
+        found = differences(txns, uploaded)
+        details: dict[str, object] = {"batch": batch_no, "stage": "batch_upload", "uploaded": len(uploaded),
+                                      "differences": found}  # fmt: skip
+        event = correction_event("batch", "mismatch" if found else "settled", request, record, None, code=code,
+                                 details=details)  # fmt: skip
+        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value) if found else event)
     return plan
 
 

@@ -98,11 +98,12 @@ class SettlementTotals:
 
 @dataclass(slots=True)
 class UploadLine:
-    """One transaction a terminal lists in a batch upload (cup 0320, DE48). ``pan`` stays in memory."""
+    """One transaction a terminal lists in a batch upload (cup 0320, DE48). ``card`` stays in memory."""
 
     stan: str  #: the transaction's trace number (DE11)
     amount: int  #: minor units
-    pan: str | None = field(default=None, repr=False)
+    #: the card number as listed: the PAN left-aligned and filled with zeros to 20 digits
+    card: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,25 @@ batch, record by record, so that an operator sees which transactions the two dis
 
 from __future__ import annotations
 
-from gateway.core.model import Kind, Txn, TxnStatus, UploadedLine
+from gateway.core.cards import mask_pan, pan_digest
+from gateway.core.model import Kind, Txn, TxnStatus, UploadedLine, UploadLine
 
 #: what a terminal's batch upload lists: the transactions settlement totals count
 UPLOADED_KINDS = frozenset({Kind.PURCHASE, Kind.COMPLETION, Kind.REFUND})
+
+
+def kept_line(line: UploadLine, key: bytes, recorded_hmac: str | None) -> UploadedLine:
+    """The line as the ledger keeps it, its card masked and keyed-hashed. The listed card is the PAN
+    filled with zeros to 20 digits, so a PAN ending in 0 cannot be told from the fill: every length from
+    its last non-zero digit up to 19 is a candidate, and the one whose keyed hash is that of the ledger's
+    record with this trace (``recorded_hmac``) is the card; none is: the shortest, shown as another card."""
+    significant = len(line.card.rstrip("0"))
+    candidates = [line.card[:length] for length in range(max(significant, 12), min(len(line.card), 19) + 1)]
+    if not candidates:
+        return UploadedLine(line.stan, line.amount, None, None)
+    digests = [pan_digest(key, pan) for pan in candidates]
+    chosen = digests.index(recorded_hmac) if recorded_hmac in digests else 0
+    return UploadedLine(line.stan, line.amount, mask_pan(candidates[chosen]), digests[chosen])
 
 
 def differences(ledger: list[Txn], uploaded: list[UploadedLine]) -> list[dict[str, object]]:

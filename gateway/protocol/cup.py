@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.core.model import Kind, Reference, Request, SettlementTotals, UploadLine
-from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage
+from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, FunctionDialect, UnsupportedMessage
 from gateway.protocol.fields import amount, card_number, expiry
 from gateway.protocol.iso87 import response_mti
 from gateway.protocol.message import Message
@@ -200,8 +200,8 @@ def settlement_totals(value: str) -> SettlementTotals:
     return SettlementTotals(credit_count, credit_amount, debit_count, debit_amount)
 
 
-#: one line of a batch upload's DE48: card organisation n2, trace n6, card number n20 (right-aligned, zeros
-#: before it), amount n12; the field starts with the number of lines, n2 (at most 8)
+#: one line of a batch upload's DE48: card organisation n2, trace n6, card number n20 (the PAN left-aligned,
+#: filled with zeros), amount n12; the field starts with the number of lines, n2 (at most 8)
 _LINE_DIGITS = 40
 
 
@@ -213,10 +213,11 @@ def upload_lines(value: str) -> tuple[UploadLine, ...]:
     lines = []
     for start in range(2, len(value), _LINE_DIGITS):
         line = value[start:start + _LINE_DIGITS]
-        pan = line[8:28].lstrip("0")  # no card number starts with 0 (ISO/IEC 7812 industry identifier)
-        if not 12 <= len(pan) <= 19:
-            raise DialectError("a batch upload line's card number must be 12-19 digits", 48)
-        lines.append(UploadLine(line[2:8], int(line[28:40]), pan))
+        card = line[8:28]
+        if card.startswith("0") or not card.endswith("0") or len(card.rstrip("0")) < 2:
+            # a PAN starts with its industry identifier (1-9) and has at most 19 digits
+            raise DialectError("a batch upload line's card number must be a PAN filled with zeros to 20", 48)
+        lines.append(UploadLine(line[2:8], int(line[28:40]), card))
     return tuple(lines)
 
 
@@ -281,13 +282,4 @@ def _answer_private(mti: str, private: str, batch_no: str | None) -> str:
     return private[:8]
 
 
-class Cup:
-    """The ``cup`` dialect as :class:`gateway.protocol.dialect.Dialect` (this module's functions)."""
-
-    name = "cup"
-    response_mti = staticmethod(response_mti)
-    classify = staticmethod(classify)
-    build_response = staticmethod(build_response)
-
-
-DIALECT: Dialect = Cup()
+DIALECT: Dialect = FunctionDialect("cup", response_mti, classify, build_response)

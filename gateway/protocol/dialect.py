@@ -9,6 +9,7 @@ private fields. ``iso87`` (generic ISO 8583:1987, :mod:`gateway.protocol.iso87`)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -78,6 +79,17 @@ class Dialect(Protocol):
         """The answer to ``request`` with the decision's response code, RRN and approval code (and what of
         ``facts`` the dialect's answers carry)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionDialect:
+    """A dialect made of a module's three pure functions (how :mod:`~gateway.protocol.iso87` and
+    :mod:`~gateway.protocol.cup` give their ``DIALECT``)."""
+
+    name: str
+    response_mti: Callable[[str], str | None]
+    classify: Callable[[Message], Request]
+    build_response: Callable[..., Message]
 
 
 def dialect_for(name: str) -> Dialect:

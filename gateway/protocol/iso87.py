@@ -12,7 +12,7 @@ import functools
 from collections.abc import Mapping
 
 from gateway.core.model import Kind, Reference, Request, SettlementTotals
-from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, UnsupportedMessage
+from gateway.protocol.dialect import AnswerFacts, Dialect, DialectError, FunctionDialect, UnsupportedMessage
 from gateway.protocol.fields import amount, card_number
 from gateway.protocol.fields import expiry as card_expiry
 from gateway.protocol.message import Message
@@ -177,13 +177,4 @@ def build_response(
     return Message(mti, fields)
 
 
-class Iso87:
-    """The ``iso87`` dialect as :class:`gateway.protocol.dialect.Dialect` (this module's functions)."""
-
-    name = "iso87"
-    response_mti = staticmethod(response_mti)
-    classify = staticmethod(classify)
-    build_response = staticmethod(build_response)
-
-
-DIALECT: Dialect = Iso87()
+DIALECT: Dialect = FunctionDialect("iso87", response_mti, classify, build_response)

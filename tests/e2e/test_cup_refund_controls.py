@@ -194,6 +194,27 @@ async def test_a_terminal_not_on_the_allow_list_answers_97(proc: GatewayProcess)
     assert approved[39] == "00"
 
 
+async def test_a_preauth_is_completed_once_by_its_approval_code_and_a_sale_void_cannot_void_a_completion(
+    proc: GatewayProcess,
+) -> None:
+    proc.start()
+    async with connected(proc) as pos:
+        preauth = await pos.preauth(50000)
+        completion = await pos.complete(preauth, 52000)  # within the 15 % tolerance
+        second = await pos.complete(preauth, 1000)
+        sale_void_of_completion = await pos.void(completion, 52000)
+        other = await pos.preauth(7000)
+        preauth_void = await pos.void_preauth(other, 7000)
+        completion_after_void = await pos.complete(other, 7000)
+
+    assert preauth[39] == "00" and len(preauth[38]) == 6
+    assert completion[39] == "00" and second[39] == "12"
+    assert sale_void_of_completion[39] == "12"  # 60.1 = 23 voids sales only
+    reason = ledger_row(proc, "SELECT reason FROM txns WHERE stan = ?", sale_void_of_completion[11])
+    assert reason == ("not_voidable",)
+    assert preauth_void[39] == "00" and completion_after_void[39] == "12"
+
+
 # --------------------------------------------------------------------------- settlement
 
 
@@ -275,4 +296,5 @@ async def test_a_batch_upload_after_a_mismatch_lists_what_the_ledger_and_the_ter
     assert found[forgotten[11]]["rrn"] == forgotten[37]
     assert listing.type == "pos.batch.mismatch" and listing.data["details"]["batch"] == pos.batch
     dumped = json.dumps(listing.document) + repr(ledger_row(proc, "SELECT group_concat(pan_masked) FROM batch_uploads"))
+    dumped += proc.logs()
     assert CARD not in dumped and OTHER_CARD not in dumped

@@ -226,18 +226,20 @@ async def test_records_keep_the_terminals_batch_number_and_a_sign_on_learns_the_
     assert [batch.batch_no for batch in batches] == ["000001", "000002"]
 
 
+def upload(till: Till, *lines: UploadLine, complete: bool = False) -> Request:
+    """A batch upload's lines (or its end) for the terminal batch 000001."""
+    return till.request(Kind.BATCH_UPLOAD, "0320", "", None, card=None, terminal_batch="000001",
+                        uploads=lines, upload_complete=complete)  # fmt: skip
+
+
 async def test_a_batch_upload_is_kept_masked_and_its_end_lists_the_differences(new_ledger: NewLedger) -> None:
     till = Till()
-
-    def upload(*lines: UploadLine, complete: bool = False) -> Request:
-        return till.request(Kind.BATCH_UPLOAD, "0320", "", None, card=None, terminal_batch="000001",
-                            uploads=lines, upload_complete=complete)  # fmt: skip
-
     async with new_ledger() as ledger:
         sale = await ledger.process(till.sale(1000, terminal_batch="000001"), till.ctx(), render)
-        await ledger.process(upload(UploadLine("999999", 700, CARD_B)), till.ctx(), render)
-        again = await ledger.process(upload(UploadLine("999999", 800, CARD_B)), till.ctx(), render)  # replaces it
-        end = await ledger.process(upload(complete=True), till.ctx(), render)
+        listed = CARD_B.ljust(20, "0")  # the PAN filled with zeros to n20
+        await ledger.process(upload(till, UploadLine("999999", 700, listed)), till.ctx(), render)
+        again = await ledger.process(upload(till, UploadLine("999999", 800, listed)), till.ctx(), render)  # replaces it
+        end = await ledger.process(upload(till, complete=True), till.ctx(), render)
         events = [json.loads(bytes(row.payload)) for row in await ledger.pending(100)]
         txns = await ledger.all_txns()
 
@@ -249,3 +251,15 @@ async def test_a_batch_upload_is_kept_masked_and_its_end_lists_the_differences(n
     assert (found[txns[0].stan]["difference"], found[txns[0].stan]["rrn"]) == ("not_on_terminal", sale.rrn)
     assert len(found) == 2
     assert CARD_A not in json.dumps(events) and CARD_B not in json.dumps(events)
+
+
+async def test_a_batch_upload_that_agrees_with_the_ledger_ends_settled(new_ledger: NewLedger) -> None:
+    till = Till()
+    async with new_ledger() as ledger:
+        sale = till.sale(1000, terminal_batch="000001")
+        await ledger.process(sale, till.ctx(), render)
+        await ledger.process(upload(till, UploadLine(sale.stan, 1000, CARD_A.ljust(20, "0"))), till.ctx(), render)
+        await ledger.process(upload(till, complete=True), till.ctx(), render)
+        events = [json.loads(bytes(row.payload)) for row in await ledger.pending(100)]
+
+    assert [(event["type"], event["data"]["details"]["differences"]) for event in events] == [("pos.batch.settled", [])]

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core.cards import pan_digest
 from gateway.core.engine import batch_to_use
-from gateway.core.model import Batch, BatchState, ClosedBy, Kind, Reference, SettlementTotals
+from gateway.core.model import Batch, BatchState, ClosedBy, Kind, Reference, SettlementTotals, UploadLine
 from gateway.core.policy import Policy
+from gateway.core.uploads import kept_line
 from gateway.protocol.cup import DIALECT, TRANSACTIONS, settlement_totals
 from gateway.protocol.dialect import AnswerFacts, DialectError, UnsupportedMessage, dialect_for
 from gateway.protocol.message import Message
@@ -127,7 +129,7 @@ def test_what_the_dialect_does_not_handle_is_unsupported(message: Message) -> No
         (sale(f42="6217D2812101000"), 42),  # track 2 with its BCD separator
         (sale(mti="0500", f60="00000002201", f48="0001"), 48),
         (sale(mti="0320", f60="00000002201", f48="01" + "0" * 39), 48),
-        (sale(mti="0320", f60="00000002201", f48="01" + "00000001" + "0" * 20 + "000000000100"), 48),
+        (sale(mti="0320", f60="00000002201", f48="01" + "00000001" + "0" * 4 + CARD[:16] + "000000000100"), 48),
     ],
 )
 def test_a_malformed_request_is_a_format_error_naming_the_field(message: Message, field: int) -> None:
@@ -185,3 +187,27 @@ def test_a_sign_on_is_told_the_open_batch_else_the_next_number() -> None:
     assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=22)) == "000007"
     assert batch_to_use(open_batch, with_cutoff, opened.replace(hour=23, minute=1)) == "000008"  # past the cut-off
     assert batch_to_use(settled, Policy(), opened) == "000001"  # counting starts again after 999999
+
+
+def test_the_transaction_table_of_docs_profiles_is_the_dialects() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "profiles.md").read_text(encoding="utf-8")
+    table = text.split("<!-- cup-transactions")[1].split("<!-- /cup-transactions -->")[0]
+    documented = set()
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if len(cells) == 6 and cells[2].isdigit() and len(cells[2]) == 6:
+            documented.add((cells[1][:3], cells[2], cells[4], cells[3]))
+
+    assert documented == {(mti, code, kind, txn.condition) for (mti, code, kind), txn in TRANSACTIONS.items()}
+
+
+def test_an_uploaded_card_ending_in_0_is_told_from_its_zero_fill_by_the_ledgers_card() -> None:
+    key = b"k"
+    ending_in_zero = "62170012345678900"  # 17 digits, the last one a 0
+    listed = UploadLine("000123", 100, ending_in_zero.ljust(20, "0"))
+
+    kept = kept_line(listed, key, pan_digest(key, ending_in_zero))
+    unknown = kept_line(listed, key, None)
+
+    assert (kept.pan_hmac, kept.pan_masked) == (pan_digest(key, ending_in_zero), "621700*******8900")
+    assert unknown.pan_hmac == pan_digest(key, "621700123456789")  # the shortest: another card than any
