@@ -179,7 +179,6 @@ class Cup:
     def batch_upload(self, st: Stamp, station: Station, record: TransactionRecord, pan: str) -> IsoMessage:
         # 48 = count n2 (one transaction a message) + card organisation n2 (00 UnionPay, 01 other) + its
         # trace n6 + PAN n20 (left-aligned, 0-filled) + amount n12, as tests/vectors/cup/12-batch-upload.md
-        # (the gateway's parser reads the PAN right-aligned: an open question, docs/emulator.md)
         organisation = "00" if self.in_main_totals(record) else "01"
         entry = f"01{organisation}{record.stan}{pan:0<20}{record.effective_amount:012d}"
         fields = {11: st.stan, 41: station.tid, 42: station.mid, 48: entry, 60: field60("00", station.batch, "201")}
