@@ -1,7 +1,9 @@
 """The bare codec server: the speed limit the gateway is compared with.
 
 An asyncio TCP server that does only what any ISO 8583 server must: split frames, decode each one
-with pyiso8583, and encode an answer (MTI + 10, the request's fields echoed, DE39 ``00``). No
+with pyiso8583, and encode an answer (MTI + 10, the request's fields echoed, DE39 ``00``). With a
+TPDU profile (``cup-pos``) the answer's TPDU swaps the request's destination and source, and the
+application header is decoded and sent back as it came. No
 ledger, no rules, no events. What the gateway achieves divided by what this achieves is the cost of
 everything the gateway adds.
 
@@ -23,7 +25,12 @@ import iso8583
 from terminal_emulator.framing import FrameDecoder, FramingError, frame
 from terminal_emulator.profile import ProfileError, WireProfile, load_profile
 
-__all__ = ["BareServerProtocol", "main", "serve"]
+__all__ = ["BareServerProtocol", "main", "reply_tpdu", "serve"]
+
+
+def reply_tpdu(tpdu: bytes | None) -> bytes | None:
+    """The TPDU of an answer: the request's with destination and source swapped (``60 dddd ssss``)."""
+    return tpdu[:1] + tpdu[3:5] + tpdu[1:3] if tpdu is not None else None
 
 
 class BareServerProtocol(asyncio.Protocol):
@@ -62,7 +69,7 @@ class BareServerProtocol(asyncio.Protocol):
             except (iso8583.DecodeError, iso8583.EncodeError, ValueError, KeyError):
                 transport.abort()
                 return
-            out.append(frame(bytes(encoded), framing, tpdu=self.decoder.last_tpdu))
+            out.append(frame(bytes(encoded), framing, tpdu=reply_tpdu(self.decoder.last_tpdu)))
         if out:
             transport.write(b"".join(out))
 

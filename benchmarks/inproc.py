@@ -40,6 +40,7 @@ from gateway.protocol.profile import load_profile
 from gateway.service import GatewayService, ServiceConfig
 from terminal_emulator import messages
 from terminal_emulator.codec import encode_message
+from terminal_emulator.dialects import Card, Station, dialect_for
 from terminal_emulator.profile import load_profile as load_wire_profile
 
 MERCHANT = "MERCHANT0000001"
@@ -52,6 +53,7 @@ class Harness:
         self.service = service
         self.codec = codec
         self.wire = load_wire_profile(profile_name)
+        self.dialect = dialect_for(self.wire)  # the profile's requests: iso87, or UnionPay's in cup-pos
         self.refund_pct = refund_pct
         self.rrns: list[str] = []  #: approved purchases a refund may point at
         self.refunds = 0  #: refunds among the frames made so far
@@ -63,15 +65,16 @@ class Harness:
         out: list[bytes] = []
         for i in range(start, start + count):
             stamp = messages.stamp(i % 999_999 + 1, self.now)
-            tid = f"L{i % TERMINALS:07d}"
+            station = Station(f"L{i % TERMINALS:07d}", MERCHANT, 1)
+            currency = self.dialect.default_currency
             if refunds and i % 100 < self.refund_pct:
                 if not self.rrns:
                     raise SystemExit("no approved purchase left to refund: the warm-up was too short")
-                message = messages.refund(stamp, tid=tid, mid=MERCHANT, pan=PAN, amount=100, currency="840",
-                                          original_rrn=self.rrns.pop())
+                message = self.dialect.refund(stamp, station, Card(PAN), 100, currency, rrn=self.rrns.pop(),
+                                              original=None, by_original_data=False)
                 self.refunds += 1
             else:
-                message = messages.purchase(stamp, tid=tid, mid=MERCHANT, pan=PAN, amount=1000, currency="840")
+                message = self.dialect.purchase(stamp, station, Card(PAN), 1000, currency)
             out.append(encode_message(self.wire, message))
         return out
 

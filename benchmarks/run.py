@@ -7,15 +7,20 @@ Mosquitto when installed (else the embedded broker) and JSON logs written to a f
 alternate so that drift in the machine's load hits both alike. A last run drives the gateway at half
 its measured maximum to report latency under normal load.
 
-Prints throughput, p50/p99 latency, peak memory and the ratio gateway / limit, and writes the
-figures with a description of the machine to ``benchmarks/results/latest.json``.
+Each wire profile is measured in turn, gateway and bare server in the same profile (default
+``iso87-binary`` then the UnionPay ``cup-pos``: TPDU, BCD, the cup dialect), and their figures are
+printed side by side. Prints throughput, p50/p99 latency, peak memory and the ratio gateway / limit,
+and writes the figures per profile with a description of the machine to
+``benchmarks/results/latest.json``.
 
-With ``--upstream iso-host`` each round also runs the gateway forwarding to the acquirer host
-simulator (``iso-host serve`` on a free loopback port, ``GATEWAY_UPSTREAM__URL``; a fresh host each
-round) after the stand-in gateway, and reports bare / stand-in / via-host side by side. The host
-runs on the same cores, so the via-host figure pays for the host's CPU too.
+With ``--upstream iso-host`` each round of an ``iso87`` profile also runs the gateway forwarding to the
+acquirer host simulator (``iso-host serve`` on a free loopback port, ``GATEWAY_UPSTREAM__URL``; a
+fresh host each round) after the stand-in gateway, and reports bare / stand-in / via-host side by
+side. The host runs on the same cores, so the via-host figure pays for the host's CPU too. (The host
+link speaks iso87; a UnionPay terminal profile is measured in stand-in only.)
 
     python -m benchmarks.run --duration 10 --rounds 3
+    python -m benchmarks.run --profile cup-pos
     python -m benchmarks.run --duration 8 --rounds 3 --upstream iso-host     # make bench BENCH_ARGS="..."
 """
 
@@ -26,7 +31,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -353,76 +357,58 @@ def row(name: str, s: dict[str, Any], peak: float) -> str:
             f"{s['errors']:>6} {s['timeouts']:>8}  {s['response_codes']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="gateway vs bare codec server")
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--pipeline", type=int, default=16)
-    parser.add_argument("--mix", default="purchase=80,refund=20")
-    parser.add_argument("--profile", default="iso87-binary")
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
-    parser.add_argument("--upstream", choices=["none", "iso-host"], default=os.environ.get("BENCH_UPSTREAM", "none"),
-                        help="iso-host: also run the gateway forwarding to iso-host each round (env BENCH_UPSTREAM)")
-    args = parser.parse_args(argv)
+#: what ``make bench`` measures: the default profile, and the UnionPay one next to it
+DEFAULT_PROFILES = "iso87-binary,cup-pos"
+HEADER = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'loop':>6} {'peak MiB':>9} "
+          f"{'errors':>6} {'timeouts':>8}  codes")
 
-    header = (f"{'run':<22} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU µs':>8} {'loop':>6} {'peak MiB':>9} "
-              f"{'errors':>6} {'timeouts':>8}  codes")
-    results: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"output": str(args.output)},
-                               "rounds": []}
-    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-          f"Python {results['machine']['python']}")
-    print(f"load: {args.connections} connections x {args.pipeline} in flight, mix {args.mix}, "
-          f"{args.duration:.0f} s per run\n")
-    print(header)
-    with tempfile.TemporaryDirectory(prefix="iso-bench-") as tmp:
-        workdir = Path(tmp)
-        with mosquitto(workdir) as mqtt_url:
-            for round_no in range(1, args.rounds + 1):
-                bare = start_bare(args.profile)
-                bare_summary = measured(bare, args)
-                bare_peak = bare.stop()
-                print(row(f"round {round_no} bare", bare_summary, bare_peak))
-                gateway = start_gateway(args.profile, workdir, mqtt_url, round_no)
-                gw_summary = measured(gateway, args)
-                db = workdir / f"ledger-{round_no}.db"
-                lag = outbox_pending(db)  # events not yet published when the load stopped
-                time.sleep(1.0)  # let the relay drain before the gateway stops
-                gw_peak = gateway.stop()
-                pending = outbox_pending(db)
-                print(row(f"round {round_no} gateway", gw_summary, gw_peak)
-                      + f"  outbox at end {lag}, 1 s later {pending}")
-                results["rounds"].append({"bare": bare_summary | {"peak_rss_mib": bare_peak},
-                                          "gateway": gw_summary | {"peak_rss_mib": gw_peak,
-                                                                   "outbox_pending_at_end": lag,
-                                                                   "outbox_pending_after": pending}})
-                if args.upstream == "iso-host":
-                    via, via_peak = via_host_round(args, workdir, mqtt_url, round_no + 100)
-                    print(row(f"round {round_no} via iso-host", via, via_peak)
-                          + f"  host received {via['host_received']}")
-                    results["rounds"][-1]["via_host"] = via | {"peak_rss_mib": via_peak}
-            bare_tps = statistics.median(r["bare"]["tps"] for r in results["rounds"])
-            gw_tps = statistics.median(r["gateway"]["tps"] for r in results["rounds"])
-            half = gw_tps / 2
-            gateway = start_gateway(args.profile, workdir, mqtt_url, 0)
-            half_summary = measured(gateway, args, rate=half)
-            half_peak = gateway.stop()
-            print(row("gateway at half max", half_summary, half_peak))
-            # the same nearest-rank percentile as the load generator's figures
-            half_summary["gateway_logged_p99_ms"] = percentile(sorted(logged_latencies(workdir / "gateway-0.log")), 99)
-            if args.upstream == "iso-host":
-                via_half = statistics.median(r["via_host"]["tps"] for r in results["rounds"]) / 2
-                via_half_summary, via_half_peak = via_host_round(args, workdir, mqtt_url, 100, rate=via_half)
-                print(row("via iso-host at half", via_half_summary, via_half_peak))
-    ratio = gw_tps / bare_tps if bare_tps else 0.0
-    bare_cpu = statistics.median(r["bare"]["server_cpu_us_per_msg"] for r in results["rounds"])
-    gw_cpu = statistics.median(r["gateway"]["server_cpu_us_per_msg"] for r in results["rounds"])
-    gw_loop = statistics.median(r["gateway"]["busiest_thread_cpu_us_per_msg"] for r in results["rounds"])
-    gw_busy = statistics.median(r["gateway"]["busiest_thread_busy"] for r in results["rounds"])
-    results["summary"] = {
+
+def bench_profile(args: argparse.Namespace, workdir: Path, mqtt_url: str) -> dict[str, Any]:
+    """The rounds (bare server then gateway, both in ``args.profile``), the half-load run and their summary."""
+    print(f"\nprofile {args.profile}\n{HEADER}")
+    rounds: list[dict[str, Any]] = []
+    db_prefix = workdir / args.profile
+    db_prefix.mkdir()
+    for round_no in range(1, args.rounds + 1):
+        bare = start_bare(args.profile)
+        bare_summary = measured(bare, args)
+        bare_peak = bare.stop()
+        print(row(f"round {round_no} bare", bare_summary, bare_peak))
+        gateway = start_gateway(args.profile, db_prefix, mqtt_url, round_no)
+        gw_summary = measured(gateway, args)
+        db = db_prefix / f"ledger-{round_no}.db"
+        lag = outbox_pending(db)  # events not yet published when the load stopped
+        time.sleep(1.0)  # let the relay drain before the gateway stops
+        gw_peak = gateway.stop()
+        pending = outbox_pending(db)
+        print(row(f"round {round_no} gateway", gw_summary, gw_peak) + f"  outbox at end {lag}, 1 s later {pending}")
+        rounds.append({"bare": bare_summary | {"peak_rss_mib": bare_peak},
+                       "gateway": gw_summary | {"peak_rss_mib": gw_peak, "outbox_pending_at_end": lag,
+                                                "outbox_pending_after": pending}})
+        if args.via_host:
+            via, via_peak = via_host_round(args, db_prefix, mqtt_url, round_no + 100)
+            print(row(f"round {round_no} via iso-host", via, via_peak) + f"  host received {via['host_received']}")
+            rounds[-1]["via_host"] = via | {"peak_rss_mib": via_peak}
+    bare_tps = statistics.median(r["bare"]["tps"] for r in rounds)
+    gw_tps = statistics.median(r["gateway"]["tps"] for r in rounds)
+    half = gw_tps / 2
+    gateway = start_gateway(args.profile, db_prefix, mqtt_url, 0)
+    half_summary = measured(gateway, args, rate=half)
+    half_peak = gateway.stop()
+    print(row("gateway at half max", half_summary, half_peak))
+    # the same nearest-rank percentile as the load generator's figures
+    half_summary["gateway_logged_p99_ms"] = percentile(sorted(logged_latencies(db_prefix / "gateway-0.log")), 99)
+    via_half_summary: dict[str, Any] = {}
+    if args.via_host:
+        via_half = statistics.median(r["via_host"]["tps"] for r in rounds) / 2
+        via_half_summary, _ = via_host_round(args, db_prefix, mqtt_url, 100, rate=via_half)
+        print(row("via iso-host at half", via_half_summary, 0.0))
+    bare_cpu = statistics.median(r["bare"]["server_cpu_us_per_msg"] for r in rounds)
+    gw_cpu = statistics.median(r["gateway"]["server_cpu_us_per_msg"] for r in rounds)
+    summary = {
         "bare_tps_median": bare_tps,
         "gateway_tps_median": gw_tps,
-        "ratio_gateway_to_bare": ratio,
+        "ratio_gateway_to_bare": gw_tps / bare_tps if bare_tps else 0.0,
         "half_load_rate": half,
         "half_load_p99_ms": half_summary["p99_ms"],
         "half_load_p50_ms": half_summary["p50_ms"],
@@ -430,31 +416,85 @@ def main(argv: list[str] | None = None) -> int:
         "bare_cpu_us_per_msg": bare_cpu,
         "gateway_cpu_us_per_msg": gw_cpu,
         "cpu_ratio_bare_to_gateway": bare_cpu / gw_cpu if gw_cpu else 0.0,
-        "gateway_loop_thread_cpu_us_per_msg": gw_loop,
-        "gateway_loop_thread_busy": gw_busy,
-        "round_ratios": round_ratios(results["rounds"]),
-        "bare_drift": drift(results["rounds"]),
+        "gateway_loop_thread_cpu_us_per_msg": statistics.median(
+            r["gateway"]["busiest_thread_cpu_us_per_msg"] for r in rounds),
+        "gateway_loop_thread_busy": statistics.median(r["gateway"]["busiest_thread_busy"] for r in rounds),
+        "round_ratios": round_ratios(rounds),
+        "bare_drift": drift(rounds),
     }
-    print(f"\nbare codec server (median) {bare_tps:9.0f} msg/s")
-    print(f"gateway (median)           {gw_tps:9.0f} msg/s")
-    print(f"ratio gateway / bare       {ratio:9.1%}   (target >= 40%, aim 60%)")
-    print("ratio per round            " + " ".join(f"{r:.1%}" for r in results["summary"]["round_ratios"]))
-    spread = results["summary"]["bare_drift"]
-    if spread > DRIFT_WARNING:
-        print(f"  the machine's speed moved during this run: the bare server's rounds spread by {spread:.0%} "
-              "(read the ratio to a few points; benchmarks.ab alternates two versions of the gateway)")
-    print(f"server CPU per message     bare {bare_cpu:.0f} µs, gateway {gw_cpu:.0f} µs "
-          f"(efficiency ratio {bare_cpu / gw_cpu if gw_cpu else 0:.1%})")
-    print(f"gateway event-loop thread  {gw_loop:.0f} µs per message, {gw_busy:.0%} busy "
-          "(its busiest thread; near 100% only less CPU on it helps)")
-    print(f"p99 at half load ({half:.0f} msg/s): {half_summary['p99_ms']:.2f} ms   (target < 20 ms)")
-    print(f"  as the gateway logged it: p99 {half_summary['gateway_logged_p99_ms']:.2f} ms from decoding a request "
-          "to answering it (the terminal's figure adds time in sockets and in the load generator)")
-    if args.upstream == "iso-host":
-        results["summary"] |= via_host_summary(results["rounds"], bare_tps, gw_tps) | {
-            "via_host_half_load_rate": via_half, "via_host_half_load_p99_ms": via_half_summary["p99_ms"],
+    if args.via_host:
+        summary |= via_host_summary(rounds, bare_tps, gw_tps) | {
+            "via_host_half_load_rate": via_half_summary["target_rate"],
+            "via_host_half_load_p99_ms": via_half_summary["p99_ms"],
             "via_host_half_load_p50_ms": via_half_summary["p50_ms"]}
-        print_via_host(results["summary"], via_half_summary)
+    return {"rounds": rounds, "half_load": half_summary | {"peak_rss_mib": half_peak}, "summary": summary,
+            "via_host_half_load": via_half_summary}
+
+
+def print_summary(name: str, summary: dict[str, Any]) -> None:
+    s = summary
+    print(f"\n{name}")
+    print(f"  bare codec server (median) {s['bare_tps_median']:9.0f} msg/s")
+    print(f"  gateway (median)           {s['gateway_tps_median']:9.0f} msg/s")
+    print(f"  ratio gateway / bare       {s['ratio_gateway_to_bare']:9.1%}   (target >= 40%, aim 60%)")
+    print("  ratio per round            " + " ".join(f"{r:.1%}" for r in s["round_ratios"]))
+    if s["bare_drift"] > DRIFT_WARNING:
+        print(f"    the machine's speed moved during this run: the bare server's rounds spread by "
+              f"{s['bare_drift']:.0%} (read the ratio to a few points; benchmarks.ab alternates two versions)")
+    print(f"  server CPU per message     bare {s['bare_cpu_us_per_msg']:.0f} µs, gateway "
+          f"{s['gateway_cpu_us_per_msg']:.0f} µs (efficiency ratio {s['cpu_ratio_bare_to_gateway']:.1%})")
+    print(f"  gateway event-loop thread  {s['gateway_loop_thread_cpu_us_per_msg']:.0f} µs per message, "
+          f"{s['gateway_loop_thread_busy']:.0%} busy (its busiest thread; near 100% only less CPU on it helps)")
+    print(f"  p99 at half load ({s['half_load_rate']:.0f} msg/s): {s['half_load_p99_ms']:.2f} ms   (target < 20 ms)")
+    print(f"    as the gateway logged it: p99 {s['half_load_gateway_logged_p99_ms']:.2f} ms from decoding a request "
+          "to answering it (the terminal's figure adds time in sockets and in the load generator)")
+
+
+def side_by_side(profiles: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per profile: the figures to compare across profiles (each measured against its own bare server)."""
+    lines = [f"{'profile':<14} {'bare msg/s':>10} {'gateway msg/s':>13} {'ratio':>7} {'gw CPU µs':>9} "
+             f"{'p99 half ms':>11}"]
+    for name, result in profiles.items():
+        s = result["summary"]
+        lines.append(f"{name:<14} {s['bare_tps_median']:>10.0f} {s['gateway_tps_median']:>13.0f} "
+                     f"{s['ratio_gateway_to_bare']:>7.1%} {s['gateway_cpu_us_per_msg']:>9.0f} "
+                     f"{s['half_load_p99_ms']:>11.2f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="gateway vs bare codec server, per wire profile")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--pipeline", type=int, default=16)
+    parser.add_argument("--mix", default="purchase=80,refund=20")
+    parser.add_argument("--profile", dest="profiles", default=DEFAULT_PROFILES,
+                        help=f"comma-separated wire profiles, each measured in turn (default {DEFAULT_PROFILES})")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--upstream", choices=["none", "iso-host"], default=os.environ.get("BENCH_UPSTREAM", "none"),
+                        help="iso-host: also run the gateway forwarding to iso-host each round of an iso87 profile "
+                             "(env BENCH_UPSTREAM)")
+    args = parser.parse_args(argv)
+    names = [p.strip() for p in args.profiles.split(",") if p.strip()]
+
+    results: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"output": str(args.output)},
+                               "profiles": {}}
+    print(f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+          f"Python {results['machine']['python']}")
+    print(f"load: {args.connections} connections x {args.pipeline} in flight, mix {args.mix}, "
+          f"{args.duration:.0f} s per run; profiles {', '.join(names)}")
+    with tempfile.TemporaryDirectory(prefix="iso-bench-") as tmp, mosquitto(Path(tmp)) as mqtt_url:
+        for name in names:
+            via_host = args.upstream == "iso-host" and name.startswith("iso87")
+            profile_args = argparse.Namespace(**vars(args), profile=name, via_host=via_host)
+            results["profiles"][name] = bench_profile(profile_args, Path(tmp), mqtt_url)
+    for name, result in results["profiles"].items():
+        print_summary(name, result["summary"])
+        if "via_host_tps_median" in result["summary"]:
+            print_via_host(result["summary"], result["via_host_half_load"])
+    results["side_by_side"] = side_by_side(results["profiles"])
+    print("\n" + "\n".join(results["side_by_side"]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"written to {args.output}")

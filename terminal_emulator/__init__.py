@@ -1,7 +1,8 @@
 """ISO 8583 terminal emulator: a POS terminal for integration tests, scenarios and load.
 
 It encodes with pyiso8583 and the ``specs/`` data files directly, never through ``gateway.protocol``,
-so that a codec bug cannot cancel out between the gateway and its test terminal.
+so that a codec bug cannot cancel out between the gateway and its test terminal. The profile's dialect
+(``iso87`` or UnionPay's ``cup``, :mod:`terminal_emulator.dialects`) builds the requests.
 """
 
 from __future__ import annotations

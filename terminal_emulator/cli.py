@@ -19,12 +19,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from .dialects import Dialect, dialect_for
 from .errors import TerminalError, TransportError, UsageError
 from .journal import JournalError, load_journal
 from .load import LoadConfig, LoadStats, parse_mix, run_load
-from .masking import mask_pan
-from .messages import DEFAULT_PAN
-from .money import AmountError, format_minor, parse_major
+from .money import AmountError, parse_major
+from .output import RESPONSE_TEXT, emit
 from .profile import ProfileError, WireProfile, load_profile
 from .scenario import Scenario, ScenarioError, ScenarioResult, Step, StepResult, load_scenario, run_scenario
 from .terminal import Exchange, Terminal
@@ -34,25 +34,6 @@ __all__ = ["app", "main"]
 T = TypeVar("T")
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
-
-#: Response code meanings for the human-readable output.
-RESPONSE_TEXT = {
-    "00": "approved",
-    "12": "invalid transaction",
-    "13": "invalid amount",
-    "14": "invalid card number",
-    "25": "original not found",
-    "30": "format error",
-    "54": "expired card",
-    "58": "not permitted to terminal",
-    "61": "exceeds amount limit",
-    "64": "original amount incorrect",
-    "65": "exceeds frequency limit",
-    "91": "issuer or switch unavailable",
-    "94": "duplicate transmission",
-    "95": "reconciliation error",
-    "96": "system malfunction",
-}
 
 app = typer.Typer(
     name="iso-terminal",
@@ -73,7 +54,22 @@ class Settings:
     journal: Path | None
     timeout: float
     json: bool
-    currency: str
+    currency_option: str | None
+    tpdu: bytes | None = None
+    _profile: WireProfile | None = None
+
+    @property
+    def currency(self) -> str:
+        """``--currency``, else the dialect's (840 iso87, 156 cup)."""
+        if self.currency_option:
+            return self.currency_option
+        try:
+            return self.dialect().default_currency
+        except UsageError:
+            return "840"  # the profile's own error is reported when the command runs
+
+    def dialect(self) -> Dialect:
+        return dialect_for(self.profile())
 
     @property
     def terminal_id(self) -> str:
@@ -84,10 +80,15 @@ class Settings:
         return self.mid or "MERCHANT0000001"
 
     def profile(self) -> WireProfile:
-        try:
-            return load_profile(self.profile_name)
-        except ProfileError as exc:
-            raise UsageError(str(exc)) from None
+        if self._profile is None:
+            try:
+                self._profile = load_profile(self.profile_name)
+            except ProfileError as exc:
+                raise UsageError(str(exc)) from None
+        return self._profile
+
+    def emit(self, exchange: Exchange, prefix: str = "") -> None:
+        emit(exchange, self.dialect(), as_json=self.json, prefix=prefix)
 
     def journal_path(self) -> Path:
         if self.journal is not None:
@@ -117,70 +118,28 @@ def _global(
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.", min=0.001)] = 10.0,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per exchange.")] = False,
-    currency: Annotated[str, typer.Option(help="ISO 4217 numeric currency, DE49.")] = "840",
+    currency: Annotated[
+        str | None, typer.Option(help="ISO 4217 numeric currency, DE49 (default: 840 iso87, 156 cup).")
+    ] = None,
+    tpdu: Annotated[
+        str | None, typer.Option(help="TPDU to send, 10 hex digits (e.g. 6000030000), for profiles with one.")
+    ] = None,
 ) -> None:
     """ISO 8583 POS terminal emulator."""
-    if not (currency.isdigit() and len(currency) == 3):
+    if currency is not None and not (currency.isdigit() and len(currency) == 3):
         raise typer.BadParameter("a 3-digit ISO 4217 numeric code, e.g. 840", param_hint="--currency")
+    tpdu_bytes = None
+    if tpdu is not None:
+        try:
+            tpdu_bytes = bytes.fromhex(tpdu)
+        except ValueError:
+            tpdu_bytes = b""
+        if len(tpdu_bytes) != 5:
+            raise typer.BadParameter("10 hex digits, e.g. 6000030000", param_hint="--tpdu")
     for value, name, size in ((tid, "--tid", 8), (mid, "--mid", 15)):
         if value is not None and not 1 <= len(value) <= size:
             raise typer.BadParameter(f"1 to {size} characters", param_hint=name)
-    ctx.obj = Settings(host, port, profile, tid, mid, journal, timeout, json_output, currency)
-
-
-# --- output -------------------------------------------------------------------------------------
-def _emit(settings: Settings, exchange: Exchange, prefix: str = "") -> None:
-    if settings.json:
-        obj: dict[str, Any] = {
-            "mti": exchange.response.mti if exchange.response is not None else None,
-            "fields": exchange.response.masked() if exchange.response is not None else {},
-            "kind": exchange.kind,
-            "outcome": exchange.outcome,
-            "elapsed_ms": exchange.elapsed_ms,
-            "request": {"mti": exchange.request.mti, "fields": exchange.request.masked()},
-        }
-        typer.echo(json.dumps(obj, separators=(",", ":")))
-        return
-    typer.echo(prefix + _describe_request(exchange))
-    typer.echo(prefix + _describe_response(exchange))
-
-
-def _describe_request(exchange: Exchange) -> str:
-    req = exchange.request
-    parts = [f"-> {req.mti} {exchange.kind:<10}", f"STAN {req.get(11) or '-'}"]
-    amount = req.get(4)
-    if amount is not None:
-        cur = req.get(49) or "840"
-        parts.append(f"amount {format_minor(int(amount), cur)} {cur}")
-    pan = req.get(2)
-    if pan:
-        parts.append(f"card {mask_pan(pan)}")
-    for number, label in ((37, "ref RRN"), (90, "orig"), (95, "remaining")):
-        value = req.get(number)
-        if value:
-            parts.append(f"{label} {value[:20] if number == 90 else value[:12]}")
-    if req.mti.startswith("05"):
-        parts.append(
-            f"credits {int(req.get(74) or 0)}/{int(req.get(86) or 0)} debits {int(req.get(76) or 0)}/"
-            f"{int(req.get(88) or 0)}"
-        )
-    return "  ".join(parts)
-
-
-def _describe_response(exchange: Exchange) -> str:
-    resp = exchange.response
-    if resp is None:
-        return f"<- no answer ({exchange.outcome}, {exchange.elapsed_ms:.0f} ms)"
-    code = resp.get(39) or "--"
-    parts = [f"<- {resp.mti} {code} {RESPONSE_TEXT.get(code, '')}".rstrip()]
-    if resp.get(37):
-        parts.append(f"RRN {resp.get(37)}")
-    if resp.get(38):
-        parts.append(f"auth {resp.get(38)}")
-    parts.append(f"{exchange.elapsed_ms:.1f} ms")
-    if exchange.outcome == "lost":
-        parts.append("(answer dropped: simulated loss)")
-    return "  ".join(parts)
+    ctx.obj = Settings(host, port, profile, tid, mid, journal, timeout, json_output, currency, tpdu_bytes)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -212,7 +171,7 @@ def _run_terminal(settings: Settings, action: Callable[[Terminal], Awaitable[Exc
                 async with Terminal(
                     settings.host, settings.port, profile=profile, tid=settings.terminal_id,
                     mid=settings.merchant_id, currency=settings.currency, journal=journal,
-                    timeout=settings.timeout, on_exchange=lambda e: _emit(settings, e),
+                    timeout=settings.timeout, tpdu=settings.tpdu, on_exchange=settings.emit,
                 ) as terminal:
                     return await action(terminal)
 
@@ -247,7 +206,7 @@ def _pan(value: str | None) -> str | None:
 
 
 AmountOpt = Annotated[str | None, typer.Option("--amount", help="Amount in major units, e.g. 12.34.")]
-PanOpt = Annotated[str | None, typer.Option("--pan", help=f"Card number (default test card {DEFAULT_PAN}).")]
+PanOpt = Annotated[str | None, typer.Option("--pan", help="Card number (default: the dialect's test card).")]
 RrnOpt = Annotated[str | None, typer.Option("--rrn", help="RRN (DE37) of the original transaction.")]
 LastOpt = Annotated[bool, typer.Option("--last", help="Refer to the journal's latest approved sale or completion.")]
 
@@ -397,11 +356,23 @@ def settle(
 @app.command()
 def echo(
     ctx: typer.Context,
-    code: Annotated[str, typer.Option(help="DE70: 301 echo, 001 sign-on, 002 sign-off.")] = "301",
+    code: Annotated[str, typer.Option(help="iso87 DE70 / cup 60.3: 301 echo, 001 sign-on, 002 sign-off.")] = "301",
 ) -> None:
-    """Network management echo (0800, DE70 301)."""
+    """Network management echo (iso87 0800 DE70 301; cup 0820 60.3 301)."""
     s = _settings(ctx)
     _run_terminal(s, lambda t: t.echo(code))
+
+
+@app.command()
+def signon(
+    ctx: typer.Context,
+    operator: Annotated[str, typer.Option(help="Operator code, 1 to 3 characters (cup field 63).")] = "01",
+) -> None:
+    """Sign-on (iso87 0800 DE70 001; cup 0800 60.3 003): a cup host's answer sets the journal's batch."""
+    s = _settings(ctx)
+    if not 1 <= len(operator) <= 3:
+        raise typer.BadParameter("1 to 3 characters", param_hint="--operator")
+    _run_terminal(s, lambda t: t.signon(operator))
 
 
 # --- scenarios ----------------------------------------------------------------------------------
@@ -456,10 +427,7 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> ScenarioResu
     played = 0
 
     def on_exchange(step: Step, exchange: Exchange) -> None:
-        if s.json:
-            _emit(s, exchange)
-        else:
-            _emit(s, exchange, prefix="    ")
+        s.emit(exchange, prefix="" if s.json else "    ")
 
     def on_step(result: StepResult) -> None:
         nonlocal played
@@ -482,7 +450,7 @@ async def _play(s: Settings, sc: Scenario, profile: WireProfile) -> ScenarioResu
         typer.echo(f"scenario: {sc.name}")
     result = await run_scenario(
         sc, host=s.host, port=s.port, profile=profile, response_timeout=s.timeout, tid=s.tid, mid=s.mid,
-        on_exchange=on_exchange, on_step=on_step,
+        tpdu=s.tpdu, on_exchange=on_exchange, on_step=on_step,
     )
     if s.json:
         typer.echo(json.dumps({"scenario": sc.name, "tid": result.tid, "passed": result.passed,
@@ -524,7 +492,7 @@ def load(
         host=s.host, port=s.port, connections=connections,
         duration=duration if duration is not None else (None if count is not None else 10.0),
         count=count, pipeline=pipeline, rate=rate, mix=weights, amount=value, currency=s.currency,
-        mid=s.merchant_id, tid_prefix=tid_prefix, response_timeout=s.timeout, seed=seed,
+        mid=s.merchant_id, tid_prefix=tid_prefix, response_timeout=s.timeout, seed=seed, tpdu=s.tpdu,
     )
     show = not quiet and (sys.stderr.isatty() or s.json is False)
     progress = _progress_printer() if show else None

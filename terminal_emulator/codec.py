@@ -49,7 +49,7 @@ class IsoMessage:
 
     def masked(self) -> dict[str, str]:
         """The fields as text keys with PAN masked and track/PIN/EMV data redacted."""
-        return masked_fields(self.fields)
+        return masked_fields(self.fields, self.mti)
 
     def __repr__(self) -> str:
         return f"IsoMessage(mti={self.mti!r}, fields={self.masked()!r})"

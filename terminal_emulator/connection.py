@@ -43,8 +43,10 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_late: Callable[[IsoMessage], None] | None = None,
+        tpdu: bytes | None = None,
     ) -> None:
         self.profile = profile
+        self.tpdu = tpdu  # None: the profile's
         self._reader = reader
         self._writer = writer
         self._decoder = FrameDecoder(profile.framing)
@@ -62,6 +64,7 @@ class Connection:
         *,
         connect_timeout: float = 10.0,
         on_late: Callable[[IsoMessage], None] | None = None,
+        tpdu: bytes | None = None,
     ) -> Connection:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout)
@@ -70,14 +73,14 @@ class Connection:
         except OSError as exc:  # asyncio's strerror repeats the address: the system's words are enough
             reason = os.strerror(exc.errno).lower() if exc.errno else str(exc) or type(exc).__name__
             raise ConnectionFailed(f"cannot connect to {host}:{port}: {reason}") from None
-        return cls(profile, reader, writer, on_late)
+        return cls(profile, reader, writer, on_late, tpdu)
 
     @property
     def is_open(self) -> bool:
         return self._closed_reason is None
 
     def encode(self, message: IsoMessage) -> bytes:
-        return frame(encode_message(self.profile, message), self.profile.framing)
+        return frame(encode_message(self.profile, message), self.profile.framing, self.tpdu)
 
     async def request(
         self, message: IsoMessage, response_timeout: float, data: bytes | None = None

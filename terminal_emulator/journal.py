@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class TransactionRecord:
     refunded: int = 0  # approved refunds against this record
     reversed_to: int | None = None  # the remaining amount after a partial reversal
     completed: bool = False  # a pre-auth that has an approved completion
+    date: str | None = None  # MMDD the transaction is known by (the host's DE13 when answered)
+    #: the request's fields without card data (str keys, for JSON): what a UnionPay reversal repeats
+    request_fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def effective_amount(self) -> int:
@@ -104,17 +108,23 @@ class PendingReversal:
     transmitted: str | None = None
     local_time: str | None = None
     local_date: str | None = None
+    #: DE39 of a UnionPay reversal: 98 the original got no answer, 06 other (the cashier's)
+    reason: str = "98"
+    #: the original request's fields without card data (str keys): what a UnionPay reversal repeats
+    original_fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def original(self) -> tuple[str, str, str]:
         return (self.original_mti, self.original_stan, self.original_transmitted)
 
-    def current_mti(self) -> str:
-        return self.mti if self.attempts == 0 else self.mti[:3] + "1"
+    def current_mti(self, repeat_mti: Callable[[str], str] = lambda mti: mti[:3] + "1") -> str:
+        """The first send's MTI, then the dialect's repeat (iso87: 0400 then 0401)."""
+        return self.mti if self.attempts == 0 else repeat_mti(self.mti)
 
     @classmethod
     def for_record(
-        cls, record: TransactionRecord, *, advice: bool = False, partial_amount: int | None = None
+        cls, record: TransactionRecord, *, advice: bool = False, partial_amount: int | None = None,
+        reason: str = "98",
     ) -> PendingReversal:
         return cls(
             mti="0420" if advice else "0400",
@@ -126,6 +136,8 @@ class PendingReversal:
             original_transmitted=record.transmitted,
             masked_pan=record.masked_pan,
             partial_amount=partial_amount,
+            reason=reason,
+            original_fields=dict(record.request_fields),
         )
 
 
@@ -168,12 +180,13 @@ class Journal:
         """The latest approved purchase or completion: what ``--last`` refunds or voids."""
         return self.last("purchase", "completion", status=APPROVED)
 
-    def totals(self) -> Totals:
+    def totals(self, select: Callable[[TransactionRecord], bool] | None = None) -> Totals:
         """Totals of the open batch: approved purchases and completions (debits) and refunds
-        (credits); voided and reversed transactions are excluded."""
+        (credits); voided and reversed transactions are excluded. ``select`` keeps some records only
+        (UnionPay counts domestic and foreign cards apart)."""
         credits_count = credits_amount = debits_count = debits_amount = 0
-        for record in self.transactions:
-            if record.batch != self.batch or record.status != APPROVED:
+        for record in self.batch_records():
+            if select is not None and not select(record):
                 continue
             if record.kind in ("purchase", "completion"):
                 debits_count += 1
@@ -248,8 +261,13 @@ class Journal:
             target.completed = False
 
     def close_batch(self) -> None:
-        """Settlement closes the batch whatever its outcome."""
-        self.batch += 1
+        """Settlement closes the batch whatever its outcome (batch numbers 1..999999, then 1 again)."""
+        self.batch = self.batch % 999_999 + 1
+
+    def batch_records(self) -> list[TransactionRecord]:
+        """What the open batch's totals count: approved purchases, completions and refunds."""
+        return [r for r in self.transactions
+                if r.batch == self.batch and r.status == APPROVED and r.kind in ("purchase", "completion", "refund")]
 
     def _original_of(self, record: TransactionRecord) -> TransactionRecord | None:
         if record.original_stan is not None:

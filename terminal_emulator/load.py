@@ -1,8 +1,9 @@
 """Load mode: many terminals on many connections, as fast as a single Python process can go.
 
 What keeps it cheap per message (so it measures the host, not itself):
-- requests are encoded once per kind as templates; each send copies the template and patches the
-  fixed-width bytes of STAN (DE11), times (DE7/12/13) and references (DE37, DE90) in place;
+- requests are encoded once per kind as templates (built by the profile's dialect); each send copies
+  the template and patches the fixed-width bytes of STAN (DE11), times (DE7/12/13) and references
+  (iso87 DE37, DE90; cup 37, 61 and the reversal's repeated DE11) in place;
 - responses are not fully decoded: a scanner walks the bitmap and reads only DE11, DE37 and DE39
   (every response code is still counted);
 - asyncio protocols (uvloop when installed), several requests in flight per connection if asked
@@ -26,9 +27,10 @@ import iso8583
 
 from . import messages
 from .codec import IsoMessage, pyiso8583_document
+from .dialects import Card, Dialect, LoadReference, Station, dialect_for
 from .errors import UsageError
 from .framing import FrameDecoder, FramingError, encode_length
-from .messages import DEFAULT_PAN, Stamp
+from .messages import Stamp
 from .profile import WireProfile
 
 __all__ = [
@@ -58,10 +60,11 @@ class LoadConfig:
     rate: float | None = None  # total requests per second (open loop); None = closed loop
     mix: Mapping[str, int] = field(default_factory=lambda: {"purchase": 100})
     amount: int = 1000
-    currency: str = "840"
+    currency: str | None = None  # None: the dialect's
     mid: str = "MERCHANT0000001"
     tid_prefix: str = "L"
-    pan: str = DEFAULT_PAN
+    pan: str | None = None  # None: the dialect's test card
+    tpdu: bytes | None = None  # None: the profile's
     response_timeout: float = 10.0
     seed: int | None = None
 
@@ -112,7 +115,8 @@ class Template:
     __slots__ = ("_fields", "_pieces", "frame", "offsets", "specs")
 
     def __init__(
-        self, profile: WireProfile, message: IsoMessage, patchable: Sequence[int] = (7, 11, 12, 13, 37, 90)
+        self, profile: WireProfile, message: IsoMessage, patchable: Sequence[int] = (7, 11, 12, 13, 37, 61, 90),
+        tpdu: bytes | None = None,
     ) -> None:
         doc = pyiso8583_document(profile, message)
         encoded, doc_enc = iso8583.encode(doc, profile.spec)
@@ -122,7 +126,7 @@ class Template:
         length = len(body) + (5 if framing.tpdu is not None else 0)
         if framing.length_includes_header:
             length += framing.header_size
-        self.frame = encode_length(length, framing) + (framing.tpdu or b"") + body
+        self.frame = encode_length(length, framing) + ((tpdu or framing.tpdu) if framing.tpdu else b"") + body
         self.offsets: dict[int, tuple[int, int]] = {}
         self.specs: dict[int, Mapping[str, Any]] = {}
         pos = prefix_len
@@ -143,9 +147,7 @@ class Template:
         pieces: list[bytes] = []
         cursor = 0
         for number in self._fields:
-            start, size = self.offsets[number]
-            if self.specs[number]["len_type"] != 0:
-                raise ValueError(f"field {number} is not fixed-width and cannot be patched")
+            start, size = self.offsets[number]  # a variable field keeps its length prefix: same size only
             pieces.append(self.frame[cursor:start])
             cursor = start + size
         pieces.append(self.frame[cursor:])
@@ -187,9 +189,7 @@ class ResponseScanner:
         if h["max_len"] > 0 and h["len_type"] != 0:
             raise UsageError("load mode needs a fixed-length message header")
         header = h["max_len"] if h["len_type"] == 0 else 0
-        t = spec["t"]
-        mti_len = t["max_len"] // 2 if t["data_enc"] == "b" else t["max_len"]
-        self._start = header + mti_len
+        self._start = header + spec["t"]["max_len"]  # bytes, whether ASCII digits or BCD
         p = spec["p"]
         self._bitmap_hex = p["data_enc"] != "b"
         self._bitmap_len = 16 if self._bitmap_hex else 8
@@ -286,12 +286,13 @@ class LoadStats:
 
 # --- the generator ------------------------------------------------------------------------------
 class _Clock:
-    """DE7/DE12/DE13, as text and as wire bytes, recomputed once per second."""
+    """DE7/DE12/DE13 (those the profile has), as text and as wire bytes, recomputed once per second."""
 
-    __slots__ = ("_encode", "_second", "stamp", "values")
+    __slots__ = ("_encode", "_numbers", "_second", "stamp", "values")
 
-    def __init__(self, encode: Callable[[int, str], bytes]) -> None:
+    def __init__(self, encode: Callable[[int, str], bytes], numbers: Sequence[int]) -> None:
         self._encode = encode
+        self._numbers = frozenset(numbers)
         self._second = -1
         self.stamp = _PLACEHOLDER
         self.values: dict[int, bytes] = {}
@@ -302,8 +303,8 @@ class _Clock:
             self._second = second
             st = messages.stamp(0, datetime.fromtimestamp(second, UTC))
             self.stamp = st
-            self.values = {7: self._encode(7, st.transmitted), 12: self._encode(12, st.local_time),
-                           13: self._encode(13, st.local_date)}
+            texts = {7: st.transmitted, 12: st.local_time, 13: st.local_date}
+            self.values = {n: self._encode(n, t) for n, t in texts.items() if n in self._numbers}
         return self.stamp
 
 
@@ -316,8 +317,8 @@ class _Terminal(asyncio.Protocol):
         self.templates = run.build_templates(self.tid)
         self.decoder = FrameDecoder(run.profile.framing)
         self.transport: asyncio.Transport | None = None
-        self.inflight: dict[bytes, tuple[float, str, tuple[str, str] | None]] = {}
-        self.approved: deque[tuple[str, str, bytes]] = deque(maxlen=4096)  # (stan, DE7, rrn)
+        self.inflight: dict[bytes, tuple[float, str, tuple[str, str, str] | None]] = {}
+        self.approved: deque[tuple[str, str, str, bytes]] = deque(maxlen=4096)  # (stan, DE7, date, rrn)
         self.stan = 0
         rng = random.Random(None if run.config.seed is None else run.config.seed + index)
         cycle = [k for k, w in run.config.mix.items() for _ in range(w)]
@@ -358,7 +359,7 @@ class _Terminal(asyncio.Protocol):
             text = code.decode("ascii", "replace") if code is not None else "none"
             stats.response_codes[text] += 1
             if kind == "purchase" and text == "00" and ref is not None:
-                self.approved.append((ref[0], ref[1], rrn or b"000000000000"))
+                self.approved.append((ref[0], ref[1], ref[2], rrn or b"000000000000"))
         if run.closed_loop:
             self.fill()
 
@@ -391,7 +392,7 @@ class _Terminal(asyncio.Protocol):
         stan = f"{self.stan:06d}"
         clock = run.clock.now()
         kind = next(self.kinds)
-        original: tuple[str, str, bytes] | None = None
+        original: tuple[str, str, str, bytes] | None = None
         if kind != "purchase":
             if self.approved:
                 original = self.approved.popleft()
@@ -399,14 +400,16 @@ class _Terminal(asyncio.Protocol):
                 kind = "purchase"
         template = self.templates[kind]
         values = dict(run.clock.values)
-        key = stan.encode()
-        values[11] = key if run.ascii_stan else template.value(11, stan)
+        references: dict[int, str] = {11: stan}
         if original is not None:
-            if kind == "reversal":
-                values[90] = template.value(90, messages.original_data_elements("0200", original[0], original[1]))
-            else:
-                values[37] = template.value(37, original[2].decode("ascii", "replace"))
-        self.inflight[key] = (time.perf_counter(), kind, (stan, clock.transmitted) if kind == "purchase" else None)
+            ref = LoadReference(original[0], original[1], original[3].decode("ascii", "replace"), original[2])
+            references.update(run.dialect.load_reference(kind, ref, 1))
+        stan = references[11]  # a UnionPay reversal repeats its original's STAN
+        key = stan.encode()
+        for number, text in references.items():
+            values[number] = key if number == 11 and run.ascii_stan else template.value(number, text)
+        sale = (stan, clock.transmitted, clock.local_date) if kind == "purchase" else None
+        self.inflight[key] = (time.perf_counter(), kind, sale)
         run.stats.sent += 1
         run.inflight_total += 1
         run.stats.sent_by_kind[kind] += 1
@@ -437,9 +440,10 @@ class _Run:
     def __init__(self, config: LoadConfig, profile: WireProfile) -> None:
         self.config = config
         self.profile = profile
+        self.dialect: Dialect = dialect_for(profile)
         self.scanner = ResponseScanner(profile)
         self.stats = LoadStats()
-        self.clock = _Clock(self.encode_field)
+        self.clock = _Clock(self.encode_field, [n for n in (7, 12, 13) if str(n) in profile.spec])
         self.ascii_stan = profile.spec["11"]["data_enc"] == "ascii" and profile.spec["11"]["max_len"] == 6
         self.sending = True
         self.closed_loop = config.rate is None
@@ -449,21 +453,11 @@ class _Run:
         self.drained = asyncio.Event()
 
     def build_templates(self, tid: str) -> dict[str, Template]:
-        c = self.config
-        st = _PLACEHOLDER
-        zero_rrn = "000000000000"
-        return {
-            "purchase": Template(self.profile, messages.purchase(
-                st, tid=tid, mid=c.mid, pan=c.pan, amount=c.amount, currency=c.currency)),
-            "refund": Template(self.profile, messages.refund(
-                st, tid=tid, mid=c.mid, pan=c.pan, amount=c.amount, currency=c.currency, original_rrn=zero_rrn)),
-            "void": Template(self.profile, messages.void(
-                st, tid=tid, mid=c.mid, pan=c.pan, amount=c.amount, currency=c.currency, original_rrn=zero_rrn)),
-            "reversal": Template(self.profile, messages.reversal(
-                st, tid=tid, mid=c.mid, pan=c.pan, processing_code="000000", amount=c.amount,
-                currency=c.currency, original=("0200", "000000", "0000000000"),
-            )),
-        }
+        """One template per kind; load terminals never sign on, so they work in batch 1."""
+        c, d = self.config, self.dialect
+        card = Card(c.pan or d.default_pan)
+        built = d.load_templates(_PLACEHOLDER, Station(tid, c.mid, 1), card, c.amount, c.currency or d.default_currency)
+        return {kind: Template(self.profile, message, tpdu=c.tpdu) for kind, message in built.items()}
 
     def budget(self) -> int:
         count = self.config.count

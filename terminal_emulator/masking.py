@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["REDACTED_FIELDS", "mask_pan", "masked_fields"]
+__all__ = ["REDACTED_FIELDS", "mask_batch_upload", "mask_pan", "masked_fields"]
 
 #: Data elements never shown at all: track 3 (36), track 1 (45), PIN block (52), EMV data (55).
 REDACTED_FIELDS = frozenset({36, 45, 52, 55})
@@ -19,12 +19,24 @@ def mask_pan(pan: str) -> str:
     return "*" * len(pan)
 
 
-def masked_fields(fields: Mapping[int, str]) -> dict[str, str]:
+def mask_batch_upload(value: str) -> str:
+    """Field 48 of a UnionPay batch upload (0320): count n2, then per transaction organisation n2,
+    trace n6, PAN n20, amount n12; each PAN masked (first 6 + last 4 of its 20 digits)."""
+    out = [value[:2]]
+    for start in range(2, len(value), 40):
+        entry = value[start : start + 40]
+        out.append(entry[:8] + mask_pan(entry[8:28]) + entry[28:] if len(entry) == 40 else "*" * len(entry))
+    return "".join(out)
+
+
+def masked_fields(fields: Mapping[int, str], mti: str = "") -> dict[str, str]:
     """Fields keyed by text number, ordered, safe to print or store."""
     out: dict[str, str] = {}
     for number in sorted(fields):
         value = fields[number]
-        if number == 2:
+        if number == 48 and mti.startswith("032"):
+            out["48"] = mask_batch_upload(value)
+        elif number == 2:
             out["2"] = mask_pan(value)
         elif number == 35:
             pan = value.replace("D", "=").split("=", 1)[0]

@@ -70,7 +70,7 @@ class WireProfile:
     spec: Mapping[str, Mapping[str, Any]]
     #: The application header (``h``) to send, as pyiso8583 text (hex for binary headers), if any.
     header_value: str | None = None
-    #: ``[dialect] name``: how messages are classified (``iso87``; ``cup`` is not built yet).
+    #: ``[dialect] name``: how messages are built and read (``iso87`` or ``cup``, terminal_emulator.dialects).
     dialect: str = "iso87"
 
     def field_spec(self, number: int) -> Mapping[str, Any]:

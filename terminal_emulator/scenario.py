@@ -13,12 +13,18 @@ steps:
 ```
 
 A step has one action (``sale``, ``preauth``, ``complete``, ``void``, ``refund``, ``reverse``,
-``settle``, ``echo``, ``send``, ``resend``), an optional ``id`` to refer to its exchange later
-(``${id.37}``, ``${id.request.11}``, ``${id.reversal.39}``, ``${id.mti}``), optional
+``settle``, ``echo``, ``signon``, ``send``, ``resend``), an optional ``id`` to refer to its exchange
+later (``${id.37}``, ``${id.request.11}``, ``${id.reversal.39}``, ``${id.mti}``), optional
 ``lose_response: true`` and ``expect``: path -> value, list of values (any of), or
 ``{not: value}`` / ``{present: bool}``. Paths: ``mti``, ``outcome``, a response field number,
 ``request.<n>``, ``reversal.<n>`` / ``reversal.mti`` (the stored reversal the terminal sent
 before this step).
+
+A scenario is dialect-neutral when it expects meanings rather than data elements; the profile's
+dialect reads them: ``settlement`` (``balanced``, ``not_balanced``, ``error``: iso87 DE39 00/95,
+cup the result digit of field 48), ``totals.debits_count`` / ``debits_amount`` / ``credits_count``
+/ ``credits_amount`` (what the settlement request carried, minor units, no padding) and
+``request.original_stan`` (the STAN of the transaction a correction or reversal points at).
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from typing import Any
 import yaml
 
 from .codec import IsoMessage
+from .dialects import Dialect
 from .errors import ConnectionFailed, ConnectionLost, ReversalPending, TerminalError, TransportError, UsageError
 from .journal import Journal
-from .messages import DEFAULT_PAN
 from .money import AmountError, parse_major
 from .profile import WireProfile
 from .terminal import Exchange, Terminal
@@ -52,7 +58,8 @@ __all__ = [
     "run_scenario",
 ]
 
-ACTIONS = ("sale", "preauth", "complete", "void", "refund", "reverse", "settle", "echo", "send", "resend")
+ACTIONS = ("sale", "preauth", "complete", "void", "refund", "reverse", "settle", "echo", "signon", "send",
+           "resend")
 _STEP_KEYS = frozenset({"id", "description", "expect", "lose_response", *ACTIONS})
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\.([A-Za-z0-9_.]+)\}")
 
@@ -82,8 +89,8 @@ class Scenario:
     description: str = ""
     tid: str = "auto"
     mid: str = "MERCHANT0000001"
-    currency: str = "840"
-    pan: str = DEFAULT_PAN
+    currency: str | None = None  # None: the dialect's (840 iso87, 156 cup)
+    pan: str | None = None  # None: the dialect's test card
 
 
 @dataclass(slots=True)
@@ -151,8 +158,8 @@ def parse_scenario(data: object, default_name: str = "scenario") -> Scenario:
         steps=steps,
         tid=str(terminal.get("tid", "auto")),
         mid=str(terminal.get("mid", "MERCHANT0000001")),
-        currency=_text(terminal.get("currency", "840"), "terminal.currency").zfill(3),
-        pan=_text(terminal.get("pan", DEFAULT_PAN), "terminal.pan"),
+        currency=_text(terminal["currency"], "terminal.currency").zfill(3) if "currency" in terminal else None,
+        pan=_text(terminal["pan"], "terminal.pan") if "pan" in terminal else None,
     )
 
 
@@ -208,14 +215,15 @@ def _text(value: object, where: str) -> str:
 
 # --- running ------------------------------------------------------------------------------------
 class _Context:
-    def __init__(self) -> None:
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
         self.results: dict[str, StepResult] = {}
 
     def lookup(self, step_id: str, path: str) -> str:
         result = self.results.get(step_id)
         if result is None:
             raise ScenarioError(f"reference to unknown or later step {step_id!r}")
-        value = _path_value(result, path)
+        value = _path_value(result, path, self.dialect)
         if value is None:
             raise ScenarioError(f"${{{step_id}.{path}}} has no value")
         return value
@@ -230,7 +238,10 @@ class _Context:
         return value
 
 
-def _path_value(result: StepResult, path: str) -> str | None:
+_TOTALS = ("credits_count", "credits_amount", "debits_count", "debits_amount")
+
+
+def _path_value(result: StepResult, path: str, dialect: Dialect) -> str | None:
     parts = path.split(".")
     exchange = result.main
     if parts[0] == "reversal":
@@ -244,11 +255,20 @@ def _path_value(result: StepResult, path: str) -> str | None:
     if head == "request":
         if len(parts) == 2 and parts[1] == "mti":
             return exchange.request.mti
+        if len(parts) == 2 and parts[1] == "original_stan":
+            return dialect.original_stan(exchange.request)
         return _field(exchange.request, parts[1:])
+    if head == "totals":
+        if len(parts) != 2 or parts[1] not in _TOTALS:
+            raise ScenarioError(f"bad totals path {path!r} (use totals.{' / '.join(_TOTALS)})")
+        totals = dialect.totals_sent(exchange.request)
+        return None if totals is None else str(getattr(totals, parts[1]))
     if head == "mti":
         return exchange.response.mti if exchange.response is not None else None
     if exchange.response is None:
         return None
+    if head == "settlement" and len(parts) == 1:
+        return dialect.reconciliation(exchange.response)
     return _field(exchange.response, parts)
 
 
@@ -334,6 +354,8 @@ async def _perform(terminal: Terminal, step: Step, params: Mapping[str, Any], ct
         )
     if action == "echo":
         return await terminal.echo(str(params.get("code", "301")))
+    if action == "signon":
+        return await terminal.signon(str(params.get("operator", "01")))
     if action == "send":
         mti = _opt(params, "mti")
         raw_fields = params.get("fields") or {}
@@ -348,7 +370,8 @@ async def _perform(terminal: Terminal, step: Step, params: Mapping[str, Any], ct
     overrides = params.get("fields") or {}
     if not isinstance(overrides, Mapping):
         raise ScenarioError("resend 'fields' must be a mapping")
-    return await terminal.resend(earlier.main, mti=_opt(params, "mti"), fields=_fields(overrides) or None)
+    return await terminal.resend(earlier.main, mti=_opt(params, "mti"), fields=_fields(overrides) or None,
+                                 repeat=bool(params.get("repeat", False)))
 
 
 def _fields(raw: Mapping[Any, Any]) -> dict[int, str]:
@@ -384,6 +407,7 @@ async def run_scenario(
     tid: str | None = None,
     mid: str | None = None,
     journal: Journal | None = None,
+    tpdu: bytes | None = None,
     on_exchange: Callable[[Step, Exchange], None] | None = None,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> ScenarioResult:
@@ -393,7 +417,6 @@ async def run_scenario(
     with the reason in ``stopped``."""
     terminal_id = tid or (new_tid() if scenario.tid == "auto" else scenario.tid)
     result = ScenarioResult(scenario=scenario, tid=terminal_id)
-    ctx = _Context()
     current: list[Exchange] = []
     current_step: list[Step] = []
 
@@ -404,8 +427,9 @@ async def run_scenario(
 
     async with Terminal(
         host, port, profile=profile, tid=terminal_id, mid=mid or scenario.mid, currency=scenario.currency,
-        pan=scenario.pan, journal=journal or Journal(), timeout=response_timeout, on_exchange=collect,
+        pan=scenario.pan, journal=journal or Journal(), timeout=response_timeout, tpdu=tpdu, on_exchange=collect,
     ) as terminal:
+        ctx = _Context(terminal.dialect)
         for step in scenario.steps:
             current.clear()
             current_step[:] = [step]
@@ -446,13 +470,14 @@ async def run_scenario(
 def _check(step: Step, result: StepResult, ctx: _Context) -> None:
     expect = dict(step.expect)
     outcome = expect.pop("outcome", "lost" if step.lose_response else "answered")
-    ok, wanted = _matches(_path_value(result, "outcome"), outcome, ctx)
+    got = _path_value(result, "outcome", ctx.dialect)
+    ok, wanted = _matches(got, outcome, ctx)
     if not ok:
-        result.failures.append(f"outcome: expected {wanted}, got {_path_value(result, 'outcome')!r}")
+        result.failures.append(f"outcome: expected {wanted}, got {got!r}")
         return
     for path, matcher in expect.items():
         try:
-            actual = _path_value(result, path)
+            actual = _path_value(result, path, ctx.dialect)
             ok, wanted = _matches(actual, matcher, ctx)
         except ScenarioError as exc:
             result.failures.append(f"{path}: {exc}")

@@ -173,3 +173,36 @@ def test_the_last_sale_is_the_latest_approved_purchase_or_completion() -> None:
         journal.add(record(kind, stan, status))
     last = journal.last_sale()
     assert last is not None and last.stan == "000002"
+
+
+def test_the_batch_number_wraps_after_999999() -> None:
+    journal = Journal(batch=999_999)
+    journal.close_batch()
+    assert journal.batch == 1
+
+
+def test_totals_can_select_cards_so_unionpay_counts_domestic_and_foreign_apart() -> None:
+    journal = Journal()
+    _approve(journal, _record("purchase", "000001", 1000), "R1")
+    domestic = _record("purchase", "000002", 700)
+    domestic.masked_pan = "621700*********0122"
+    _approve(journal, domestic, "R2")
+    unionpay = journal.totals(lambda r: r.masked_pan.startswith("62"))
+    others = journal.totals(lambda r: not r.masked_pan.startswith("62"))
+    assert (unionpay.debits_count, unionpay.debits_amount, others.debits_count, others.debits_amount) == (1, 700, 1,
+                                                                                                          1000)
+    assert journal.totals() == Totals(debits_count=2, debits_amount=1700)
+
+
+def test_a_journal_written_before_dates_and_request_fields_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    old = _record("purchase", "000001", 100, rrn="R1")
+    data = Journal(path=path, stan=1, transactions=[old]).to_dict()
+    for record in data["transactions"]:
+        del record["date"], record["request_fields"]
+    path.write_text(json.dumps(data))
+    loaded = load_journal(path)
+    assert loaded.transactions[0].date is None
+    assert loaded.transactions[0].request_fields == {}
+    pending = PendingReversal.for_record(loaded.transactions[0])
+    assert (pending.reason, pending.original_fields) == ("98", {})

@@ -43,3 +43,15 @@ def test_printed_fields_hold_no_pan_track_pin_or_emv_data() -> None:
     assert shown == {"2": "476173******0119", "4": "000000001234", "35": "476173******0119=****",
                      "52": "<redacted>", "55": "<redacted>"}
     assert "4761739001010119" not in repr(shown)
+
+
+def test_the_pans_inside_a_unionpay_batch_upload_are_masked() -> None:
+    from terminal_emulator.codec import IsoMessage
+
+    entry = "0100000456" + "62596500123456710000" + "000000286050"
+    upload = IsoMessage("0320", {11: "000458", 48: entry, 60: "00000123201"})
+    shown = upload.masked()
+    assert shown["48"] == "0100000456" + "625965**********0000" + "000000286050"
+    assert "6259650012345671" not in repr(upload)
+    settlement = IsoMessage("0500", {48: "0" * 62})
+    assert settlement.masked()["48"] == "0" * 62  # totals are not card data
