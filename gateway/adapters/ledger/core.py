@@ -72,6 +72,10 @@ class Db(Protocol):
 
     async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None: ...
 
+    async def insert(self, sql: str, *args: Any) -> int:
+        """Run an INSERT of one row into a table with an ``id`` key; the new row's id."""
+        ...
+
 
 class Dialect(Protocol):
     """What differs between the databases, for the queries written once."""
@@ -103,7 +107,7 @@ def _marks(start: int, count: int) -> str:
     return ", ".join(f"${n}" for n in range(start, start + count))
 
 
-_INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))}) RETURNING id"
+_INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))})"
 _INSERT_EXCEPTION = f"INSERT INTO exceptions ({', '.join(EXCEPTION_COLUMNS)}) VALUES ({_marks(1, 7)})"
 _INSERT_OUTBOX = "INSERT INTO outbox (event_id, topic, payload, ordering_key, created_at) VALUES ($1, $2, $3, $4, $5)"
 #: a batch reconciled by a 0500 (see rows.reconcile_values): closed now if still open
@@ -202,9 +206,7 @@ class LedgerCore:
         store = self.dialect.store
         record = plan.record
         if record is not None:
-            row = await db.fetchrow(_INSERT_TXN, *record_values(record, store(record.created_at)))
-            assert row is not None
-            record.id = int(row[0])
+            record.id = await db.insert(_INSERT_TXN, *record_values(record, store(record.created_at)))
         for change in plan.changes:
             await _update_txn(db, change)
         outcome = plan.outcome
