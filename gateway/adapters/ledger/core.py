@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+from gateway.adapters.ledger.lookahead import UNKNOWN, Lookahead, read_ahead
 from gateway.adapters.ledger.rows import (
     EXCEPTION_COLUMNS,
     TXN_COLUMNS,
@@ -168,9 +169,15 @@ class LedgerCore:
 
     # ------------------------------------------------------------------ one request
 
-    async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
-        """Decide and record one request inside the caller's transaction."""
-        return await self.drive(db, process(request, ctx), render)
+    async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer,
+                     ahead: Lookahead | None = None) -> LedgerResult:  # fmt: skip
+        """Decide and record one request inside the caller's transaction (with ``ahead``: one of a group
+        whose reads were done together, see :mod:`gateway.adapters.ledger.lookahead`)."""
+        return await self.drive(db, process(request, ctx), render, ahead)
+
+    async def read_ahead(self, db: Db, requests: Sequence[tuple[Request, Context]]) -> Lookahead:
+        """The reads of a group's requests done together, in the transaction that decides them."""
+        return await read_ahead(db, requests, self.dialect.store, self._txn, self._batch)
 
     async def conclude(
         self, db: Db, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context,
@@ -179,7 +186,7 @@ class LedgerCore:
         """What the acquirer host's answer (or its absence) makes of the pending record ``txn_id``."""
         return await self.drive(db, conclude(txn_id, request, result, ctx), render)
 
-    async def drive(self, db: Db, steps: Step, render: Renderer) -> LedgerResult:
+    async def drive(self, db: Db, steps: Step, render: Renderer, ahead: Lookahead | None = None) -> LedgerResult:
         """Answer the engine's queries, then write its plan; what to answer the terminal."""
         answer: Any = None
         while True:
@@ -188,8 +195,14 @@ class LedgerCore:
             except StopIteration as stop:
                 plan: Plan = stop.value
                 break
-            answer = await self.answer(db, query)
+            answer = ahead.answer(query) if ahead is not None else UNKNOWN
+            if answer is UNKNOWN:
+                answer = await self.answer(db, query)
+                if ahead is not None and isinstance(query, CurrentBatch | CloseBatch):
+                    _wrote_batch(ahead, query)
         await self.apply(db, plan, render)
+        if ahead is not None:
+            _wrote_plan(ahead, plan)
         return LedgerResult(
             plan.response_code, str(plan.reason), plan.rrn, plan.approval_code, plan.replayed, len(plan.events),
             plan.answered_id, plan.host, len(plan.saf),
@@ -542,6 +555,26 @@ class LedgerCore:
             last_error_at=moment("last_error_at"),
             last_sent_at=moment("last_sent_at"),
         )
+
+
+def _wrote_batch(ahead: Lookahead, query: CurrentBatch | CloseBatch) -> None:
+    """What a query that may write a batch (open one, close one at the cut-off) tells ``ahead``."""
+    if isinstance(query, CurrentBatch):
+        ahead.touched(query.merchant_id, query.terminal_id)
+    else:
+        ahead.batches_closed()
+
+
+def _wrote_plan(ahead: Lookahead, plan: Plan) -> None:
+    """What a plan written tells ``ahead``: a record of its terminal, changes to others, batches closed."""
+    if plan.record is not None:
+        ahead.touched(plan.record.merchant_id, plan.record.terminal_id)
+    for change in plan.changes:
+        ahead.changed(change.txn_id)
+    if plan.outcome is not None:
+        ahead.changed(plan.outcome.txn_id)
+    if plan.batch_closes:
+        ahead.batches_closed()
 
 
 async def _update_txn(db: Db, change: TxnChange) -> None:
