@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ledger_scripts import POLICY, Till, de90, render, stored
 
@@ -102,6 +102,11 @@ async def run(path: Path, steps: list[Step], *, together_from: int | None) -> tu
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(STEPS, st.integers(0, 40))
+@example([("sale", "TERM0001", 1, 100, 0), ("settle", "TERM0001", 2, 100, 0), ("sale", "TERM0001", 3, 100, 0),
+          ("advice_by_stan", "TERM0002", 4, 100, 0), ("sale", "TERM0002", 4, 100, 0)], 0)  # fmt: skip
+@example([("sale", "TERM0001", 1, 100, 0), ("later", "TERM0001", 1, 100, 0), ("later", "TERM0001", 1, 100, 0),
+          ("sale", "TERM0002", 2, 100, 0), ("later", "TERM0001", 1, 100, 0), ("later", "TERM0001", 1, 100, 0),
+          ("sale", "TERM0001", 1, 100, 0)], 1)  # the group's windows start apart: the first sale is in one only
 def test_a_group_decides_as_its_requests_one_by_one(steps: list[tuple[str, str, int, int, int]], split: int) -> None:
     requests = script(steps)
     with tempfile.TemporaryDirectory() as tmp:

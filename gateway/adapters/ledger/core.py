@@ -198,8 +198,10 @@ class LedgerCore:
             answer = ahead.answer(query) if ahead is not None else UNKNOWN
             if answer is UNKNOWN:
                 answer = await self.answer(db, query)
-                if ahead is not None and isinstance(query, CurrentBatch | CloseBatch):
-                    _wrote_batch(ahead, query)
+                if ahead is not None and isinstance(query, CurrentBatch):
+                    ahead.batch_found(query, answer)  # it may have opened it
+                elif ahead is not None and isinstance(query, CloseBatch):
+                    ahead.batches_closed()
         await self.apply(db, plan, render)
         if ahead is not None:
             _wrote_plan(ahead, plan)
@@ -557,22 +559,14 @@ class LedgerCore:
         )
 
 
-def _wrote_batch(ahead: Lookahead, query: CurrentBatch | CloseBatch) -> None:
-    """What a query that may write a batch (open one, close one at the cut-off) tells ``ahead``."""
-    if isinstance(query, CurrentBatch):
-        ahead.touched(query.merchant_id, query.terminal_id)
-    else:
-        ahead.batches_closed()
-
-
 def _wrote_plan(ahead: Lookahead, plan: Plan) -> None:
-    """What a plan written tells ``ahead``: a record of its terminal, changes to others, batches closed."""
+    """What a plan written tells ``ahead``: its record, changes to others, batches closed."""
     if plan.record is not None:
-        ahead.touched(plan.record.merchant_id, plan.record.terminal_id)
+        ahead.recorded(plan.record)
     for change in plan.changes:
-        ahead.changed(change.txn_id)
+        ahead.changed(change.txn_id, change.status)
     if plan.outcome is not None:
-        ahead.changed(plan.outcome.txn_id)
+        ahead.changed(plan.outcome.txn_id, plan.outcome.status)
     if plan.batch_closes:
         ahead.batches_closed()
 

@@ -5,8 +5,9 @@ names it (:class:`FindTombstone`) and for its terminal's open batch (:class:`Cur
 nearly always the first two find nothing. :func:`read_ahead` asks each of the three once for every
 terminal of the group, at the start of its transaction; :class:`Lookahead` then answers those
 queries from what it read, as the database would have answered them one by one. Where the group
-itself wrote what an answer depends on (a record of that terminal, a change to the record found, a
-batch opened or closed), it answers ``UNKNOWN`` and the query goes to the database as before.
+itself wrote what an answer depends on (a record under that retransmission key, a tombstone of that
+terminal, a change to the record found, batches closed), it answers ``UNKNOWN`` and the query goes
+to the database as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 from gateway.core.engine import Context, CurrentBatch, FindDuplicate, FindTombstone, Query
-from gateway.core.model import Batch, Request, Txn
+from gateway.core.model import Batch, Request, Txn, TxnStatus
 
 __all__ = ["UNKNOWN", "Lookahead", "read_ahead"]
 
@@ -27,6 +28,7 @@ UNKNOWN: Final = object()
 _CHUNK = 32
 
 Terminal = tuple[str, str]  #: merchant id, terminal id
+Key = tuple[str, str, str, str]  #: a retransmission key: merchant, terminal, STAN, MTI class
 
 
 class _Db(Protocol):
@@ -34,44 +36,57 @@ class _Db(Protocol):
 
 
 class Lookahead:
-    """What :func:`read_ahead` found, and what the group wrote since (see the module docstring)."""
+    """What :func:`read_ahead` found, kept up to date with what the group wrote since (see the module
+    docstring): a record written makes its retransmission key ask the database (and its terminal's
+    tombstones, if it is one); a record changed makes a lookup that finds it ask the database; a batch
+    the database opened is remembered; batches closed make every batch lookup ask the database."""
 
-    def __init__(self, terminals: set[Terminal], since: datetime, duplicates: dict[tuple[str, ...], list[Txn]],
+    def __init__(self, terminals: set[Terminal], since: datetime, duplicates: dict[Key, list[Txn]],
                  tombstones: set[Terminal], batches: dict[Terminal, Batch]) -> None:  # fmt: skip
         self._terminals = terminals  #: read for these terminals, for windows starting at ``since`` or later
         self._since = since
         self._duplicates = duplicates  #: by retransmission key: the records in the window
-        self._tombstones = tombstones  #: terminals with an unmatched record in the window
+        self._tombstones = tombstones  #: terminals that may have an unmatched record in the window
         self._batches = batches  #: open batches by terminal
-        self._touched: set[Terminal] = set()  #: terminals the group wrote a record or a batch of
+        self._written: set[Key] = set()  #: retransmission keys of the records the group wrote
         self._changed: set[int] = set()  #: records the group changed
-        self._batches_closed = False
+        self._batches_closed = self._unmatched_changed = False
 
     def answer(self, query: Query) -> Any:
         """The database's answer to ``query`` as it stands now, or ``UNKNOWN``."""
-        if isinstance(query, FindDuplicate | FindTombstone | CurrentBatch):
-            terminal = (query.merchant_id, query.terminal_id)
-            if terminal not in self._terminals or terminal in self._touched:
-                return UNKNOWN
+        if not isinstance(query, FindDuplicate | FindTombstone | CurrentBatch) or (
+            (query.merchant_id, query.terminal_id) not in self._terminals
+        ):
+            return UNKNOWN
         if isinstance(query, FindDuplicate) and query.since >= self._since:
             key = (query.merchant_id, query.terminal_id, query.stan, query.mti_class)
+            if key in self._written:
+                return UNKNOWN
             found = [txn for txn in self._duplicates.get(key, ()) if txn.created_at >= query.since]
             latest = max(found, key=lambda txn: txn.id, default=None)
             return UNKNOWN if latest is not None and latest.id in self._changed else latest
-        if isinstance(query, FindTombstone) and query.since >= self._since:
+        if isinstance(query, FindTombstone) and query.since >= self._since and not self._unmatched_changed:
             return UNKNOWN if (query.merchant_id, query.terminal_id) in self._tombstones else None
         if isinstance(query, CurrentBatch) and not self._batches_closed:
             batch = self._batches.get((query.merchant_id, query.terminal_id))
             return UNKNOWN if batch is None and query.create else batch
         return UNKNOWN
 
-    def touched(self, merchant_id: str, terminal_id: str) -> None:
-        """The group wrote a record or a batch of this terminal."""
-        self._touched.add((merchant_id, terminal_id))
+    def recorded(self, record: Txn) -> None:
+        """The group wrote this record."""
+        self._written.add((record.merchant_id, record.terminal_id, record.stan, record.mti[:3]))
+        if record.status is TxnStatus.UNMATCHED:
+            self._tombstones.add((record.merchant_id, record.terminal_id))
 
-    def changed(self, txn_id: int) -> None:
-        """The group changed this record."""
+    def changed(self, txn_id: int, status: TxnStatus | None) -> None:
+        """The group changed this record (to ``status``, when it set one)."""
         self._changed.add(txn_id)
+        self._unmatched_changed |= status is TxnStatus.UNMATCHED
+
+    def batch_found(self, query: CurrentBatch, batch: Batch | None) -> None:
+        """The database's answer to ``query`` (which may have opened the batch)."""
+        if batch is not None:
+            self._batches[(query.merchant_id, query.terminal_id)] = batch
 
     def batches_closed(self) -> None:
         """The group closed batches (a settlement, the cut-off)."""
@@ -114,7 +129,7 @@ async def read_ahead(db: _Db, requests: Sequence[tuple[Request, Context]], store
     since = min(ctx.now - ctx.policy.duplicate_ttl for _, ctx in requests)
     keys = sorted({(r.merchant_id, r.stan, r.mti_class, r.terminal_id) for r, _ in requests})
     terminals = sorted({(r.merchant_id, r.terminal_id) for r, _ in requests})
-    duplicates: dict[tuple[str, ...], list[Txn]] = {}
+    duplicates: dict[Key, list[Txn]] = {}
     tombstones: set[Terminal] = set()
     batches: dict[Terminal, Batch] = {}
     for start in range(0, len(keys), _CHUNK):
