@@ -9,7 +9,9 @@ response message built from the request and the decision. :data:`DIALECT` is wha
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
+from typing import Final
 
 from gateway.core.cards import pan_from_track2
 from gateway.core.model import Kind, Reference, Request, SettlementTotals
@@ -129,9 +131,12 @@ def classify(message: Message) -> Request:
 _CARD_FRAGMENT = 8
 
 
+_DIGIT_RUN: Final = re.compile(f"[0-9]{{{_CARD_FRAGMENT}}}")
+
+
 def holds_card_digits(value: str, pan: str) -> bool:
     """Whether ``value`` holds 8 or more consecutive digits of ``pan``."""
-    if len(value) < _CARD_FRAGMENT:
+    if not _DIGIT_RUN.search(value):  # most ids: no 8 digits in a row at all
         return False
     return any(pan[start:start + _CARD_FRAGMENT] in value for start in range(len(pan) - _CARD_FRAGMENT + 1))
 
