@@ -35,6 +35,10 @@ REDACTED: Final = "[redacted]"
 _CARD_IN_TEXT: Final = re.compile(r"(?<![0-9])(?:[0-9]{13,19}|[0-9]{3,6}(?:[ -][0-9]{3,6}){2,5})(?![0-9])")
 _DIGIT_RUN: Final = re.compile(r"[0-9]{7,}")
 _ASCII_DIGITS: Final = frozenset("0123456789")
+#: what every card number _CARD_IN_TEXT finds is made of, together or grouped (a shortcut's test: _quiet)
+_CARD_CHARS: Final = re.compile(r"[0-9 -]{13}")
+#: between the texts joined for that test: a value that is no text ends a neighbourhood
+_NOT_TEXT: Final = "\x00"
 
 _PLAIN, _PAN, _SECRET = 0, 1, 2
 _PAN_NAMES: Final = frozenset({"pan", "de2", "cardnumber", "cardno", "accountnumber", "maskedpan"})
@@ -51,6 +55,8 @@ _NATIVE: Final = (int, float, bool, type(None), datetime, date, time)
 
 def _kind(key: object) -> int:
     """Whether a key names a PAN, secret card data, or neither (``pin_block``, ``cardNumber``, ``35``...)."""
+    if type(key) is str and (known := _kinds.get(key)) is not None:
+        return known
     if not isinstance(key, str | int):
         return _PLAIN
     text = str(key)
@@ -169,6 +175,27 @@ def _mask_across(values: dict[Any, Any], keys: list[Any]) -> None:
             values[key] = "".join(chars)
 
 
+def _quiet(mapping: Mapping[Any, Any]) -> bool:
+    """Whether :func:`_clean_mapping` would give ``mapping`` back unchanged, told cheaply (most lines):
+    plain keys holding None, numbers or text, PAN keys holding text without a run of 7 digits (masked
+    already), and no 13 digits, spaces or dashes in a row in a key, in a value, or across neighbouring
+    values in either order (the texts joined in order, then in reverse, hold every such neighbourhood)."""
+    texts: list[str] = []
+    for key, value in mapping.items():
+        if type(key) is not str or (len(key) >= 13 and _CARD_CHARS.search(key)):
+            return False
+        kind = _kind(key)
+        if type(value) is str:
+            if kind == _SECRET or (kind == _PAN and _DIGIT_RUN.search(value)):
+                return False
+            texts.append(value)
+        elif value is None or (kind == _PLAIN and type(value) in (int, float, bool)):
+            texts.append(_NOT_TEXT)
+        else:
+            return False
+    return not _CARD_CHARS.search("".join(texts)) and not _CARD_CHARS.search("".join(reversed(texts)))
+
+
 def mask_card_data(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """structlog processor: what :func:`_clean_mapping` makes of the event (see the module docstring)."""
-    return _clean_mapping(event_dict)
+    return event_dict if _quiet(event_dict) else _clean_mapping(event_dict)

@@ -18,9 +18,12 @@ _CARD_FRAGMENT = 8
 TRACK_SEPARATOR_EQUALS = re.compile("=")
 
 
+_DIGIT_RUN = re.compile(f"[0-9]{{{_CARD_FRAGMENT}}}")
+
+
 def holds_card_digits(value: str, pan: str) -> bool:
     """Whether ``value`` holds 8 or more consecutive digits of ``pan``."""
-    if len(value) < _CARD_FRAGMENT:
+    if not _DIGIT_RUN.search(value):  # most ids: no 8 digits in a row at all
         return False
     return any(pan[start:start + _CARD_FRAGMENT] in value for start in range(len(pan) - _CARD_FRAGMENT + 1))
 

@@ -113,3 +113,28 @@ async def test_a_group_begins_on_the_event_loop_when_the_lock_is_free_and_waits_
             other.close()
         assert len(begins) == 2 and begins[0] == loop_thread and begins[1] != loop_thread
         assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002"]
+
+
+async def test_a_job_that_raises_in_a_group_costs_only_itself(tmp_path: Path) -> None:
+    """A group is decided without a savepoint per request; when one of its jobs raises, the group is
+    decided again with each job in a savepoint of its own: the others are committed as they were."""
+    async with SqliteLedger(tmp_path / "ledger.db") as ledger:
+        service = service_on(ledger)
+        codec = service.codec
+
+        async def broken(db: object) -> None:
+            await ledger.core.set_meta(db, note="half done")  # type: ignore[arg-type]
+            raise RuntimeError("a bug in one job")
+
+        commits = ledger.commits
+        first, failed, second = await asyncio.gather(
+            service.handle(codec.encode(purchase("000001"))), ledger.run(broken),
+            service.handle(codec.encode(purchase("000002"))), return_exceptions=True,
+        )  # fmt: skip
+        assert ledger.commits == commits + 1  # one group
+        assert isinstance(failed, RuntimeError)
+        assert [codec.decode(answer).fields[39] for answer in (first, second)] == ["00", "00"]  # type: ignore[arg-type]
+        assert [txn.stan for txn in await ledger.all_txns()] == ["000001", "000002"]
+        assert await ledger.run(lambda db: db.fetch("SELECT value FROM meta WHERE key = 'note'")) == []
+        rrns = [txn.rrn for txn in await ledger.all_txns()]
+        assert len(set(rrns)) == 2

@@ -513,3 +513,36 @@ def test_any_card_number_split_between_two_neighbouring_values_never_reaches_the
     get_logger("p").info("message.processed", terminal=f"{before}{pan[:cut]}", merchant=f"{pan[cut:]}{after}")
     (line,) = json_lines(buf)
     assert pan not in re.sub(r"[^0-9]", "", line["terminal"] + line["merchant"])
+
+
+
+_LOG_TEXT = st.text(alphabet="0123456789 -=AB", max_size=24)
+_LOG_VALUE = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.booleans(), _LOG_TEXT,
+                       st.lists(_LOG_TEXT, max_size=2), st.binary(max_size=3))  # fmt: skip
+_LOG_KEY = st.one_of(st.sampled_from(["event", "terminal", "stan", "pan", "track2", "cvv", "de2", "x"]), _LOG_TEXT)
+
+
+@st.composite
+def _card_pieces(draw: st.DrawFn) -> list[str]:
+    """A card number, whole, grouped, or cut in up to three pieces (text around it) to land anywhere."""
+    card = draw(st.sampled_from(["4761739001010119", "4761 7390 0101 0119", "334917530212345673", "4222222222222"]))
+    first, second = sorted(draw(st.lists(st.integers(0, len(card)), min_size=2, max_size=2)))
+    around = draw(st.sampled_from(["", "A", "=2812"]))
+    return [around + card[:first], card[first:second], card[second:] + around]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(_LOG_KEY, _LOG_VALUE), max_size=8), _card_pieces(), st.data())
+def test_the_masking_shortcut_gives_every_line_as_the_full_masking_does(
+    items: list[tuple[str, Any]], pieces: list[str], data: st.DataObject
+) -> None:
+    from gateway.masking import _clean_mapping, mask_card_data
+
+    at = data.draw(st.integers(0, len(items)))
+    for n, piece in enumerate(data.draw(st.permutations(pieces))):  # together in any order, or apart, or keys
+        if data.draw(st.booleans()):
+            at = data.draw(st.integers(0, len(items)))
+        key = data.draw(st.sampled_from([f"p{n}", "pan", piece, "".join(pieces)]))
+        items.insert(at, (key, piece))
+    line = dict(items)
+    assert mask_card_data(None, "info", dict(line)) == _clean_mapping(line)

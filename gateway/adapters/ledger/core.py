@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+from gateway.adapters.ledger.lookahead import UNKNOWN, Lookahead, read_ahead
 from gateway.adapters.ledger.rows import (
     EXCEPTION_COLUMNS,
     TXN_COLUMNS,
@@ -84,6 +85,10 @@ class Db(Protocol):
 
     async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None: ...
 
+    async def insert(self, sql: str, *args: Any) -> int:
+        """Run an INSERT of one row into a table with an ``id`` key; the new row's id."""
+        ...
+
 
 class Dialect(Protocol):
     """What differs between the databases, for the queries written once."""
@@ -115,7 +120,7 @@ def _marks(start: int, count: int) -> str:
     return ", ".join(f"${n}" for n in range(start, start + count))
 
 
-_INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))}) RETURNING id"
+_INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))})"
 _INSERT_EXCEPTION = f"INSERT INTO exceptions ({', '.join(EXCEPTION_COLUMNS)}) VALUES ({_marks(1, 7)})"
 _INSERT_OUTBOX = "INSERT INTO outbox (event_id, topic, payload, ordering_key, created_at) VALUES ($1, $2, $3, $4, $5)"
 #: a batch reconciled by a 0500 (see rows.reconcile_values): closed now if still open
@@ -185,9 +190,15 @@ class LedgerCore:
 
     # ------------------------------------------------------------------ one request
 
-    async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer) -> LedgerResult:
-        """Decide and record one request inside the caller's transaction."""
-        return await self.drive(db, process(request, ctx), render)
+    async def decide(self, db: Db, request: Request, ctx: Context, render: Renderer,
+                     ahead: Lookahead | None = None) -> LedgerResult:  # fmt: skip
+        """Decide and record one request inside the caller's transaction (with ``ahead``: one of a group
+        whose reads were done together, see :mod:`gateway.adapters.ledger.lookahead`)."""
+        return await self.drive(db, process(request, ctx), render, ahead)
+
+    async def read_ahead(self, db: Db, requests: Sequence[tuple[Request, Context]]) -> Lookahead:
+        """The reads of a group's requests done together, in the transaction that decides them."""
+        return await read_ahead(db, requests, self.dialect.store, self._txn, self._batch)
 
     async def conclude(
         self, db: Db, txn_id: int, request: Request | None, result: HostAnswer | NoAnswer, ctx: Context,
@@ -196,7 +207,7 @@ class LedgerCore:
         """What the acquirer host's answer (or its absence) makes of the pending record ``txn_id``."""
         return await self.drive(db, conclude(txn_id, request, result, ctx), render)
 
-    async def drive(self, db: Db, steps: Step, render: Renderer) -> LedgerResult:
+    async def drive(self, db: Db, steps: Step, render: Renderer, ahead: Lookahead | None = None) -> LedgerResult:
         """Answer the engine's queries, then write its plan; what to answer the terminal."""
         answer: Any = None
         while True:
@@ -205,8 +216,16 @@ class LedgerCore:
             except StopIteration as stop:
                 plan: Plan = stop.value
                 break
-            answer = await self.answer(db, query)
+            answer = ahead.answer(query) if ahead is not None else UNKNOWN
+            if answer is UNKNOWN:
+                answer = await self.answer(db, query)
+                if ahead is not None and isinstance(query, CurrentBatch):
+                    ahead.batch_found(query, answer)  # it may have opened it
+                elif ahead is not None and isinstance(query, CloseBatch):
+                    ahead.batches_closed()
         await self.apply(db, plan, render)
+        if ahead is not None:
+            _wrote_plan(ahead, plan)
         return LedgerResult(
             plan.response_code, str(plan.reason), plan.rrn, plan.approval_code, plan.replayed, len(plan.events),
             plan.answered_id, plan.host, len(plan.saf),
@@ -223,9 +242,7 @@ class LedgerCore:
         store = self.dialect.store
         record = plan.record
         if record is not None:
-            row = await db.fetchrow(_INSERT_TXN, *record_values(record, store(record.created_at)))
-            assert row is not None
-            record.id = int(row[0])
+            record.id = await db.insert(_INSERT_TXN, *record_values(record, store(record.created_at)))
         for change in plan.changes:
             await _update_txn(db, change)
         outcome = plan.outcome
@@ -589,6 +606,18 @@ class LedgerCore:
             last_error_at=moment("last_error_at"),
             last_sent_at=moment("last_sent_at"),
         )
+
+
+def _wrote_plan(ahead: Lookahead, plan: Plan) -> None:
+    """What a plan written tells ``ahead``: its record, changes to others, batches closed."""
+    if plan.record is not None:
+        ahead.recorded(plan.record)
+    for change in plan.changes:
+        ahead.changed(change.txn_id, change.status)
+    if plan.outcome is not None:
+        ahead.changed(plan.outcome.txn_id, plan.outcome.status)
+    if plan.batch_closes:
+        ahead.batches_closed()
 
 
 async def _update_txn(db: Db, change: TxnChange) -> None:

@@ -72,6 +72,9 @@ class PgDb:
     async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         await self.conn.executemany(sql, rows)
 
+    async def insert(self, sql: str, *args: Any) -> int:
+        return int(await self.conn.fetchval(sql + " RETURNING id", *args))
+
 
 class PgDialect:
     """Row locks, ``timestamptz`` moments, RRN blocks from a sequence (outside any transaction)."""
