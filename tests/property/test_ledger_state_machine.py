@@ -276,7 +276,6 @@ class LedgerMachine(RuleBasedStateMachine):
         if stan is not None:
             key = (terminal, stan, mti[:3])
             used = self.stan_keys.get(key)
-            self.stan_keys[key] = self.now + timedelta(seconds=1)
             if used is not None and self._within_window(used):
                 # a STAN-only reversal carries its original's STAN as its own: a second one from the same
                 # terminal is a retransmission of the first (replayed, or 94 if its content differs)
@@ -286,6 +285,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert result.replayed or result.response_code == "94"
                 assert _state(self._txns()) == state
                 return
+            # the window runs from the record this reversal makes (a replay above makes none: design §5)
+            self.stan_keys[key] = self.now + timedelta(seconds=1)
         request = self._request(
             Kind.REVERSAL, mti, before.processing_code, amount, CARDS[0], terminal, reference,
             stan=stan, replacement_amount=partial,
