@@ -52,6 +52,8 @@ _REVERSED = {(code, kind): txn for (_, code, kind), txn in TRANSACTIONS.items()}
 _REVERSAL_CLASSES = frozenset({"040", "042"})
 #: DE60.3 of a sign-on: 001 single-DES keys, 003 double-length keys, 004 with a track-data key
 SIGN_ON_CODES = frozenset({"001", "003", "004"})
+#: DE60.3 of an echo test (回响测试, 0820): answered 00 at once, as iso87's 0800 echo
+ECHO_CODE = "301"
 #: DE60.3 of a settlement (批结算) and of a batch upload's lines (批上送)
 SETTLEMENT_CODE = "201"
 #: DE60.3 of the end of a batch upload (批上送结束)
@@ -89,13 +91,17 @@ def _private(fields: Mapping[int, str]) -> tuple[str, str, str]:
 def _kind(mti: str, fields: Mapping[int, str]) -> tuple[Kind, Transaction | None]:
     mti_class = mti[:3]
     processing_code = fields.get(3, "")
-    if mti_class not in {"010", "020", "022", "032", "040", "042", "050", "080"}:
+    if mti_class not in {"010", "020", "022", "032", "040", "042", "050", "080", "082"}:
         raise UnsupportedMessage(f"MTI {mti}")
     txn_type, _, network_code = _private(fields)
     if mti_class == "080":
         if txn_type == "00" and network_code in SIGN_ON_CODES:
             return Kind.NETWORK, None
         raise UnsupportedMessage(f"network management {txn_type}/{network_code}")
+    if mti_class == "082":
+        if network_code == ECHO_CODE:
+            return Kind.NETWORK, None
+        raise UnsupportedMessage(f"0820 with 60.3 {network_code}")
     if mti_class == "050":
         if network_code == SETTLEMENT_CODE:
             return Kind.SETTLEMENT, None
@@ -148,7 +154,7 @@ def classify(message: Message) -> Request:
         network_code=network_code or None,
         totals=settlement_totals(fields[48]) if kind is Kind.SETTLEMENT else None,
         terminal_batch=batch_no,
-        assigns_batch=kind is Kind.NETWORK,  # a sign-on: its answer names the batch to use
+        assigns_batch=kind is Kind.NETWORK and mti[:3] == "080",  # a sign-on: its answer names the batch to use
         uploads=upload_lines(fields.get(48, "")) if uploading else (),
         upload_complete=kind is Kind.BATCH_UPLOAD and not uploading,
     )
@@ -275,7 +281,7 @@ def build_response(
 
 
 def _answer_private(mti: str, private: str, batch_no: str | None) -> str:
-    if mti[:3] in {"080", "050", "032"}:
+    if mti[:3] in {"080", "082", "050", "032"}:
         if batch_no is not None and len(private) >= 8:
             return private[:2] + batch_no + private[8:]
         return private

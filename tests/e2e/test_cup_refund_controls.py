@@ -267,6 +267,17 @@ async def test_a_sign_on_is_told_its_batch_and_the_host_time_and_after_a_settlem
     assert ledger_row(proc, "SELECT terminal_batch FROM txns WHERE stan = ?", sale[11]) == ("000001",)
 
 
+async def test_an_echo_test_is_answered_00_and_an_unknown_network_code_40(proc: GatewayProcess) -> None:
+    proc.start()
+    async with connected(proc) as pos:
+        echo = await pos.send("0820", {11: "000777", 41: TERMINAL, 42: MERCHANT, 60: "00" + pos.batch + "301"})
+        other = await pos.send("0820", {11: "000778", 41: TERMINAL, 42: MERCHANT, 60: "00" + pos.batch + "360"})
+
+    assert (echo[39], echo[11], echo[60]) == ("00", "000777", "00" + pos.batch + "301")
+    assert other[39] == "40"
+    assert not recorded(proc, "000777")  # an echo is answered, never recorded
+
+
 async def test_a_batch_upload_after_a_mismatch_lists_what_the_ledger_and_the_terminal_disagree_on(
     proc: GatewayProcess,
 ) -> None:

@@ -28,7 +28,7 @@ TPDU = bytes.fromhex("6000030000")
 HOST_DATE = "1207"
 PAN = "6217001234567890122"
 ISO_TERMINAL = str(Path(sys.executable).parent / "iso-terminal")
-VECTORS = Path("/work/shared/vectors/cup-pos.jsonl")
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "cup-pos.jsonl"  # a copy of the shared vectors
 
 
 # --- answers written by hand --------------------------------------------------------------------
