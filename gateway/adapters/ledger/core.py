@@ -28,7 +28,20 @@ from gateway.adapters.ledger.rows import (
     txn_from_row,
 )
 from gateway.core.decide import TxnChange
-from gateway.core.engine import (
+from gateway.core.engine import batch_to_use, close_batches_at_cutoff, process, saf_event
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import (
+    Batch,
+    BatchSummary,
+    ExceptionCase,
+    Request,
+    SafItem,
+    Txn,
+    UploadedLine,
+    next_batch_no,
+)
+from gateway.core.policy import Policy, Velocity
+from gateway.core.queries import (
     BatchTxns,
     CloseBatch,
     Context,
@@ -49,23 +62,7 @@ from gateway.core.engine import (
     TerminalBatchTxns,
     UnreconciledBatches,
     UploadedLines,
-    batch_to_use,
-    close_batches_at_cutoff,
-    process,
-    saf_event,
 )
-from gateway.core.events import CorrectionEvent
-from gateway.core.model import (
-    Batch,
-    BatchSummary,
-    ExceptionCase,
-    Request,
-    SafItem,
-    Txn,
-    UploadedLine,
-    next_batch_no,
-)
-from gateway.core.policy import Policy, Velocity
 from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
