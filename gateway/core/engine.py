@@ -14,7 +14,7 @@ from datetime import datetime
 
 from gateway.core.cards import keyed_sha256, pan_digest
 from gateway.core.decide import Decision, Snapshot, TxnChange, decide
-from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
+from gateway.core.events import CorrectionEvent
 from gateway.core.host import host_request
 from gateway.core.model import (
     ORIGINAL_KINDS,
@@ -29,7 +29,6 @@ from gateway.core.model import (
     Txn,
     TxnStatus,
     UploadedLine,
-    balance_status,
     next_batch_no,
 )
 from gateway.core.policy import Policy, Velocity
@@ -58,6 +57,7 @@ from gateway.core.queries import (
     UploadedLines,
 )
 from gateway.core.reasons import Reason
+from gateway.core.records import correction_event, new_record, saf_event, txn_line
 from gateway.core.uploads import differences, kept_line
 
 _NEXT_RRN = NextRrn()
@@ -152,13 +152,13 @@ def process(request: Request, ctx: Context) -> Step:
     approved = rrn is not None and decision.reason is Reason.APPROVED
     if approved and kind in ctx.policy.forward:
         # the host decides: recorded pending (reserving what it would take), answered once it answers
-        record = _record(request, decision, code, rrn, None, pan_hmac, print_, original, batch, ctx)
+        record = new_record(request, decision, code, rrn, None, pan_hmac, print_, original, batch, ctx)
         record.status, record.response_code = TxnStatus.PENDING, ctx.response_code(Reason.UPSTREAM_TIMEOUT)
         plan = Plan(record.response_code, Reason.UPSTREAM_PENDING, rrn, None, record, events=events)
         plan.host = host_request(record, original)
         return plan
     approval = approval_code_for(ctx.pan_key, rrn) if approved and rrn is not None else None
-    record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
+    record = new_record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, events=events)
     if kind is Kind.REVERSAL and original is not None and original.kind in ctx.policy.forward and decision.changes:
         # the host has it (or may): it gets the reversal too, through the store-and-forward queue
@@ -284,56 +284,6 @@ def _find_original(request: Request, pan_hmac: str | None, since: datetime) -> S
     return found
 
 
-def _record(
-    request: Request,
-    decision: Decision,
-    code: str,
-    rrn: str | None,
-    approval: str | None,
-    pan_hmac: str | None,
-    print_: str,
-    original: Txn | None,
-    batch: Batch | None,
-    ctx: Context,
-) -> Txn:
-    amount = request.amount or 0
-    approved = decision.reason is Reason.APPROVED
-    return Txn(
-        id=0,  # the ledger's
-        kind=request.kind,
-        mti=request.mti,
-        processing_code=request.processing_code,
-        merchant_id=request.merchant_id,
-        terminal_id=request.terminal_id,
-        stan=request.stan,
-        transmission_time=request.transmission_time,
-        amount=amount,
-        currency=request.currency or "",
-        pan_masked=request.masked_pan,
-        pan_hmac=pan_hmac,
-        rrn=rrn,
-        approval_code=approval,
-        response_code=code,
-        reason=None if approved else str(decision.reason),
-        status=_record_status(request, decision),
-        effective_amount=amount,
-        refunded_amount=0,
-        completed=False,
-        original_id=original.id if original is not None else None,
-        batch_id=batch.id if batch is not None else None,
-        created_at=ctx.now,
-        fingerprint=print_,
-        reference=request.reference,
-        terminal_batch=request.terminal_batch,
-    )
-
-
-def _record_status(request: Request, decision: Decision) -> TxnStatus:
-    if request.kind is Kind.REVERSAL and decision.outcome == "unmatched":
-        return TxnStatus.UNMATCHED  # a tombstone: refuses the request it names, should it come
-    return TxnStatus.APPROVED if decision.approved else TxnStatus.DECLINED
-
-
 def apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     """The original as it stands after the decision's changes (for the event's balance)."""
     after = original.copy()
@@ -350,10 +300,6 @@ def apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     return after
 
 
-#: the reason a conflict's event and exception give (the reversal itself is approved: 00)
-CONFLICT_REASON = "credited_beyond_original"
-
-
 def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: bool) -> dict[str, object]:
     """What an operator needs to resolve a reversal advice applied over refunds or a completion."""
     remaining = 0 if after.status is TxnStatus.REVERSED else after.effective_amount
@@ -366,8 +312,8 @@ def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: boo
         #: what the card got back beyond what still stands of the original
         "credited_beyond": max(0, before.refunded_amount - remaining),
         "after_settlement": late,
-        "refunds": [_txn_line(txn) for txn in refunds],
-        "completions": [_txn_line(txn) for txn in completions],
+        "refunds": [txn_line(txn) for txn in refunds],
+        "completions": [txn_line(txn) for txn in completions],
     }
 
 
@@ -427,7 +373,7 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
     code = ctx.response_code(reason.value)
     decision = Decision(reason, outcome=result)
     last = batches[-1] if batches else None
-    record = _record(request, decision, code, None, None, pan_hmac, print_, None, last, ctx)
+    record = new_record(request, decision, code, None, None, pan_hmac, print_, None, last, ctx)
     closes = tuple(BatchClose(batch.id, ctx.now, result, totals, ledger) for batch in batches)
     plan = Plan(code, reason, None, None, record, batch_closes=closes, events=events)
     details: dict[str, object] = {
@@ -437,7 +383,7 @@ def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Contex
         "ledger_totals": _totals_dict(ledger),
     }
     if not matched:
-        details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
+        details["transactions"] = [txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
     plan.events.append(correction_event("batch", decision.outcome, request, record, None, code=code, details=details))
     return plan
 
@@ -447,7 +393,7 @@ def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
     ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
     disagree on (:func:`gateway.core.uploads.differences`), or ``pos.batch.settled`` when they agree."""
     code = ctx.response_code(Reason.APPROVED)
-    record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
+    record = new_record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
     plan = Plan(code, Reason.APPROVED, None, None, record)
     batch_no = request.terminal_batch or ""
     merchant, terminal = request.merchant_id, request.terminal_id
@@ -511,117 +457,14 @@ def _totals_dict(totals: SettlementTotals) -> dict[str, object]:
     }
 
 
-def _txn_line(txn: Txn) -> dict[str, object]:
-    return {
-        "kind": txn.kind.value,
-        "mti": txn.mti,
-        "stan": txn.stan,
-        "rrn": txn.rrn,
-        "amount": txn.effective_amount,
-        "currency": txn.currency,
-        "status": txn.status.value,
-        "response_code": txn.response_code,
-    }
-
-
-def original_info(txn: Txn) -> OriginalInfo:
-    return OriginalInfo(
-        mti=txn.mti,
-        stan=txn.stan,
-        rrn=txn.rrn or "",
-        approval_code=txn.approval_code,
-        amount=txn.amount,
-        currency=txn.currency,
-        batch=str(txn.batch_id or 0).zfill(6),
-        approved_at=txn.created_at,
-    )
-
-
-def balance_info(txn: Txn) -> BalanceInfo:
-    return BalanceInfo(
-        original_amount=txn.amount,
-        refunded=txn.refunded_amount,
-        reversed=txn.amount - txn.effective_amount if txn.status is not TxnStatus.REVERSED else txn.amount,
-        refundable=txn.refundable,
-        status=balance_status(txn),
-    )
-
-
-def _event_reason(kind: str, outcome: str, record: Txn | None) -> str | None:
-    if record is not None and record.reason is not None:
-        return record.reason
-    if outcome == "late":
-        return "reversed_after_settlement"
-    if outcome == "unmatched":
-        return Reason.REVERSAL_UNMATCHED.value
-    if outcome == "conflict":
-        return CONFLICT_REASON if kind == "reversal" else Reason.DUPLICATE_CONFLICT.value
-    return None
-
-
-def correction_event(
-    kind: str,
-    outcome: str,
-    request: Request,
-    record: Txn | None,
-    original: Txn | None,
-    *,
-    earlier: Txn | None = None,
-    code: str | None = None,
-    details: dict[str, object] | None = None,
-) -> CorrectionEvent:
-    source = record or earlier
-    rrn = record.rrn if record is not None else (earlier.rrn if earlier is not None else None)
-    info = RequestInfo(request.mti, request.stan, rrn, request.amount, request.currency, request.masked_pan)
-    extra = dict(details or {})
-    if earlier is not None:
-        extra["first_response_code"] = earlier.response_code
-        extra["first_received_at"] = earlier.created_at.isoformat()
-    return CorrectionEvent(
-        kind=kind,
-        outcome=outcome,
-        merchant_id=request.merchant_id,
-        terminal_id=request.terminal_id,
-        response_code=code or (source.response_code if source is not None else "00"),
-        reason=_event_reason(kind, outcome, record),
-        subject_rrn=(original.rrn if original is not None and original.rrn else rrn) or request.stan,
-        request=info,
-        original=original_info(original) if original is not None else None,
-        balance=balance_info(original) if original is not None else None,
-        details=extra,
-    )
-
-
-def saf_event(outcome: str, txn: Txn, *, reason: str | None = None, details: dict[str, object] | None = None
-              ) -> CorrectionEvent:  # fmt: skip
-    """``pos.upstream.<outcome>`` (reversal_queued, reversal_acknowledged, reversal_failed) about the record
-    the host gets a reversal for."""
-    return CorrectionEvent(
-        kind="upstream",
-        outcome=outcome,
-        merchant_id=txn.merchant_id,
-        terminal_id=txn.terminal_id,
-        response_code=None,
-        reason=reason,
-        subject_rrn=txn.rrn or txn.stan,
-        request=RequestInfo(txn.mti, txn.stan, txn.rrn, txn.amount, txn.currency, txn.pan_masked),
-        original=original_info(txn) if txn.rrn else None,
-        details=details or {},
-    )
-
-
-
 __all__ = [
-    "CONFLICT_REASON",
     "EVENT_KINDS",
     "Context",  # defined in gateway.core.queries; imported from here by the service, the app and the ledgers
     "apply_changes",
     "approval_code_for",
     "batch_to_use",
     "close_batches_at_cutoff",
-    "correction_event",
     "fingerprint",
     "ledger_totals",
     "process",
-    "saf_event",
 ]

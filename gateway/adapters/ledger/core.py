@@ -28,7 +28,7 @@ from gateway.adapters.ledger.rows import (
     txn_from_row,
 )
 from gateway.core.decide import TxnChange
-from gateway.core.engine import batch_to_use, close_batches_at_cutoff, process, saf_event
+from gateway.core.engine import batch_to_use, close_batches_at_cutoff, process
 from gateway.core.events import CorrectionEvent
 from gateway.core.model import (
     Batch,
@@ -63,6 +63,7 @@ from gateway.core.queries import (
     UnreconciledBatches,
     UploadedLines,
 )
+from gateway.core.records import saf_event
 from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
