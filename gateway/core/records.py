@@ -2,7 +2,8 @@
 
 :func:`new_record` builds the record a plan writes for a request; :func:`correction_event` and
 :func:`saf_event` build the facts (:mod:`gateway.core.events`) a plan publishes. Shared by the request
-flow (:mod:`gateway.core.engine`) and the acquirer host's answers (:mod:`gateway.core.upstream`). Pure.
+flow (:mod:`gateway.core.engine`), batches and settlement (:mod:`gateway.core.batches`) and the acquirer
+host's answers (:mod:`gateway.core.upstream`). Pure.
 """
 
 from __future__ import annotations
