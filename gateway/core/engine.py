@@ -5,303 +5,53 @@ receives their answers, then returns a :class:`Plan` of what to write. Each ledg
 PostgreSQL) drives it inside one serialising transaction, answering queries with its own SQL, then
 applies the plan and commits. The orchestration and the rules are therefore written once and tested
 in memory.
+
+Here: the request flow (duplicates, the original a correction names, the decision, the answer, the
+events). The steps that concern batches (the open batch, the cut-off, settlement, batch upload) are in
+:mod:`gateway.core.batches`; the queries, the plan and the context in :mod:`gateway.core.queries`; the
+record and the events a plan carries are built by :mod:`gateway.core.records`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, TypeVar
 
+from gateway.core.batches import batch_upload, close_if_past_cutoff, open_batch, settlement
 from gateway.core.cards import keyed_sha256, pan_digest
-from gateway.core.decide import Decision, Snapshot, TxnChange, decide
-from gateway.core.events import BalanceInfo, CorrectionEvent, OriginalInfo, RequestInfo
-from gateway.core.host import HostRequest, host_request
+from gateway.core.decide import Snapshot, TxnChange, decide
+from gateway.core.events import CorrectionEvent
+from gateway.core.host import host_request
 from gateway.core.model import (
     ORIGINAL_KINDS,
     REVERSIBLE_KINDS,
     Batch,
     BatchState,
-    ClosedBy,
     ExceptionCase,
     Kind,
     Request,
-    SettlementTotals,
     Txn,
     TxnStatus,
-    UploadedLine,
-    balance_status,
-    next_batch_no,
 )
-from gateway.core.policy import Policy, Velocity
+from gateway.core.policy import Velocity
+from gateway.core.queries import (
+    Context,
+    FindDuplicate,
+    FindOriginal,
+    FindTombstone,
+    GetBatch,
+    GetTxn,
+    NextRrn,
+    PendingCorrections,
+    Plan,
+    RefundVelocity,
+    SafEntry,
+    StandingCorrections,
+    Step,
+    SubStep,
+)
 from gateway.core.reasons import Reason
-from gateway.core.uploads import differences, kept_line
+from gateway.core.records import correction_event, new_record, saf_event, txn_line
 
-T = TypeVar("T")
-
-# --------------------------------------------------------------------------- queries
-
-
-class Query:
-    """Something the engine needs from the ledger.
-
-    Queries are transient values: plain slots (not frozen, which costs a setattr per field) but
-    hashable by value, so an adapter may answer one ahead of time and look it up when it comes.
-    """
-
-    __slots__ = ()
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class FindDuplicate(Query):
-    """The earlier request with this retransmission key, or None. Answer: ``Txn | None``.
-
-    The key is merchant + terminal + STAN + MTI class, newer than ``since`` (design §5): DE7 is not
-    part of it, as terminals stamp a new transmission time on every repeat.
-    """
-
-    merchant_id: str
-    terminal_id: str
-    stan: str
-    mti_class: str
-    since: datetime
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class FindOriginal(Query):
-    """The original a correction points at, locked for update. Answer: ``Txn | None``.
-
-    One of four lookups, by the fields given, always within the merchant and among ``kinds``:
-
-    - ``rrn``: the record with that RRN;
-    - ``stan`` + ``transmission_time`` (+ ``mti_class``): DE90 as sent, the request's terminal first;
-    - ``stan`` + ``since`` (+ ``mti_class`` when given): the latest record of the request's own
-      terminal with that STAN, not older than ``since`` (DE90 whose DE7 did not match, or a
-      reversal without DE90);
-    - ``approval_code`` + ``pan_hmac``: the latest pre-auth with that approval code and card.
-    """
-
-    merchant_id: str
-    terminal_id: str
-    kinds: frozenset[Kind]
-    rrn: str | None = None
-    mti_class: str | None = None
-    stan: str | None = None
-    transmission_time: str | None = None
-    approval_code: str | None = None
-    pan_hmac: str | None = None
-    since: datetime | None = None
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class GetTxn(Query):
-    """A record by id, locked for update. Answer: ``Txn | None``."""
-
-    txn_id: int
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class GetBatch(Query):
-    """Answer: ``Batch | None``."""
-
-    batch_id: int
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class FindTombstone(Query):
-    """An unmatched reversal of the same merchant and terminal, newer than ``since``, that names this
-    request: by DE90 (same STAN and MTI class; its DE7 is not compared, as for duplicates), or without
-    DE90 (same STAN and the same amount in DE4). Answer: ``Txn | None``."""
-
-    merchant_id: str
-    terminal_id: str
-    stan: str
-    mti_class: str
-    amount: int
-    since: datetime
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class CurrentBatch(Query):
-    """The terminal's open batch; opened now when ``create`` and there is none. Answer: ``Batch | None``."""
-
-    merchant_id: str
-    terminal_id: str
-    now: datetime
-    create: bool
-    #: locked for update (a settlement closes it), not only for share (a request writes into it)
-    exclusive: bool = False
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class CloseBatch(Query):
-    """Close an open batch at the cut-off instant ``closed_at`` (closed by ``cutoff``, not reconciled).
-    Answer: ``bool``, whether it was still open (this transaction closed it)."""
-
-    batch_id: int
-    closed_at: datetime
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class StaleBatches(Query):
-    """Every open batch opened before ``opened_before`` (a cut-off), any terminal. Answer: ``list[Batch]``."""
-
-    opened_before: datetime
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class UnreconciledBatches(Query):
-    """The terminal's batches the cut-off closed and no 0500 reconciled yet, oldest first.
-    Answer: ``list[Batch]``."""
-
-    merchant_id: str
-    terminal_id: str
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class RefundVelocity(Query):
-    """Approved, unreversed refunds since ``since``. Answer: :class:`Velocity`."""
-
-    merchant_id: str
-    terminal_id: str
-    pan_hmac: str | None
-    since: datetime
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class NextRrn(Query):
-    """A new unique 12-digit retrieval reference number. Answer: ``str``."""
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class BatchTxns(Query):
-    """Every record of a batch, in id order. Answer: ``list[Txn]``."""
-
-    batch_id: int
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class PendingCorrections(Query):
-    """The corrections of an original sent to the acquirer host and not answered yet (status pending),
-    in id order. Answer: ``list[Txn]``."""
-
-    original_id: int
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class StandingCorrections(Query):
-    """The approved refunds and completions recorded against an original, in id order.
-    Answer: ``list[Txn]``."""
-
-    original_id: int
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class TerminalBatchTxns(Query):
-    """Every record of a terminal that carries its batch number ``terminal_batch`` (cup DE60.2), in id
-    order. Answer: ``list[Txn]``."""
-
-    merchant_id: str
-    terminal_id: str
-    terminal_batch: str
-
-
-@dataclass(slots=True, unsafe_hash=True)
-class UploadedLines(Query):
-    """The lines a terminal uploaded for its batch ``terminal_batch``, in trace order.
-    Answer: ``list[UploadedLine]``."""
-
-    merchant_id: str
-    terminal_id: str
-    terminal_batch: str
-
-
-# --------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True, slots=True)
-class BatchClose:
-    """A batch reconciled by a 0500: closed now if still open, its result and both totals recorded."""
-
-    batch_id: int
-    closed_at: datetime
-    result: str  #: settled | mismatch
-    terminal_totals: SettlementTotals
-    ledger_totals: SettlementTotals
-
-
-@dataclass(frozen=True, slots=True)
-class SafEntry:
-    """A message for the acquirer host's store-and-forward queue, about the record ``txn_id``: a reversal
-    of what the host may have approved (``reverse``; ``amount``: a partial reversal's new amount), or
-    an advice of what the gateway approved in its place (``advise``). Built from the record when sent."""
-
-    txn_id: int
-    action: str  #: reverse | advise
-    amount: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a pending record became once the host answered (or did not)."""
-
-    txn_id: int
-    status: TxnStatus
-    response_code: str
-    reason: str | None
-    approval_code: str | None
-
-
-@dataclass(slots=True)
-class Plan:
-    """What to write, and what to answer. ``record`` is None for replays and conflicts."""
-
-    response_code: str
-    reason: Reason
-    rrn: str | None
-    approval_code: str | None
-    record: Txn | None = None
-    changes: tuple[TxnChange, ...] = ()
-    #: the batches a settlement reconciled (the open one and those the cut-off closed)
-    batch_closes: tuple[BatchClose, ...] = ()
-    events: list[CorrectionEvent] = field(default_factory=list)
-    replayed: bool = False
-    #: something applied that an operator must resolve (a reversal advice over refunds)
-    exception: ExceptionCase | None = None
-    #: for a replay: the first request's record, whose answer this one repeats
-    replay_of: int | None = None
-    #: the record is pending: what to send the acquirer host, whose answer is the terminal's
-    #: (:func:`gateway.core.upstream.conclude`)
-    host: HostRequest | None = None
-    #: a pending record's outcome (written over it)
-    outcome: Outcome | None = None
-    #: messages for the host's store-and-forward queue
-    saf: list[SafEntry] = field(default_factory=list)
-    #: a batch upload's lines, kept (a line uploaded again replaces the earlier one) until its batch end
-    uploads: tuple[UploadedLine, ...] = ()
-
-    @property
-    def answered_id(self) -> int | None:
-        """The record this plan's answer answers (the ledger gives a new record its id when it writes it)."""
-        if self.record is not None:
-            return self.record.id
-        return self.outcome.txn_id if self.outcome is not None else self.replay_of
-
-
-@dataclass(slots=True)
-class Context:
-    """Everything from outside that a decision may use: time, keys, policy, the code map."""
-
-    now: datetime
-    policy: Policy
-    pan_key: bytes
-    response_code: Callable[[str], str]
-
-
-Step = Generator[Query, Any, Plan]
-#: a step that returns something other than a plan (a helper of :func:`process`, or the cut-off sweep)
-SubStep = Generator[Query, Any, T]
 _NEXT_RRN = NextRrn()
 _NO_REFUNDS = Velocity()  #: immutable: one value serves every request that does not look refunds up
 
@@ -354,9 +104,9 @@ def process(request: Request, ctx: Context) -> Step:
         return _duplicate(request, earlier, print_, ctx)
     kind = request.kind
     if kind is Kind.SETTLEMENT:
-        return (yield from _settlement(request, pan_hmac, print_, ctx))
+        return (yield from settlement(request, pan_hmac, print_, ctx))
     if kind is Kind.BATCH_UPLOAD:
-        return (yield from _batch_upload(request, print_, ctx))
+        return (yield from batch_upload(request, print_, ctx))
 
     #: events of batches this request found past the cut-off (closed now, before it is decided)
     events: list[CorrectionEvent] = []
@@ -377,7 +127,7 @@ def process(request: Request, ctx: Context) -> Step:
             pending = tuple((yield PendingCorrections(original.id)))
         if original is not None and original.batch_id is not None:
             original_batch = yield GetBatch(original.batch_id)
-            original_batch = yield from _close_if_past_cutoff(original_batch, ctx, events)
+            original_batch = yield from close_if_past_cutoff(original_batch, ctx, events)
         if kind is Kind.REVERSAL and original is not None and original.kind is Kind.VOID and original.original_id:
             voided = yield GetTxn(original.original_id)
             if voided is not None and voided.kind is Kind.COMPLETION and voided.original_id is not None:
@@ -388,19 +138,19 @@ def process(request: Request, ctx: Context) -> Step:
 
     snapshot = Snapshot(pan_hmac, original, voided, voided_preauth, original_batch, tombstone, velocity, pending)
     decision = decide(request, snapshot, ctx.policy, ctx.now)
-    batch = yield from _open_batch(request, ctx, events)
+    batch = yield from open_batch(request, ctx, events)
     rrn: str | None = (yield _NEXT_RRN) if kind in _RRN_KINDS else None
     code = ctx.response_code(decision.reason)  # a StrEnum: the profile's table takes it as its text
     approved = rrn is not None and decision.reason is Reason.APPROVED
     if approved and kind in ctx.policy.forward:
         # the host decides: recorded pending (reserving what it would take), answered once it answers
-        record = _record(request, decision, code, rrn, None, pan_hmac, print_, original, batch, ctx)
+        record = new_record(request, decision, code, rrn, None, pan_hmac, print_, original, batch, ctx)
         record.status, record.response_code = TxnStatus.PENDING, ctx.response_code(Reason.UPSTREAM_TIMEOUT)
         plan = Plan(record.response_code, Reason.UPSTREAM_PENDING, rrn, None, record, events=events)
         plan.host = host_request(record, original)
         return plan
     approval = approval_code_for(ctx.pan_key, rrn) if approved and rrn is not None else None
-    record = _record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
+    record = new_record(request, decision, code, rrn, approval, pan_hmac, print_, original, batch, ctx)
     plan = Plan(code, decision.reason, rrn, approval, record, decision.changes, events=events)
     if kind is Kind.REVERSAL and original is not None and original.kind in ctx.policy.forward and decision.changes:
         # the host has it (or may): it gets the reversal too, through the store-and-forward queue
@@ -424,65 +174,6 @@ def process(request: Request, ctx: Context) -> Step:
         event = correction_event(kind_name, decision.outcome, request, record, after or original, details=details)
         plan.events.append(event)
     return plan
-
-
-def _open_batch(request: Request, ctx: Context, events: list[CorrectionEvent]) -> SubStep[Batch | None]:
-    """The terminal's open batch for this request's record: a new one when the cut-off passed since the
-    open one began (that one is closed first). Reversals open none (they belong with their original)."""
-    create = request.kind is not Kind.REVERSAL
-    batch: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create)
-    if batch is None:
-        return None
-    checked = yield from _close_if_past_cutoff(batch, ctx, events)
-    if checked is batch:
-        return batch
-    reopened: Batch | None = yield CurrentBatch(request.merchant_id, request.terminal_id, ctx.now, create)
-    return reopened
-
-
-def _close_if_past_cutoff(batch: Batch | None, ctx: Context, events: list[CorrectionEvent]) -> SubStep[Batch | None]:
-    """``batch`` as it stands at ``ctx.now``: an open batch opened before the latest cut-off is closed
-    at that cut-off now, whatever the background sweep did yet (design §5: the cut-off is effective
-    from its instant). Returns the batch unchanged when nothing was past it."""
-    if batch is None or batch.state is not BatchState.OPEN:
-        return batch
-    cutoff = ctx.policy.last_cutoff(ctx.now)
-    if cutoff is None or batch.opened_at >= cutoff:
-        return batch
-    yield from _close_at_cutoff(batch, cutoff, events)
-    return replace(batch, state=BatchState.CLOSED, closed_at=cutoff, closed_by=ClosedBy.CUTOFF)
-
-
-def _close_at_cutoff(batch: Batch, cutoff: datetime, events: list[CorrectionEvent]) -> SubStep[None]:
-    closed: bool = yield CloseBatch(batch.id, cutoff)
-    if closed:  # else another transaction closed it first, and published its event
-        txns: list[Txn] = yield BatchTxns(batch.id)
-        events.append(_batch_closed_event(batch, cutoff, ledger_totals(txns)))
-
-
-def batch_to_use(latest: Batch | None, policy: Policy, now: datetime) -> str:
-    """The batch number a terminal signing on is to use: its open batch's, else the number its next
-    transaction opens (after a settlement, or once the cut-off passed its open batch, the next one)."""
-    if latest is None:
-        return next_batch_no(None)
-    cutoff = policy.last_cutoff(now)
-    if latest.state is BatchState.OPEN and (cutoff is None or latest.opened_at >= cutoff):
-        return latest.batch_no
-    return next_batch_no(latest.batch_no)
-
-
-def close_batches_at_cutoff(policy: Policy, now: datetime) -> SubStep[list[CorrectionEvent]]:
-    """The cut-off sweep: close every batch still open though the latest cut-off passed since it
-    opened (terminals that forgot to settle, and were silent since), with a ``pos.batch.closed``
-    event each. Requests close their own terminal's batches themselves (:func:`process`)."""
-    events: list[CorrectionEvent] = []
-    cutoff = policy.last_cutoff(now)
-    if cutoff is None:
-        return events
-    stale: list[Batch] = yield StaleBatches(cutoff)
-    for batch in stale:
-        yield from _close_at_cutoff(batch, cutoff, events)
-    return events
 
 
 #: what each correction may point at (a void or refund finds refunds and voids too, to refuse them clearly)
@@ -526,56 +217,6 @@ def _find_original(request: Request, pan_hmac: str | None, since: datetime) -> S
     return found
 
 
-def _record(
-    request: Request,
-    decision: Decision,
-    code: str,
-    rrn: str | None,
-    approval: str | None,
-    pan_hmac: str | None,
-    print_: str,
-    original: Txn | None,
-    batch: Batch | None,
-    ctx: Context,
-) -> Txn:
-    amount = request.amount or 0
-    approved = decision.reason is Reason.APPROVED
-    return Txn(
-        id=0,  # the ledger's
-        kind=request.kind,
-        mti=request.mti,
-        processing_code=request.processing_code,
-        merchant_id=request.merchant_id,
-        terminal_id=request.terminal_id,
-        stan=request.stan,
-        transmission_time=request.transmission_time,
-        amount=amount,
-        currency=request.currency or "",
-        pan_masked=request.masked_pan,
-        pan_hmac=pan_hmac,
-        rrn=rrn,
-        approval_code=approval,
-        response_code=code,
-        reason=None if approved else str(decision.reason),
-        status=_record_status(request, decision),
-        effective_amount=amount,
-        refunded_amount=0,
-        completed=False,
-        original_id=original.id if original is not None else None,
-        batch_id=batch.id if batch is not None else None,
-        created_at=ctx.now,
-        fingerprint=print_,
-        reference=request.reference,
-        terminal_batch=request.terminal_batch,
-    )
-
-
-def _record_status(request: Request, decision: Decision) -> TxnStatus:
-    if request.kind is Kind.REVERSAL and decision.outcome == "unmatched":
-        return TxnStatus.UNMATCHED  # a tombstone: refuses the request it names, should it come
-    return TxnStatus.APPROVED if decision.approved else TxnStatus.DECLINED
-
-
 def apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     """The original as it stands after the decision's changes (for the event's balance)."""
     after = original.copy()
@@ -592,10 +233,6 @@ def apply_changes(original: Txn, changes: tuple[TxnChange, ...]) -> Txn:
     return after
 
 
-#: the reason a conflict's event and exception give (the reversal itself is approved: 00)
-CONFLICT_REASON = "credited_beyond_original"
-
-
 def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: bool) -> dict[str, object]:
     """What an operator needs to resolve a reversal advice applied over refunds or a completion."""
     remaining = 0 if after.status is TxnStatus.REVERSED else after.effective_amount
@@ -608,8 +245,8 @@ def _conflict_details(before: Txn, after: Txn, standing: list[Txn], *, late: boo
         #: what the card got back beyond what still stands of the original
         "credited_beyond": max(0, before.refunded_amount - remaining),
         "after_settlement": late,
-        "refunds": [_txn_line(txn) for txn in refunds],
-        "completions": [_txn_line(txn) for txn in completions],
+        "refunds": [txn_line(txn) for txn in refunds],
+        "completions": [txn_line(txn) for txn in completions],
     }
 
 
@@ -645,246 +282,11 @@ def _duplicate(request: Request, earlier: Txn, print_: str, ctx: Context) -> Pla
     return plan
 
 
-def _settlement(request: Request, pan_hmac: str | None, print_: str, ctx: Context) -> Step:
-    """A 0500 reconciles every batch of the terminal that no 0500 reconciled yet: the open one and those
-    the cut-off closed (the terminal does not know about the cut-off, its totals cover them all)."""
-    totals = request.totals or SettlementTotals(0, 0, 0, 0)
-    events: list[CorrectionEvent] = []
-    current: Batch | None = yield CurrentBatch(
-        request.merchant_id, request.terminal_id, ctx.now, create=False, exclusive=True
-    )
-    current = yield from _close_if_past_cutoff(current, ctx, events)
-    if current is not None and current.state is not BatchState.OPEN:
-        current = None  # closed by the cut-off just now: it is among the unreconciled ones below
-    batches: list[Batch] = yield UnreconciledBatches(request.merchant_id, request.terminal_id)
-    if current is not None:
-        batches = [*batches, current]
-    txns: list[Txn] = []
-    for batch in batches:
-        txns += yield BatchTxns(batch.id)
-    ledger = ledger_totals(txns)
-    matched = ledger == totals
-    reason = Reason.APPROVED if matched else Reason.SETTLEMENT_MISMATCH
-    result = "settled" if matched else "mismatch"
-    code = ctx.response_code(reason.value)
-    decision = Decision(reason, outcome=result)
-    last = batches[-1] if batches else None
-    record = _record(request, decision, code, None, None, pan_hmac, print_, None, last, ctx)
-    closes = tuple(BatchClose(batch.id, ctx.now, result, totals, ledger) for batch in batches)
-    plan = Plan(code, reason, None, None, record, batch_closes=closes, events=events)
-    details: dict[str, object] = {
-        "batch": last.batch_no if last is not None else None,
-        "batches": [batch.batch_no for batch in batches],
-        "terminal_totals": _totals_dict(totals),
-        "ledger_totals": _totals_dict(ledger),
-    }
-    if not matched:
-        details["transactions"] = [_txn_line(txn) for txn in txns if txn.kind is not Kind.SETTLEMENT]
-    plan.events.append(correction_event("batch", decision.outcome, request, record, None, code=code, details=details))
-    return plan
-
-
-def _batch_upload(request: Request, print_: str, ctx: Context) -> Step:
-    """A batch upload's lines are kept (cards masked and keyed-hashed); its end compares them with the
-    ledger's records of that batch and publishes ``pos.batch.mismatch`` listing every transaction the two
-    disagree on (:func:`gateway.core.uploads.differences`), or ``pos.batch.settled`` when they agree."""
-    code = ctx.response_code(Reason.APPROVED)
-    record = _record(request, Decision(Reason.APPROVED), code, None, None, None, print_, None, None, ctx)
-    plan = Plan(code, Reason.APPROVED, None, None, record)
-    batch_no = request.terminal_batch or ""
-    merchant, terminal = request.merchant_id, request.terminal_id
-    if request.uploads:
-        # the ledger's cards of these traces tell a PAN ending in 0 from the zeros that fill the field
-        recorded = {txn.stan: txn.pan_hmac for txn in (yield TerminalBatchTxns(merchant, terminal, batch_no))}
-        plan.uploads = tuple(kept_line(line, ctx.pan_key, recorded.get(line.stan)) for line in request.uploads)
-    if request.upload_complete:
-        txns: list[Txn] = yield TerminalBatchTxns(merchant, terminal, batch_no)
-        uploaded: list[UploadedLine] = yield UploadedLines(merchant, terminal, batch_no)
-        found = differences(txns, uploaded)
-        details: dict[str, object] = {"batch": batch_no, "stage": "batch_upload", "uploaded": len(uploaded),
-                                      "differences": found}  # fmt: skip
-        event = correction_event("batch", "mismatch" if found else "settled", request, record, None, code=code,
-                                 details=details)  # fmt: skip
-        plan.events.append(replace(event, reason=Reason.SETTLEMENT_MISMATCH.value) if found else event)
-    return plan
-
-
-def _batch_closed_event(batch: Batch, cutoff: datetime, totals: SettlementTotals) -> CorrectionEvent:
-    """``pos.batch.closed``: the gateway closed a batch at the cut-off, on its own (no request, no answer)."""
-    return CorrectionEvent(
-        kind="batch",
-        outcome="closed",
-        merchant_id=batch.merchant_id,
-        terminal_id=batch.terminal_id,
-        response_code=None,
-        reason=ClosedBy.CUTOFF.value,
-        subject_rrn=f"batch-{batch.batch_no}",
-        request=None,
-        details={
-            "batch": batch.batch_no,
-            "opened_at": batch.opened_at.isoformat(),
-            "closed_at": cutoff.isoformat(),
-            "ledger_totals": _totals_dict(totals),
-        },
-    )
-
-
-def ledger_totals(txns: list[Txn]) -> SettlementTotals:
-    """Debits: purchases and completions; credits: refunds; voided and reversed ones excluded."""
-    debit_count = debit_amount = credit_count = credit_amount = 0
-    for txn in txns:
-        if txn.status is not TxnStatus.APPROVED:
-            continue
-        if txn.kind in (Kind.PURCHASE, Kind.COMPLETION):
-            debit_count += 1
-            debit_amount += txn.effective_amount
-        elif txn.kind is Kind.REFUND:
-            credit_count += 1
-            credit_amount += txn.effective_amount
-    return SettlementTotals(credit_count, credit_amount, debit_count, debit_amount)
-
-
-def _totals_dict(totals: SettlementTotals) -> dict[str, object]:
-    return {
-        "credit_count": totals.credit_count,
-        "credit_amount": totals.credit_amount,
-        "debit_count": totals.debit_count,
-        "debit_amount": totals.debit_amount,
-    }
-
-
-def _txn_line(txn: Txn) -> dict[str, object]:
-    return {
-        "kind": txn.kind.value,
-        "mti": txn.mti,
-        "stan": txn.stan,
-        "rrn": txn.rrn,
-        "amount": txn.effective_amount,
-        "currency": txn.currency,
-        "status": txn.status.value,
-        "response_code": txn.response_code,
-    }
-
-
-def original_info(txn: Txn) -> OriginalInfo:
-    return OriginalInfo(
-        mti=txn.mti,
-        stan=txn.stan,
-        rrn=txn.rrn or "",
-        approval_code=txn.approval_code,
-        amount=txn.amount,
-        currency=txn.currency,
-        batch=str(txn.batch_id or 0).zfill(6),
-        approved_at=txn.created_at,
-    )
-
-
-def balance_info(txn: Txn) -> BalanceInfo:
-    return BalanceInfo(
-        original_amount=txn.amount,
-        refunded=txn.refunded_amount,
-        reversed=txn.amount - txn.effective_amount if txn.status is not TxnStatus.REVERSED else txn.amount,
-        refundable=txn.refundable,
-        status=balance_status(txn),
-    )
-
-
-def _event_reason(kind: str, outcome: str, record: Txn | None) -> str | None:
-    if record is not None and record.reason is not None:
-        return record.reason
-    if outcome == "late":
-        return "reversed_after_settlement"
-    if outcome == "unmatched":
-        return Reason.REVERSAL_UNMATCHED.value
-    if outcome == "conflict":
-        return CONFLICT_REASON if kind == "reversal" else Reason.DUPLICATE_CONFLICT.value
-    return None
-
-
-def correction_event(
-    kind: str,
-    outcome: str,
-    request: Request,
-    record: Txn | None,
-    original: Txn | None,
-    *,
-    earlier: Txn | None = None,
-    code: str | None = None,
-    details: dict[str, object] | None = None,
-) -> CorrectionEvent:
-    source = record or earlier
-    rrn = record.rrn if record is not None else (earlier.rrn if earlier is not None else None)
-    info = RequestInfo(request.mti, request.stan, rrn, request.amount, request.currency, request.masked_pan)
-    extra = dict(details or {})
-    if earlier is not None:
-        extra["first_response_code"] = earlier.response_code
-        extra["first_received_at"] = earlier.created_at.isoformat()
-    return CorrectionEvent(
-        kind=kind,
-        outcome=outcome,
-        merchant_id=request.merchant_id,
-        terminal_id=request.terminal_id,
-        response_code=code or (source.response_code if source is not None else "00"),
-        reason=_event_reason(kind, outcome, record),
-        subject_rrn=(original.rrn if original is not None and original.rrn else rrn) or request.stan,
-        request=info,
-        original=original_info(original) if original is not None else None,
-        balance=balance_info(original) if original is not None else None,
-        details=extra,
-    )
-
-
-def saf_event(outcome: str, txn: Txn, *, reason: str | None = None, details: dict[str, object] | None = None
-              ) -> CorrectionEvent:  # fmt: skip
-    """``pos.upstream.<outcome>`` (reversal_queued, reversal_acknowledged, reversal_failed) about the record
-    the host gets a reversal for."""
-    return CorrectionEvent(
-        kind="upstream",
-        outcome=outcome,
-        merchant_id=txn.merchant_id,
-        terminal_id=txn.terminal_id,
-        response_code=None,
-        reason=reason,
-        subject_rrn=txn.rrn or txn.stan,
-        request=RequestInfo(txn.mti, txn.stan, txn.rrn, txn.amount, txn.currency, txn.pan_masked),
-        original=original_info(txn) if txn.rrn else None,
-        details=details or {},
-    )
-
-
-
 __all__ = [
-    "CONFLICT_REASON",
     "EVENT_KINDS",
-    "BatchClose",
-    "BatchTxns",
-    "CloseBatch",
-    "Context",
-    "CurrentBatch",
-    "FindDuplicate",
-    "FindOriginal",
-    "FindTombstone",
-    "GetBatch",
-    "GetTxn",
-    "NextRrn",
-    "Outcome",
-    "PendingCorrections",
-    "Plan",
-    "Query",
-    "RefundVelocity",
-    "SafEntry",
-    "StaleBatches",
-    "StandingCorrections",
-    "TerminalBatchTxns",
-    "UnreconciledBatches",
-    "UploadedLines",
+    "Context",  # defined in gateway.core.queries; imported from here by the service, the app and the ledgers
     "apply_changes",
     "approval_code_for",
-    "batch_to_use",
-    "close_batches_at_cutoff",
-    "correction_event",
     "fingerprint",
-    "ledger_totals",
     "process",
-    "saf_event",
 ]

@@ -21,23 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.core.decide import Snapshot, decide, decide_standin
-from gateway.core.engine import (
-    EVENT_KINDS,
-    Context,
-    GetBatch,
-    GetTxn,
-    Outcome,
-    PendingCorrections,
-    Plan,
-    SafEntry,
-    Step,
-    apply_changes,
-    approval_code_for,
-    correction_event,
-    saf_event,
-)
+from gateway.core.engine import EVENT_KINDS, apply_changes, approval_code_for
 from gateway.core.model import Kind, Request, Txn, TxnStatus
+from gateway.core.queries import Context, GetBatch, GetTxn, Outcome, PendingCorrections, Plan, SafEntry, Step
 from gateway.core.reasons import Reason
+from gateway.core.records import correction_event, saf_event
 
 #: the host's code for an approval (ISO 8583: 00; some hosts answer 08 "honour with identification")
 HOST_APPROVED = frozenset({"00", "08", "10", "11"})

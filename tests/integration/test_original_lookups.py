@@ -14,8 +14,8 @@ from gateway.adapters.ledger import SqliteLedger
 from gateway.adapters.ledger.core import Db, _update_txn
 from gateway.adapters.ledger.sqlite import SqliteDb
 from gateway.core.decide import TxnChange
-from gateway.core.engine import FindOriginal
 from gateway.core.model import ORIGINAL_KINDS, Kind, TxnStatus
+from gateway.core.queries import FindOriginal
 from terminal_emulator import messages
 from terminal_emulator.codec import encode_message
 from terminal_emulator.profile import load_profile as load_wire_profile

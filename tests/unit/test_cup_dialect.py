@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core.batches import batch_to_use
 from gateway.core.cards import pan_digest
-from gateway.core.engine import batch_to_use
 from gateway.core.model import Batch, BatchState, ClosedBy, Kind, Reference, SettlementTotals, UploadLine
 from gateway.core.policy import Policy
 from gateway.core.uploads import kept_line

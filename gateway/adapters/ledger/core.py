@@ -27,8 +27,22 @@ from gateway.adapters.ledger.rows import (
     summary_from_row,
     txn_from_row,
 )
+from gateway.core.batches import batch_to_use, close_batches_at_cutoff
 from gateway.core.decide import TxnChange
-from gateway.core.engine import (
+from gateway.core.engine import process
+from gateway.core.events import CorrectionEvent
+from gateway.core.model import (
+    Batch,
+    BatchSummary,
+    ExceptionCase,
+    Request,
+    SafItem,
+    Txn,
+    UploadedLine,
+    next_batch_no,
+)
+from gateway.core.policy import Policy, Velocity
+from gateway.core.queries import (
     BatchTxns,
     CloseBatch,
     Context,
@@ -49,23 +63,8 @@ from gateway.core.engine import (
     TerminalBatchTxns,
     UnreconciledBatches,
     UploadedLines,
-    batch_to_use,
-    close_batches_at_cutoff,
-    process,
-    saf_event,
 )
-from gateway.core.events import CorrectionEvent
-from gateway.core.model import (
-    Batch,
-    BatchSummary,
-    ExceptionCase,
-    Request,
-    SafItem,
-    Txn,
-    UploadedLine,
-    next_batch_no,
-)
-from gateway.core.policy import Policy, Velocity
+from gateway.core.records import saf_event
 from gateway.core.upstream import HostAnswer, NoAnswer, conclude
 from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 
@@ -284,7 +283,7 @@ class LedgerCore:
             await db.executemany(_INSERT_OUTBOX, rows)
 
     async def close_batches(self, db: Db, policy: Policy, now: datetime, render: Renderer) -> int:
-        """The cut-off sweep (:func:`gateway.core.engine.close_batches_at_cutoff`); how many it closed."""
+        """The cut-off sweep (:func:`gateway.core.batches.close_batches_at_cutoff`); how many it closed."""
         steps = close_batches_at_cutoff(policy, now)
         answer: Any = None
         while True:
@@ -699,7 +698,7 @@ class LedgerBase:
         return await self.run(lambda db: self.core.find_txn(db, merchant_id, rrn))
 
     async def batch_to_use(self, merchant_id: str, terminal_id: str, policy: Policy, now: datetime) -> str:
-        """The batch number a terminal signing on is to use (:func:`gateway.core.engine.batch_to_use`)."""
+        """The batch number a terminal signing on is to use (:func:`gateway.core.batches.batch_to_use`)."""
         latest = await self.run(lambda db: self.core.latest_batch(db, merchant_id, terminal_id), durable=False)
         return batch_to_use(latest, policy, now)
 

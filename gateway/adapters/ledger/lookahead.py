@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from gateway.core.engine import Context, CurrentBatch, FindDuplicate, FindTombstone, Query
 from gateway.core.model import Batch, Request, Txn, TxnStatus
+from gateway.core.queries import Context, CurrentBatch, FindDuplicate, FindTombstone, Query
 
 __all__ = ["UNKNOWN", "Lookahead", "read_ahead"]
 

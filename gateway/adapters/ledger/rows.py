@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 
-from gateway.core.engine import BatchClose
 from gateway.core.model import (
     Batch,
     BatchState,
@@ -24,6 +23,7 @@ from gateway.core.model import (
     Txn,
     TxnStatus,
 )
+from gateway.core.queries import BatchClose
 
 #: the txns columns a new record fills, in the order of :func:`record_values`
 TXN_COLUMNS: tuple[str, ...] = (
