@@ -123,13 +123,18 @@ class Server:
 
     def stop(self) -> float:
         peak = peak_rss_mib(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
         return peak
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 20 s later."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextlib.contextmanager
@@ -223,12 +228,7 @@ class Host:
 
     def stop(self) -> int:
         """Stop it; the number of requests it says it received (its stop line), -1 if it did not say."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
         found = re.search(r"stopped after (\d+) request", self.log.read_text(errors="replace"))
         return int(found.group(1)) if found else -1
 
