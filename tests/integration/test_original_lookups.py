@@ -11,7 +11,8 @@ from pathlib import Path
 from harness import service_on
 
 from gateway.adapters.ledger import SqliteLedger
-from gateway.adapters.ledger.core import Db, _update_txn
+from gateway.adapters.ledger.core import _update_txn
+from gateway.adapters.ledger.db import Db
 from gateway.adapters.ledger.sqlite import SqliteDb
 from gateway.core.decide import TxnChange
 from gateway.core.model import ORIGINAL_KINDS, Kind, TxnStatus

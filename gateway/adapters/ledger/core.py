@@ -2,19 +2,20 @@
 
 :class:`LedgerCore` drives the pure engine (:func:`gateway.core.engine.process`) inside a transaction
 the adapter opened, answering each of its queries with SQL and writing its plan. The SQL is written
-once, with ``$1``-style placeholders; what differs between the databases is in a small
-:class:`Dialect` (row locks, how a moment is stored, where RRNs come from) and in the adapters
-themselves (``sqlite.py``: group commit on one writer; ``postgres.py``: one pooled transaction per
-request with advisory locks). :class:`LedgerBase` is the public API both adapters offer.
+once, with ``$1``-style placeholders, for a :class:`~gateway.adapters.ledger.db.Db`; what differs
+between the databases is in a small :class:`~gateway.adapters.ledger.db.Dialect` (row locks, how a
+moment is stored, where RRNs come from) and in the adapters themselves (``sqlite.py``: group commit
+on one writer; ``postgres.py``: one pooled transaction per request with advisory locks).
+:class:`LedgerBase` is the public API both adapters offer.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
+from gateway.adapters.ledger.db import Db, Dialect, _marks
 from gateway.adapters.ledger.lookahead import UNKNOWN, Lookahead, read_ahead
 from gateway.adapters.ledger.rows import (
     EXCEPTION_COLUMNS,
@@ -71,52 +72,8 @@ from gateway.ports import LedgerResult, OutboxRow, OutboxStatus, Renderer
 T = TypeVar("T")
 
 
-class Db(Protocol):
-    """One connection inside a transaction, as the core needs it (``$1``-style placeholders)."""
-
-    async def fetch(self, sql: str, *args: Any) -> list[Any]: ...
-
-    async def fetchrow(self, sql: str, *args: Any) -> Any | None: ...
-
-    async def execute(self, sql: str, *args: Any) -> int:
-        """Run a statement; the number of rows it changed."""
-        ...
-
-    async def executemany(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None: ...
-
-    async def insert(self, sql: str, *args: Any) -> int:
-        """Run an INSERT of one row into a table with an ``id`` key; the new row's id."""
-        ...
-
-
-class Dialect(Protocol):
-    """What differs between the databases, for the queries written once."""
-
-    def lock(self, mode: str) -> str:
-        """The suffix that locks the rows a SELECT reads (``"UPDATE"`` or ``"SHARE"``), or nothing."""
-        ...
-
-    def store(self, moment: datetime) -> Any:
-        """A moment as the database stores it."""
-        ...
-
-    def moment(self, stored: Any) -> datetime:
-        """A stored moment back as a UTC datetime."""
-        ...
-
-    async def next_rrn(self, db: Db) -> str:
-        """A new unique 12-digit retrieval reference number."""
-        ...
-
-
 class LedgerClosedError(RuntimeError):
     """The ledger is closed (or was never opened)."""
-
-
-@functools.lru_cache(maxsize=64)
-def _marks(start: int, count: int) -> str:
-    """``$start, $start+1, ...``: placeholders for a list of values."""
-    return ", ".join(f"${n}" for n in range(start, start + count))
 
 
 _INSERT_TXN = f"INSERT INTO txns ({', '.join(TXN_COLUMNS)}) VALUES ({_marks(1, len(TXN_COLUMNS))})"

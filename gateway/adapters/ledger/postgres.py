@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.adapters.ledger import schema
-from gateway.adapters.ledger.core import Db, LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.core import LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.db import Db
 from gateway.core.cards import pan_digest
 from gateway.core.engine import Context
 from gateway.core.model import Kind, Request
@@ -53,7 +54,7 @@ def lock_key(*parts: str) -> int:
 
 
 class PgDb:
-    """The core's :class:`~gateway.adapters.ledger.core.Db` on an asyncpg connection."""
+    """The core's :class:`~gateway.adapters.ledger.db.Db` on an asyncpg connection."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.adapters.ledger import schema
-from gateway.adapters.ledger.core import Db, LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.core import LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.db import Db
 from gateway.adapters.ledger.lookahead import Lookahead
 from gateway.core.engine import Context
 from gateway.core.model import Request
@@ -56,7 +57,7 @@ def _sqlite_sql(sql: str) -> str:
 
 
 class SqliteDb:
-    """The core's :class:`~gateway.adapters.ledger.core.Db` on a ``sqlite3`` connection (on the loop)."""
+    """The core's :class:`~gateway.adapters.ledger.db.Db` on a ``sqlite3`` connection (on the loop)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
