@@ -6,7 +6,8 @@ once, with ``$1``-style placeholders, for a :class:`~gateway.adapters.ledger.db.
 between the databases is in a small :class:`~gateway.adapters.ledger.db.Dialect` (row locks, how a
 moment is stored, where RRNs come from) and in the adapters themselves (``sqlite.py``: group commit
 on one writer; ``postgres.py``: one pooled transaction per request with advisory locks).
-:class:`LedgerBase` is the public API both adapters offer.
+:class:`LedgerBase` is the public API both adapters offer. The queries on batches and batch uploads
+are in ``batches.py`` (:class:`~gateway.adapters.ledger.batches.BatchQueries`, which the core inherits).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from gateway.adapters.ledger.batches import BatchQueries
 from gateway.adapters.ledger.db import Db, Dialect, _marks
 from gateway.adapters.ledger.lookahead import UNKNOWN, Lookahead, read_ahead
 from gateway.adapters.ledger.rows import (
     EXCEPTION_COLUMNS,
     TXN_COLUMNS,
-    batch_from_row,
     exception_from_row,
     exception_values,
     reconcile_values,
     record_values,
-    summary_from_row,
     txn_from_row,
 )
 from gateway.core.batches import batch_to_use, close_batches_at_cutoff
@@ -33,14 +33,11 @@ from gateway.core.decide import TxnChange
 from gateway.core.engine import process
 from gateway.core.events import CorrectionEvent
 from gateway.core.model import (
-    Batch,
     BatchSummary,
     ExceptionCase,
     Request,
     SafItem,
     Txn,
-    UploadedLine,
-    next_batch_no,
 )
 from gateway.core.policy import Policy, Velocity
 from gateway.core.queries import (
@@ -95,18 +92,6 @@ _VELOCITY = (
     "SELECT COUNT(*), COALESCE(SUM(effective_amount), 0) FROM txns WHERE kind = 'refund' "
     "AND status IN ('approved', 'pending') AND merchant_id = $1 AND created_at >= $2 AND {who} = $3"
 )
-_BATCH_TOTALS = (
-    "SELECT b.*,"
-    " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN 1 ELSE 0 END) AS dc,"
-    " SUM(CASE WHEN t.status = 'approved' AND t.kind IN ('purchase', 'completion') THEN t.effective_amount"
-    "     ELSE 0 END) AS da,"
-    " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN 1 ELSE 0 END) AS cc,"
-    " SUM(CASE WHEN t.status = 'approved' AND t.kind = 'refund' THEN t.effective_amount ELSE 0 END) AS ca,"
-    " MAX(t.currency) AS currency"
-    " FROM batches b LEFT JOIN txns t ON t.batch_id = b.id"
-    " WHERE ($1 = '' OR b.merchant_id = $1) AND ($2 = '' OR b.terminal_id = $2) AND ($3 = 0 OR b.state = 'open')"
-    " GROUP BY b.id ORDER BY b.id"
-)
 #: a batch upload's line; uploaded again (the terminal retries the upload), it replaces the earlier one
 _UPSERT_UPLOAD = (
     "INSERT INTO batch_uploads (merchant_id, terminal_id, terminal_batch, stan, amount, pan_masked, pan_hmac, "
@@ -120,7 +105,7 @@ _PENDING = (
 )
 
 
-class LedgerCore:
+class LedgerCore(BatchQueries):
     """Every query of the engine and every listing of the ledger, in SQL written once."""
 
     def __init__(self, dialect: Dialect) -> None:
@@ -258,11 +243,6 @@ class LedgerCore:
     def _txn(self, row: Any) -> Txn:
         return txn_from_row(row, self.dialect.moment(row["created_at"]))
 
-    def _batch(self, row: Any) -> Batch:
-        closed = row["closed_at"]
-        moment = self.dialect.moment
-        return batch_from_row(row, moment(row["opened_at"]), moment(closed) if closed else None)
-
     async def _one(self, db: Db, sql: str, *args: Any) -> Txn | None:
         row = await db.fetchrow(sql, *args)
         return self._txn(row) if row is not None else None
@@ -316,57 +296,6 @@ class LedgerCore:
     async def _get_txn(self, db: Db, query: GetTxn) -> Txn | None:
         return await self._one(db, "SELECT * FROM txns WHERE id = $1" + self.dialect.lock("UPDATE"), query.txn_id)
 
-    async def _get_batch(self, db: Db, query: GetBatch) -> Batch | None:
-        # for share: a settlement or the cut-off cannot close it under this transaction
-        row = await db.fetchrow("SELECT * FROM batches WHERE id = $1" + self.dialect.lock("SHARE"), query.batch_id)
-        return self._batch(row) if row is not None else None
-
-    async def _current_batch(self, db: Db, query: CurrentBatch) -> Batch | None:
-        """The terminal's open batch; opened race-free (one open batch per terminal: a unique index)."""
-        select = "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 AND state = 'open'"
-        select += self.dialect.lock("UPDATE" if query.exclusive else "SHARE")
-        for _ in range(4):
-            row = await db.fetchrow(select, query.merchant_id, query.terminal_id)
-            if row is not None or not query.create:
-                return self._batch(row) if row is not None else None
-            last = await db.fetchrow(
-                "SELECT batch_no FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
-                query.merchant_id, query.terminal_id,
-            )  # fmt: skip
-            number = next_batch_no(last[0] if last is not None else None)
-            row = await db.fetchrow(
-                "INSERT INTO batches (merchant_id, terminal_id, batch_no, state, opened_at) "
-                "VALUES ($1, $2, $3, 'open', $4) ON CONFLICT (merchant_id, terminal_id) WHERE state = 'open' "
-                "DO NOTHING RETURNING *",
-                query.merchant_id, query.terminal_id, number, self.dialect.store(query.now),
-            )  # fmt: skip
-            if row is not None:
-                return self._batch(row)
-            # another instance opened it meanwhile: read it on the next turn
-        raise RuntimeError("cannot open a batch: it is closed as fast as it is opened")
-
-    async def _close_batch(self, db: Db, query: CloseBatch) -> bool:
-        changed = await db.execute(
-            "UPDATE batches SET state = 'closed', closed_at = $1, closed_by = 'cutoff' "
-            "WHERE id = $2 AND state = 'open'",
-            self.dialect.store(query.closed_at), query.batch_id,
-        )  # fmt: skip
-        return changed == 1
-
-    async def _batches(self, db: Db, sql: str, *args: Any) -> list[Batch]:
-        return [self._batch(row) for row in await db.fetch(sql + self.dialect.lock("UPDATE"), *args)]
-
-    async def _stale_batches(self, db: Db, query: StaleBatches) -> list[Batch]:
-        sql = "SELECT * FROM batches WHERE state = 'open' AND opened_at < $1 ORDER BY id"
-        return await self._batches(db, sql, self.dialect.store(query.opened_before))
-
-    async def _unreconciled_batches(self, db: Db, query: UnreconciledBatches) -> list[Batch]:
-        sql = (
-            "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 AND closed_by = 'cutoff' "
-            "AND result IS NULL ORDER BY id"
-        )
-        return await self._batches(db, sql, query.merchant_id, query.terminal_id)
-
     async def _velocity(self, db: Db, query: RefundVelocity) -> Velocity:
         since = self.dialect.store(query.since)
         terminal = await db.fetchrow(_VELOCITY.format(who="terminal_id"), query.merchant_id, since, query.terminal_id)
@@ -385,14 +314,6 @@ class LedgerCore:
         return [self._txn(row) for row in await db.fetch(sql, query.merchant_id, query.terminal_id,
                                                          query.terminal_batch)]  # fmt: skip
 
-    async def _uploaded_lines(self, db: Db, query: UploadedLines) -> list[UploadedLine]:
-        rows = await db.fetch(
-            "SELECT stan, amount, pan_masked, pan_hmac FROM batch_uploads "
-            "WHERE merchant_id = $1 AND terminal_id = $2 AND terminal_batch = $3 ORDER BY stan",
-            query.merchant_id, query.terminal_id, query.terminal_batch,
-        )  # fmt: skip
-        return [UploadedLine(row[0], int(row[1]), row[2], row[3]) for row in rows]
-
     async def _pending_corrections(self, db: Db, query: PendingCorrections) -> list[Txn]:
         sql = "SELECT * FROM txns WHERE original_id = $1 AND status = 'pending' ORDER BY id"
         return [self._txn(row) for row in await db.fetch(sql, query.original_id)]
@@ -405,18 +326,6 @@ class LedgerCore:
         return [self._txn(row) for row in await db.fetch(sql, query.original_id)]
 
     # ------------------------------------------------------------------ listings and the outbox
-
-    async def list_batches(self, db: Db, merchant: str | None, terminal: str | None, open_only: bool
-                           ) -> list[BatchSummary]:  # fmt: skip
-        rows = await db.fetch(_BATCH_TOTALS, merchant or "", terminal or "", int(open_only))
-        return [summary_from_row(row, self._batch(row)) for row in rows]
-
-    async def latest_batch(self, db: Db, merchant_id: str, terminal_id: str) -> Batch | None:
-        row = await db.fetchrow(
-            "SELECT * FROM batches WHERE merchant_id = $1 AND terminal_id = $2 ORDER BY id DESC LIMIT 1",
-            merchant_id, terminal_id,
-        )  # fmt: skip
-        return self._batch(row) if row is not None else None
 
     async def find_txn(self, db: Db, merchant_id: str, rrn: str) -> Txn | None:
         return await self._one(db, "SELECT * FROM txns WHERE merchant_id = $1 AND rrn = $2", merchant_id, rrn)
