@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.adapters.ledger import schema
-from gateway.adapters.ledger.core import LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.base import LedgerBase, LedgerClosedError
+from gateway.adapters.ledger.core import LedgerCore
 from gateway.adapters.ledger.db import Db
 from gateway.core.cards import pan_digest
 from gateway.core.engine import Context

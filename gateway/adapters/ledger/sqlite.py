@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.adapters.ledger import schema
-from gateway.adapters.ledger.core import LedgerBase, LedgerClosedError, LedgerCore
+from gateway.adapters.ledger.base import LedgerBase, LedgerClosedError
+from gateway.adapters.ledger.core import LedgerCore
 from gateway.adapters.ledger.db import Db
 from gateway.adapters.ledger.lookahead import Lookahead
 from gateway.core.engine import Context
