@@ -215,6 +215,7 @@ class OutboxRelay:
                 await self._report(exc, retry_in=delay)
             finally:
                 self._connected = False
+            _stop_if_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
 
@@ -372,3 +373,13 @@ class OutboxRelay:
 def _acknowledged(publish: asyncio.Future[None]) -> bool:
     """The publish returned: its PUBACK arrived (a cancelled or failed one did not)."""
     return publish.done() and not publish.cancelled() and publish.exception() is None
+
+
+def _stop_if_cancelled() -> None:
+    """Stop the relay if it was asked to, even when a library swallowed the request: Python 3.11's
+    ``asyncio.wait_for`` (which aiomqtt's disconnect uses) returns its result instead of raising
+    ``CancelledError`` when the awaited future completes as the cancellation arrives, and the relay
+    would then reconnect forever after its ``stop``. ``Task.cancelling()`` still counts the request."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

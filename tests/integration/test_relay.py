@@ -7,6 +7,7 @@ SQLite and PostgreSQL ledgers implement), not a mock: the relay is driven exactl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -348,6 +349,29 @@ async def test_cancelling_the_relay_stops_it_promptly_even_while_the_broker_is_d
     async with asyncio.timeout(2):
         await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
+
+
+async def test_the_relay_stops_even_when_a_library_swallows_its_cancellation(
+    outbox: InMemoryOutbox, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Python 3.11's ``asyncio.wait_for`` in aiomqtt's disconnect does when the broker's goodbye and
+    the cancellation arrive together: the session returns as if nothing was asked."""
+    relay = OutboxRelay(outbox, url=f"mqtt://127.0.0.1:{free_port()}", client_id="c", clock=clock)
+    sessions = 0
+
+    async def swallowing_session() -> None:
+        nonlocal sessions
+        sessions += 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(relay, "_session", swallowing_session)
+    task = asyncio.create_task(relay.run())
+    await async_wait_until(lambda: sessions == 1, 5, "the session")
+
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)  # (a relay that reconnects forever cannot be awaited)
+    assert task.cancelled() and sessions == 1
 
 
 async def test_sent_rows_older_than_the_retention_are_pruned_and_recent_ones_kept(
