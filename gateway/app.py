@@ -148,7 +148,7 @@ class GatewayApp:
         terminal and metrics listeners (bound, not yet accepting), the ledger; then the relay, and
         terminals last. A failure raises :class:`StartupError` naming the setting, and stops again
         what was started (no relay connection left half-open for a broker to complain about)."""
-        from gateway.adapters.tcp import TerminalServer
+        from gateway.adapters.tcp_server import TerminalServer
         from gateway.metrics import Metrics
 
         settings = self.settings
