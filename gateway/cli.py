@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gateway.cli_rows import batch_dict, exception_dict, saf_dict, txn_dict
 from gateway.config import DEV_PAN_HMAC_KEY, Settings, load_settings, requested_log_format, unknown_environment
 from gateway.tables import Column, render_table
 
@@ -367,21 +368,6 @@ async def _read_batches(
         return await ledger.list_batches(merchant, terminal, open_only)
 
 
-def _batch_dict(batch: BatchSummary) -> dict[str, Any]:
-    return {
-        "merchant_id": batch.merchant_id,
-        "terminal_id": batch.terminal_id,
-        "batch_no": batch.batch_no,
-        "state": str(batch.state),
-        "opened_at": batch.opened_at,
-        "closed_at": batch.closed_at,
-        "debit_count": batch.debit_count,
-        "debit_amount": batch.debit_amount,
-        "credit_count": batch.credit_count,
-        "credit_amount": batch.credit_amount,
-        "currency": batch.currency,
-        "result": getattr(batch, "result", None),
-    }
 
 
 @app.command()
@@ -402,7 +388,7 @@ def batches(
         found = asyncio.run(_read_batches(settings, merchant, terminal, open_only))
     except StartupError as exc:
         _fail(str(exc))
-    rows = [_batch_dict(b) for b in found]
+    rows = [batch_dict(b) for b in found]
     if as_json:
         _json(rows)
         return
@@ -428,22 +414,6 @@ def batches(
     _print_table("Batches (amounts in minor units)", columns, cells, heading=2)
 
 
-def _txn_dict(txn: Txn) -> dict[str, Any]:
-    return {
-        "id": txn.id,
-        "created_at": txn.created_at,
-        "merchant_id": txn.merchant_id,
-        "terminal_id": txn.terminal_id,
-        "kind": str(txn.kind),
-        "mti": txn.mti,
-        "stan": txn.stan,
-        "rrn": txn.rrn,
-        "amount": txn.amount,
-        "currency": txn.currency,
-        "pan": txn.pan_masked,
-        "response_code": txn.response_code,
-        "status": str(txn.status),
-    }
 
 
 @app.command()
@@ -468,7 +438,7 @@ def transactions(
     settings = _load(ctx, config)
     before = datetime.now(UTC) - timedelta(seconds=older_than)
     found: list[Txn] = _with_ledger(settings, lambda ledger: ledger.unanswered(before))
-    rows = [_txn_dict(txn) for txn in found]
+    rows = [txn_dict(txn) for txn in found]
     if as_json:
         _json(rows)
         return
@@ -491,21 +461,6 @@ def _print_table(title: str, columns: list[Column], cells: list[list[str]], *, h
         out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _exception_dict(case: ExceptionCase) -> dict[str, Any]:
-    return {
-        "id": case.id,
-        "kind": case.kind,
-        "merchant_id": case.merchant_id,
-        "terminal_id": case.terminal_id,
-        "original_rrn": case.original_rrn,
-        "summary": case.summary,
-        "details": case.details,
-        "created_at": case.created_at,
-        "status": "resolved" if case.resolved else "open",
-        "resolved_at": case.resolved_at,
-        "resolved_by": case.resolved_by,
-        "resolution": case.resolution,
-    }
 
 
 def _with_ledger(settings: Settings, work: Any) -> Any:
@@ -537,7 +492,7 @@ def exceptions(
     cases: list[ExceptionCase] = _with_ledger(
         settings, lambda ledger: ledger.list_exceptions(include_resolved=include_resolved)
     )
-    rows = [_exception_dict(case) for case in cases]
+    rows = [exception_dict(case) for case in cases]
     if as_json:
         _json(rows)
         return
@@ -574,26 +529,11 @@ def resolve_exception(
     if case is None:
         _fail(f"no open case {case_id} (see `iso-gateway exceptions --all`)")
     if as_json:
-        _json(_exception_dict(case))
+        _json(exception_dict(case))
         return
     _out().print(f"case {case.id} resolved by {escape(by.strip())}")
 
 
-def _saf_dict(item: SafItem) -> dict[str, Any]:
-    txn = item.txn
-    return {
-        "id": item.id,
-        "action": item.action,
-        "state": item.state,
-        "queued_at": item.created_at,
-        "attempts": item.attempts,
-        "last_attempt_at": item.last_attempt_at,
-        "finished_at": item.finished_at,
-        "host_response_code": item.response_code,
-        "last_error": item.last_error,
-        "amount": item.amount,
-        "record": _txn_dict(txn),
-    }
 
 
 @saf_app.command("status")
@@ -612,7 +552,7 @@ def saf_status(
     items: list[SafItem] = _with_ledger(
         settings, lambda ledger: ledger.saf_items(queued_only=not include_finished, limit=limit)
     )
-    rows = [_saf_dict(item) for item in items]
+    rows = [saf_dict(item) for item in items]
     if as_json:
         _json(rows)
         return
